@@ -1,0 +1,125 @@
+"""The batch that the data pipes hand to the model, in the form TrainPipelineSparseDist expects.
+
+`sparse` holds one KeyedJaggedTensor per TorchRec embedding collection (the model decides the
+grouping: one collection per embedding dim, frozen and trainable tables apart). Every table `t` of a
+group gets two features, ``f"{t}.history"`` and ``f"{t}.target"``, whose values are item indices.
+The dense tensors carry what the model needs for index arithmetic (padding masks, cluster lookups,
+augmentation) and what evaluation needs (the user's full history, for masking seen items).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+PAD = -1  # padding value in `history`; item indices are dense 0..N-1
+
+
+def history_key(table: str) -> str:
+    return f"{table}.history"
+
+
+def target_key(table: str) -> str:
+    return f"{table}.target"
+
+
+@dataclass
+class SeqBatch(Pipelineable):
+    sparse: Dict[str, KeyedJaggedTensor]
+    history: torch.Tensor  # [B, L] int64, left-aligned (oldest first), PAD on the right
+    lengths: torch.Tensor  # [B] int64, real history length per row (>= 1)
+    target: torch.Tensor  # [B] int64 target item index
+    user: torch.Tensor  # [B] int64 user index
+    weight: torch.Tensor  # [B] float32: 1 for real rows, 0 for rows padded in so no rank is empty
+    seen_offsets: Optional[torch.Tensor] = None  # [B+1] offsets into seen_values (eval only)
+    seen_values: Optional[torch.Tensor] = None  # the user's whole history before the target
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "SeqBatch":
+        def move(x):
+            if x is None:
+                return None
+            return x.to(device=device, non_blocking=non_blocking)
+
+        return SeqBatch(
+            sparse={k: v.to(device=device, non_blocking=non_blocking) for k, v in self.sparse.items()},
+            **{f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "sparse"},
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for kjt in self.sparse.values():
+            kjt.record_stream(stream)
+        for f in fields(self):
+            x = getattr(self, f.name)
+            if isinstance(x, torch.Tensor):
+                x.record_stream(stream)
+
+    def pin_memory(self) -> "SeqBatch":
+        def pin(x):
+            return None if x is None else x.pin_memory()
+
+        return SeqBatch(
+            sparse={k: v.pin_memory() for k, v in self.sparse.items()},
+            **{f.name: pin(getattr(self, f.name)) for f in fields(self) if f.name != "sparse"},
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.target.shape[0])
+
+
+def collate(
+    history_values: np.ndarray,
+    lengths: np.ndarray,
+    target: np.ndarray,
+    user: np.ndarray,
+    max_len: int,
+    kjt_groups: Mapping[str, Sequence[str]],
+    weight: Optional[np.ndarray] = None,
+    seen_offsets: Optional[np.ndarray] = None,
+    seen_values: Optional[np.ndarray] = None,
+) -> SeqBatch:
+    """Build a SeqBatch from flat numpy arrays, without a Python loop over rows.
+
+    `history_values` is the concatenation of every row's history (oldest first), `lengths[i]` the
+    size of row i's slice (each <= max_len).
+    """
+    lengths_t = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))
+    values_t = torch.from_numpy(np.ascontiguousarray(history_values, dtype=np.int64))
+    target_t = torch.from_numpy(np.ascontiguousarray(target, dtype=np.int64))
+    b = int(lengths_t.shape[0])
+    # Dense left-aligned history: position of each value within its row.
+    offsets = torch.zeros(b + 1, dtype=torch.int64)
+    torch.cumsum(lengths_t, 0, out=offsets[1:])
+    row = torch.repeat_interleave(torch.arange(b), lengths_t)
+    col = torch.arange(values_t.numel()) - offsets[row]
+    history = torch.full((b, max_len), PAD, dtype=torch.int64)
+    history[row, col] = values_t
+
+    sparse: Dict[str, KeyedJaggedTensor] = {}
+    ones = torch.ones(b, dtype=torch.int64)
+    for group, tables in kjt_groups.items():
+        keys: List[str] = []
+        vals: List[torch.Tensor] = []
+        lens: List[torch.Tensor] = []
+        for t in tables:
+            keys += [history_key(t), target_key(t)]
+            vals += [values_t, target_t]
+            lens += [lengths_t, ones]
+        sparse[group] = KeyedJaggedTensor(keys=keys, values=torch.cat(vals), lengths=torch.cat(lens))
+    return SeqBatch(
+        sparse=sparse,
+        history=history,
+        lengths=lengths_t,
+        target=target_t,
+        user=torch.from_numpy(np.ascontiguousarray(user, dtype=np.int64)),
+        weight=torch.ones(b, dtype=torch.float32)
+        if weight is None
+        else torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)),
+        seen_offsets=None if seen_offsets is None else torch.from_numpy(np.ascontiguousarray(seen_offsets, dtype=np.int64)),
+        seen_values=None if seen_values is None else torch.from_numpy(np.ascontiguousarray(seen_values, dtype=np.int64)),
+    )

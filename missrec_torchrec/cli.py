@@ -1,0 +1,125 @@
+"""`missrec`: the command line of missrec-torchrec.
+
+Every sub-command reports bad input as one line naming the file and row or key, exits non-zero and
+leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from datapipes.schema import DataError
+
+
+def _add_prepare(sub) -> None:
+    from datapipes.sources import SOURCES, source_module
+
+    p = sub.add_parser(
+        "prepare",
+        help="build a canonical Parquet dataset from a source",
+        description="Build a canonical Parquet dataset (users, items, features, stats.json) from SOURCE.",
+    )
+    srcs = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    for name in SOURCES:
+        module = source_module(name)
+        sp = srcs.add_parser(name, help=module.HELP, description=module.HELP)
+        sp.add_argument("--out", required=True, type=Path, help="output dataset folder (created atomically)")
+        sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        module.add_arguments(sp)
+
+
+def _add_features(sub) -> None:
+    from datapipes import features
+
+    p = sub.add_parser("features", help=features.HELP, description=features.HELP)
+    p.add_argument("dataset", type=Path, help="prepared dataset folder")
+    features.add_arguments(p)
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="print a prepared dataset's statistics",
+        description="Print a prepared dataset's stats.json, feature tables and a few example rows.",
+    )
+    p.add_argument("dataset", type=Path, help="prepared dataset folder")
+    p.add_argument("--rows", type=int, default=3, help="example user rows to print (default 3)")
+    p.add_argument("--json", action="store_true", help="print stats.json only, as JSON")
+
+
+def _inspect(args) -> None:
+    import pyarrow.parquet as pq
+
+    from datapipes.schema import DatasetInfo
+
+    info = DatasetInfo.open(args.dataset)
+    if args.json:
+        print(json.dumps(info.stats, indent=2, sort_keys=True))
+        return
+    s = info.stats
+    print(f"dataset   {info.root}  (schema v{s['schema_version']}, source {s.get('source')})")
+    print(f"domains   {', '.join(s.get('domains', []))}")
+    print(f"users     {s['users']:,}")
+    print(f"items     {s['items']:,}")
+    raw, kept = s.get("interactions_raw"), s.get("interactions")
+    print(f"interactions  {kept:,} kept of {raw:,} raw" if raw is not None else f"interactions  {kept:,}")
+    print(f"training rows {s.get('training_rows', 0):,}")
+    if s.get("filter"):
+        print(f"filter    {json.dumps(s['filter'], sort_keys=True)}")
+    mods = info.modalities
+    if not mods:
+        print("modalities  none yet (run `missrec features`)")
+    for m in mods.values():
+        print(f"modality  {m.name}: dim {m.dim} {m.dtype}, present for {m.present:,}/{s['items']:,} items")
+    if args.rows > 0:
+        pf = pq.ParquetFile(info.users_path)
+        head = pf.read_row_group(0).slice(0, args.rows).to_pylist()
+        for row in head:
+            seq = row["items"]
+            shown = " ".join(map(str, seq[:12])) + (" ..." if len(seq) > 12 else "")
+            print(
+                f"user {row['user_key']}: {len(seq)} items, train_end {row['train_end']}, "
+                f"valid_end {row['valid_end']}: {shown}"
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="missrec",
+        description="MISSRec multi-modal sequential recommendation on TorchRec.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_prepare(sub)
+    _add_features(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            from datapipes.sources import prepare
+
+            stats = prepare(args.source, args)
+            print(f"wrote {args.out}: {stats['users']:,} users, {stats['items']:,} items, "
+                  f"{stats['interactions']:,} interactions")
+        elif args.command == "features":
+            from datapipes import features
+
+            features.run(args)
+        elif args.command == "inspect":
+            _inspect(args)
+    except DataError as e:
+        print(f"missrec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
