@@ -1,0 +1,100 @@
+"""Hyper-parameters of the MISSRec core, and the switches for the reference code's quirks.
+
+Defaults fix the quirks; `ModelConfig.paper(stage)` reproduces the official code
+(`gimpong/MM23-MISSRec`) exactly. Every switch is explained in docs/quirks.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Dict, Mapping, Optional
+
+FUSIONS = ("dynamic_shared", "dynamic_instance", "static")
+ACTIVATIONS = ("gelu", "relu")
+# The reference's `train_stage` names: pre-training, fine-tuning without and with item IDs.
+STAGES = ("pretrain", "inductive_ft", "transductive_ft")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: int = 300
+    heads: int = 4
+    ffn: int = 256
+    dropout: float = 0.5
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+    max_len: int = 50
+    n_enc_layers: int = 1
+    n_dec_layers: int = 1
+    activation: str = "gelu"
+    temperature: float = 0.07
+    fusion: str = "dynamic_shared"
+    use_id: bool = False  # transductive: a learned item-ID embedding joins tokens and scores
+    interest_ratio: float = 0.5  # K = ceil(ratio * clustered points)
+    interest_cap: Optional[int] = None  # max K; None = uncapped as the reference
+    kmeans_iters: int = 5
+    kmeans_minibatch: int = 2048
+    lambda_ss: float = 1e-3  # weight of the seq->seq InfoNCE in pre-training
+    gamma: float = 1e-4  # weight of the interest regulariser
+    item_drop_prob: float = 0.2
+    item_drop_coefficient: float = 0.9  # P(item drop) per batch; else feature swap
+    feature_swap_prob: float = 0.2
+    # Quirk switches (docs/quirks.md). True/False below = the fix; paper() sets the reference.
+    kmeans_single_pass: bool = False  # Q1: the reference stops after one pass
+    mask_missing_modality: bool = True  # Q3: the reference feeds missing modalities as adapter bias
+    interest_keep_zero: bool = False  # Q4: the reference keeps cluster 0 as a (masked) token
+    regulariser_reference: bool = False  # Q5: sum over pad slots and the batch instead of means
+    mask_duplicate_targets: bool = True  # Q6: in-batch rows sharing a target are not negatives
+    kmeans_torchpq_update: bool = False  # Q15: TorchPQ's update, empty clusters decay to 0
+    adapter_default_init: bool = False  # Q16: adapters keep PyTorch's default Linear init
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"ModelConfig.fusion {self.fusion!r} is not one of {FUSIONS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.hidden % self.heads:
+            raise ValueError(f"ModelConfig.hidden {self.hidden} is not divisible by heads {self.heads}")
+        if not 0.0 < self.interest_ratio <= 1.0:
+            raise ValueError(f"ModelConfig.interest_ratio {self.interest_ratio} is not in (0, 1]")
+        if self.interest_cap is not None and self.interest_cap < 1:
+            raise ValueError(f"ModelConfig.interest_cap {self.interest_cap} must be >= 1 or None")
+        for name in ("dropout", "item_drop_prob", "item_drop_coefficient", "feature_swap_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ModelConfig.{name} {getattr(self, name)} is not in [0, 1]")
+        if self.temperature <= 0:
+            raise ValueError(f"ModelConfig.temperature {self.temperature} must be > 0")
+        if min(self.max_len, self.kmeans_iters, self.kmeans_minibatch, self.n_enc_layers, self.n_dec_layers) < 1:
+            raise ValueError("ModelConfig: max_len, kmeans_iters, kmeans_minibatch and layer counts must be >= 1")
+
+    @classmethod
+    def paper(cls, stage: str = "transductive_ft", **overrides: Any) -> "ModelConfig":
+        """The official code's setting for one of its stages (spec sections 9, 10 and 13).
+
+        The fine-tuning ratio is 0.5 (the Office transductive runs used 0.3: pass it as an override).
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+        reference = cls(
+            use_id=stage == "transductive_ft",
+            interest_ratio=0.02 if stage == "pretrain" else 0.5,
+            kmeans_single_pass=True,
+            mask_missing_modality=False,
+            interest_keep_zero=True,
+            regulariser_reference=True,
+            mask_duplicate_targets=False,
+            kmeans_torchpq_update=True,
+            adapter_default_init=True,
+        )
+        return replace(reference, **overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown keys {unknown}")
+        return cls(**dict(values))

@@ -1,0 +1,371 @@
+"""The MISSRec network on dense tensors: adapters, interest encoder, interest-aware decoder, fusion.
+
+TorchRec stays outside: the caller looks up raw modality features and item-ID embeddings (sharded
+`EmbeddingCollection`s) and hands them here as dense tensors.
+
+The encoder and decoder layers are written on `F.scaled_dot_product_attention` rather than reusing
+`nn.TransformerEncoderLayer`/`DecoderLayer`: those only take their fused fast path in inference
+(and the decoder never), while training goes through `F.multi_head_attention_forward`, which expands
+the key-padding mask to B*heads x T x S. Here the mask stays B x 1 x 1 x S and SDPA picks its
+kernel. Parameter names and shapes are those of `nn.Transformer` (`encoder.layers.0.self_attn.
+in_proj_weight`, ...), so the reference's `trm_model.*` weights load unchanged (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class Attention(nn.Module):
+    """Multi-head attention with `nn.MultiheadAttention`'s parameters, computed by SDPA."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden, hidden))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * hidden))
+        self.out_proj = nn.Linear(hidden, hidden)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention; the reference keeps it
+
+    def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor) -> Tensor:
+        """query B x T x D attends to memory B x S x D where key_mask (B x S, True = real) allows.
+
+        A row with no real key gets 0: attending to nothing adds nothing (SDPA backends disagree on
+        fully masked rows, some give NaN).
+        """
+        d = query.shape[-1]
+        if query is memory:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d])
+            k, v = F.linear(memory, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
+        b, t, s = query.shape[0], query.shape[1], memory.shape[1]
+        q, k, v = (x.view(b, -1, self.heads, d // self.heads).transpose(1, 2) for x in (q, k, v))
+        has_key = key_mask.any(dim=1)
+        allowed = (key_mask | ~has_key.unsqueeze(1)).view(b, 1, 1, s)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )
+        out = self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+        return out * has_key.view(b, 1, 1).to(out.dtype)
+
+
+def _activation(name: str):
+    return F.gelu if name == "gelu" else F.relu
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN layer with the parameters of `nn.TransformerEncoderLayer`."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(c.hidden, c.heads, c.dropout)
+        self.linear1 = nn.Linear(c.hidden, c.ffn)
+        self.linear2 = nn.Linear(c.ffn, c.hidden)
+        self.norm1 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.act = _activation(c.activation)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.linear2(self.drop(self.act(self.linear1(x)))))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.norm1(x + self.drop(self.self_attn(x, x, mask)))
+        return self.norm2(x + self.feed_forward(x))
+
+
+class DecoderLayer(EncoderLayer):
+    """Post-LN layer with the parameters of `nn.TransformerDecoderLayer`."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__(c)
+        self.multihead_attn = Attention(c.hidden, c.heads, c.dropout)
+        self.norm3 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+
+    def forward(self, x: Tensor, mask: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        x = self.norm1(x + self.drop(self.self_attn(x, x, mask)))
+        x = self.norm2(x + self.drop(self.multihead_attn(x, memory, memory_mask)))
+        return self.norm3(x + self.feed_forward(x))
+
+
+class InterestEncoder(nn.Module):
+    """Contextual encoder over interest tokens: bidirectional, no positions, final LayerNorm."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_enc_layers))
+        self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.norm(x)
+
+
+class InterestDecoder(nn.Module):
+    """Interest-aware decoder: item self-attention, cross-attention to the memory, final LayerNorm."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_dec_layers))
+        self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+
+    def forward(self, x: Tensor, mask: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, mask, memory, memory_mask)
+        return self.norm(x)
+
+
+def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = False) -> Tensor:
+    """R of spec section 7 on the encoder memory (B x M x D, mask True = real token).
+
+    reference: p_b = (real_b / M) * sum over all M slots (pads included), R = sum_b |p_b|^2 / D.
+    Otherwise (quirk 5 fixed): p_b = mean of the real slots, R = mean_b |p_b|^2 / D.
+    """
+    real = memory_mask.to(memory.dtype)
+    if reference:
+        pooled = memory.sum(1) * real.mean(1, keepdim=True)
+        return pooled.pow(2).sum() / memory.shape[-1]
+    pooled = (memory * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+    return pooled.pow(2).sum(-1).mean() / memory.shape[-1]
+
+
+class MISSRecCore(nn.Module):
+    """MISSRec's dense network for a fixed set of modalities (spec sections 1, 2, 5-8).
+
+    `modality_dims` maps each modality name to its raw feature width, in the order the caller will
+    use. `num_items` is needed only by `fusion="dynamic_instance"` (one alpha per item).
+    """
+
+    def __init__(self, config: ModelConfig, modality_dims: Mapping[str, int], num_items: Optional[int] = None) -> None:
+        super().__init__()
+        if not modality_dims:
+            raise ValueError("MISSRecCore needs at least one modality")
+        self.config = config
+        self.modalities: Tuple[str, ...] = tuple(modality_dims)
+        h = config.hidden
+        self.adapters = nn.ModuleDict({m: nn.Linear(d, h) for m, d in modality_dims.items()})
+        self.positions = nn.Embedding(config.max_len, h)
+        self.input_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.encoder = InterestEncoder(config)
+        self.decoder = InterestDecoder(config)
+        self.fusion_alpha: Optional[nn.Parameter] = None
+        if len(self.modalities) > 1 and config.fusion == "dynamic_shared":
+            self.fusion_alpha = nn.Parameter(torch.zeros(()))
+        elif len(self.modalities) > 1 and config.fusion == "dynamic_instance":
+            if num_items is None:
+                raise ValueError("fusion='dynamic_instance' needs num_items")
+            self.fusion_alpha = nn.Parameter(torch.zeros(num_items))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As the reference's RecBole `_init_weights`: every Linear N(0, std) with zero bias,
+        # embeddings N(0, std), LayerNorms (1, 0); in_proj_weight keeps its Xavier init.
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.positions.weight, std=std)
+        if self.config.adapter_default_init:
+            for adapter in self.adapters.values():
+                adapter.reset_parameters()  # quirk 16: created after the reference's init pass
+
+    # ---- item side -------------------------------------------------------------------------
+    def adapt(self, raw: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Apply each modality's adapter (any leading shape; features may be float16)."""
+        out = {}
+        for m, x in raw.items():
+            if m not in self.adapters:
+                raise KeyError(f"no adapter for modality {m!r}; known: {list(self.adapters)}")
+            adapter = self.adapters[m]
+            out[m] = adapter(x.to(adapter.weight.dtype))
+        return out
+
+    # ---- sequence side ---------------------------------------------------------------------
+    def tokens(
+        self,
+        hist_adapted: Mapping[str, Tensor],
+        id_emb: Optional[Tensor] = None,
+        present: Optional[Mapping[str, Tensor]] = None,
+    ) -> Tensor:
+        """Decoder input before LayerNorm: sum of modalities + positions (+ ID), B x L x D."""
+        mask_missing = self.config.mask_missing_modality and present is not None
+        x = None
+        for m in self.modalities:
+            v = hist_adapted[m]
+            if mask_missing and m in present:
+                v = v * present[m].unsqueeze(-1).to(v.dtype)
+            x = v if x is None else x + v
+        length = x.shape[1]
+        if length > self.config.max_len:
+            raise ValueError(f"history length {length} exceeds max_len {self.config.max_len}")
+        x = x + self.positions.weight[:length]
+        if self.config.use_id:
+            if id_emb is None:
+                raise ValueError("config.use_id is set but no id_emb was given")
+            x = x + id_emb
+        return x
+
+    def encode(
+        self,
+        hist_adapted: Mapping[str, Tensor],
+        hist_mask: Tensor,
+        interest_tokens: Tensor,
+        centroids: Tensor,
+        id_emb: Optional[Tensor] = None,
+        present: Optional[Mapping[str, Tensor]] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """User vectors from left-aligned histories (spec sections 2, 5, 6).
+
+        hist_adapted[m]: B x L x D; hist_mask: B x L, True = real item, every row >= 1 real;
+        interest_tokens: B x M cluster ids (0 = pad); centroids: (K+1) x D with row 0 = padding;
+        id_emb: B x L x D when `use_id`; present[m]: B x L bool (used when masking missing
+        modalities). Returns (u: B x D unit vectors read at each row's last real item,
+        memory: B x M x D, memory_mask: B x M, True = real token).
+        """
+        h = self.input_dropout(self.input_norm(self.tokens(hist_adapted, id_emb, present)))
+        memory_mask = interest_tokens != 0
+        memory = self.encoder(F.embedding(interest_tokens, centroids.to(h.dtype)), memory_mask)
+        y = self.decoder(h, hist_mask, memory, memory_mask)
+        last = hist_mask.sum(1) - 1
+        u = y[torch.arange(y.shape[0], device=y.device), last]
+        return F.normalize(u, dim=-1), memory, memory_mask
+
+    def regulariser(self, memory: Tensor, memory_mask: Tensor) -> Tensor:
+        return interest_regulariser(memory, memory_mask, self.config.regulariser_reference)
+
+    # ---- scoring ---------------------------------------------------------------------------
+    def _alpha(self, item_index: Optional[Tensor]) -> Optional[Tensor]:
+        if self.fusion_alpha is None or self.fusion_alpha.dim() == 0:
+            return self.fusion_alpha
+        return self.fusion_alpha if item_index is None else self.fusion_alpha[item_index]
+
+    def _fuse(
+        self,
+        sims: List[Tensor],
+        present: Optional[List[Tensor]],
+        alpha: Optional[Tensor],
+        id_sim: Optional[Tensor],
+    ) -> Tensor:
+        s = torch.stack(sims, dim=-1)  # ... x n_modalities
+        # static fusion is the softmax with alpha = 0: a plain mean over the (present) modalities.
+        logits = s * alpha.unsqueeze(-1) if alpha is not None else torch.zeros_like(s)
+        if present is not None:
+            p = torch.stack(present, dim=-1).expand_as(s)
+            anything = p.any(-1, keepdim=True)
+            # Missing modalities get weight 0; an item with none keeps finite logits and scores 0.
+            logits = logits.masked_fill(~p & anything, float("-inf"))
+            s = s * p.to(s.dtype)
+        fused = (F.softmax(logits, dim=-1) * s).sum(-1)
+        if id_sim is not None:
+            fused = (id_sim + 2 * fused) / 3
+        return fused
+
+    def _score(self, u, items, item_id, present, item_index, sim) -> Tensor:
+        if self.config.use_id and item_id is None:
+            raise ValueError("config.use_id is set but no item_id embeddings were given")
+        item_id = item_id if self.config.use_id else None
+        use_present = self.config.mask_missing_modality and present is not None
+        if len(self.modalities) == 1:
+            # The reference's single-modality path: one normalised sum of adapted (+ID) vectors.
+            (m,) = self.modalities
+            v = items[m] * present[m].unsqueeze(-1).to(u.dtype) if use_present else items[m]
+            return sim(u, v if item_id is None else v + item_id)
+        sims = [sim(u, items[m]) for m in self.modalities]
+        pres = [present[m] for m in self.modalities] if use_present else None
+        id_sim = sim(u, item_id) if item_id is not None else None
+        return self._fuse(sims, pres, self._alpha(item_index), id_sim)
+
+    def score(
+        self,
+        u: Tensor,
+        items: Mapping[str, Tensor],
+        item_id: Optional[Tensor] = None,
+        present: Optional[Mapping[str, Tensor]] = None,
+        item_index: Optional[Tensor] = None,
+    ) -> Tensor:
+        """B x N scores before temperature of every user against every candidate (spec section 8).
+
+        items[m]: N x D adapted vectors; item_id: N x D ID embeddings (when `use_id`); present[m]:
+        N bool; item_index: N item indices of the candidates, for per-item alpha (dynamic_instance;
+        None = the candidates are all items in index order).
+        """
+        return self._score(u, items, item_id, present, item_index, _cosine_all)
+
+    def score_pairs(
+        self,
+        u: Tensor,
+        items: Mapping[str, Tensor],
+        item_id: Optional[Tensor] = None,
+        present: Optional[Mapping[str, Tensor]] = None,
+        item_index: Optional[Tensor] = None,
+    ) -> Tensor:
+        """B x S scores of each user against its own S candidates (items[m]: B x S x D, ...)."""
+        return self._score(u, items, item_id, present, item_index, _cosine_pairs)
+
+
+def _cosine_all(u: Tensor, v: Tensor) -> Tensor:
+    return u @ F.normalize(v, dim=-1).T
+
+
+def _cosine_pairs(u: Tensor, v: Tensor) -> Tensor:
+    return torch.einsum("bd,bsd->bs", u, F.normalize(v, dim=-1))
+
+
+def peft_trainable(core: MISSRecCore) -> int:
+    """The reference's fine-tuning from a pre-trained checkpoint (spec section 10).
+
+    Freezes positions, encoder and decoder; adapters, input LayerNorm and alpha train. The ID table
+    lives outside the core (TorchRec) and always trains. Returns the trainable parameter count.
+    """
+    frozen = (core.positions, core.encoder, core.decoder)
+    for module in frozen:
+        module.requires_grad_(False)
+    for module in (core.adapters, core.input_norm):
+        module.requires_grad_(True)
+    if core.fusion_alpha is not None:
+        core.fusion_alpha.requires_grad_(True)
+    return sum(p.numel() for p in core.parameters() if p.requires_grad)
+
+
+# Reference (`gimpong/MM23-MISSRec`) state-dict prefixes -> this core's.
+REFERENCE_PREFIXES = {
+    "trm_model.encoder.": "encoder.",
+    "trm_model.decoder.": "decoder.",
+    "position_embedding.": "positions.",
+    "LayerNorm.": "input_norm.",
+    "fusion_factor": "fusion_alpha",
+}
+
+
+def from_reference_state_dict(
+    state: Mapping[str, Tensor], adapters: Optional[Mapping[str, str]] = None
+) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """Split a reference checkpoint's `state_dict` into (core keys, the rest).
+
+    `adapters` maps the reference adapter names to this core's modality names (default text_adaptor
+    -> text, img_adaptor -> image). The rest holds what lives outside the core here
+    (item_embedding, interest buffers, feature tables).
+    """
+    adapters = adapters or {"text_adaptor": "text", "img_adaptor": "image"}
+    prefixes = dict(REFERENCE_PREFIXES)
+    prefixes.update({f"{ref}.": f"adapters.{mine}." for ref, mine in adapters.items()})
+    core, rest = {}, {}
+    for key, value in state.items():
+        for old, new in prefixes.items():
+            if key.startswith(old):
+                core[new + key[len(old) :]] = value
+                break
+        else:
+            rest[key] = value
+    return core, rest

@@ -1,0 +1,231 @@
+"""Interest discovery: minibatch k-means over adapted item vectors, and per-sequence interest tokens.
+
+Clustering follows TorchPQ's `MinibatchKMeans` as the reference calls it (Euclidean, running-count
+learning rate), but in plain torch and split across ranks: every rank passes only its own shard of
+points, the ranks step through their shards in lock-step, and each step's per-cluster sums and
+counts are combined with `all_reduce`, so every rank holds the same centroids and no point is
+assigned twice. Without a process group (or with world size 1) the same code runs locally.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .config import ModelConfig
+
+# Elements of one distance block in `assign`: 2**24 floats = 64 MiB, whatever N and K are.
+ASSIGN_BLOCK_ELEMENTS = 1 << 24
+PAD = -1  # padding in item histories (datapipes.batch.PAD)
+
+
+def num_clusters(ratio: float, n_points: int, cap: Optional[int] = None) -> int:
+    """K = max(ceil(ratio * n_points), 1), capped at `cap` (the reference has no cap)."""
+    k = max(math.ceil(ratio * n_points), 1)
+    return k if cap is None else min(k, cap)
+
+
+def _group_active(group: Optional[dist.ProcessGroup]) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _all_reduce(t: torch.Tensor, group, op=None) -> torch.Tensor:
+    if _group_active(group):
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _all_gather_scalar(value: int, device: torch.device, group) -> torch.Tensor:
+    if not _group_active(group):
+        return torch.tensor([value], device=device)
+    out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device), group=group)
+    return torch.cat(out)
+
+
+def assign(points: torch.Tensor, centroids: torch.Tensor, block_elements: int = ASSIGN_BLOCK_ELEMENTS) -> torch.Tensor:
+    """Nearest centroid (Euclidean) of every point, as cluster ids 1..K (0 stays the padding id).
+
+    `centroids` is K x D without the padding row. Points go through in blocks of at most
+    `block_elements` distances, so N x K is never held at once.
+    """
+    labels = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+    if points.shape[0] == 0:
+        return labels
+    c = centroids.to(points.dtype)
+    c_sq = c.pow(2).sum(1)
+    rows = max(1, block_elements // max(1, c.shape[0]))
+    for start in range(0, points.shape[0], rows):
+        block = points[start : start + rows]
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 does not change the argmin.
+        dist_sq = torch.addmm(c_sq, block, c.T, alpha=-2.0)
+        labels[start : start + rows] = dist_sq.argmin(1) + 1
+    return labels
+
+
+def _global_offsets(n_local: int, device: torch.device, group) -> Tuple[int, int]:
+    sizes = _all_gather_scalar(n_local, device, group)
+    rank = dist.get_rank(group) if _group_active(group) else 0
+    return int(sizes[:rank].sum()), int(sizes.sum())
+
+
+def random_init(points: torch.Tensor, k: int, generator: Optional[torch.Generator] = None, group=None) -> torch.Tensor:
+    """K distinct points drawn uniformly from all ranks' points (ranks in order), replicated.
+
+    Every rank must pass a generator in the same state: all draw the same global indices and fill
+    the rows they own, and a sum over ranks assembles the K x D result.
+    """
+    if generator is None and _group_active(group):
+        raise ValueError("k-means over several ranks needs a generator seeded alike on every rank")
+    offset, n_total = _global_offsets(points.shape[0], points.device, group)
+    if not 1 <= k <= n_total:
+        raise ValueError(f"k-means: cannot pick {k} initial centroids from {n_total} points")
+    chosen = torch.randperm(n_total, generator=generator)[:k].to(points.device)
+    local = chosen - offset
+    mine = (local >= 0) & (local < points.shape[0])
+    init = torch.zeros(k, points.shape[1], dtype=torch.float64, device=points.device)
+    init[mine] = points[local[mine]].double()
+    return _all_reduce(init, group).to(points.dtype)
+
+
+def kmeans(
+    points: torch.Tensor,
+    k: int,
+    *,
+    iters: int = 5,
+    minibatch: int = 2048,
+    single_pass: bool = False,
+    torchpq_update: bool = False,
+    init: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    tol: float = 1e-5,
+    group: Optional[dist.ProcessGroup] = None,
+) -> torch.Tensor:
+    """Minibatch k-means of this rank's `points` (n_local x D) together with the other ranks'.
+
+    Returns K x D centroids, identical on every rank. `minibatch` is the global minibatch (raised
+    to 1.1 K when it is <= K, as the reference does); each rank contributes its next
+    ceil(minibatch / world) points per step. Passes stop early once a pass moves the centroids by
+    less than `tol` (summed squared shift); `single_pass` reproduces the reference, whose error
+    check always reads 0 and so stops after one pass (quirk 1).
+
+    Update per step, with per-cluster batch sums S_k, counts b_k and running counts n_k:
+    running mean (default, n_k from 0): n_k += b_k; c_k += (S_k - b_k c_k) / n_k, empty clusters
+    stay. `torchpq_update` (quirk 15): w_k = 1/n_k with n_k from 1, c_k = (1-w_k) c_k + w_k S_k/b_k
+    for every cluster (an empty one is pulled towards the origin), then n_k += b_k.
+    """
+    world = dist.get_world_size(group) if _group_active(group) else 1
+    if minibatch <= k:
+        minibatch = int(k * 1.1)
+    local_batch = math.ceil(minibatch / world)
+    steps = torch.tensor([math.ceil(points.shape[0] / local_batch)], device=points.device)
+    steps = int(_all_reduce(steps, group, dist.ReduceOp.MAX))
+
+    centroids = (init if init is not None else random_init(points, k, generator, group)).double().clone()
+    if centroids.shape != (k, points.shape[1]):
+        raise ValueError(f"k-means: init has shape {tuple(centroids.shape)}, expected {(k, points.shape[1])}")
+    counts = torch.full((k,), 1.0 if torchpq_update else 0.0, dtype=torch.float64, device=points.device)
+    for _ in range(1 if single_pass else iters):
+        start_of_pass = centroids.clone()
+        for step in range(steps):
+            chunk = points[step * local_batch : (step + 1) * local_batch]
+            labels = assign(chunk, centroids) - 1
+            sums = torch.zeros_like(centroids).index_add_(0, labels, chunk.double())
+            batch_counts = torch.bincount(labels, minlength=k).double()
+            _all_reduce(sums, group)
+            _all_reduce(batch_counts, group)
+            if torchpq_update:
+                weight = (1.0 / counts).unsqueeze(1)
+                means = sums / batch_counts.clamp(min=1).unsqueeze(1)
+                centroids = centroids * (1 - weight) + means * weight
+                counts += batch_counts
+            else:
+                counts += batch_counts
+                centroids += (sums - batch_counts.unsqueeze(1) * centroids) / counts.clamp(min=1).unsqueeze(1)
+        if (centroids - start_of_pass).pow(2).sum() < tol:
+            break
+    return centroids.to(points.dtype)
+
+
+def discover_interests(
+    points: Mapping[str, torch.Tensor],
+    config: ModelConfig,
+    present: Optional[Mapping[str, torch.Tensor]] = None,
+    generator: Optional[torch.Generator] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    k: Optional[int] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Cluster all modalities' adapted item vectors together (spec section 3).
+
+    `points[m]` is this rank's shard of adapted item vectors for modality m (n_local x D, the same
+    item rows for every modality). Returns the centroid table ((K+1) x D, row 0 = zeros for padding)
+    and, per modality, the cluster id of each local item (1..K; 0 for an item whose modality is
+    missing when `config.mask_missing_modality`). Gathering the id tables across ranks is the
+    caller's: they are as sharded as the points. K defaults to `num_clusters` of the clustered
+    point count (which excludes masked missing modalities); pass `k` to keep it fixed instead.
+    Every rank must pass a generator in the same state (see `random_init`).
+    """
+    names = list(points)
+    keep = {
+        m: present[m].bool() if (config.mask_missing_modality and present is not None and m in present) else None
+        for m in names
+    }
+    stacked = torch.cat([points[m] if keep[m] is None else points[m][keep[m]] for m in names])
+    n_total = int(_all_reduce(torch.tensor([stacked.shape[0]], device=stacked.device), group))
+    if k is None:
+        k = num_clusters(config.interest_ratio, n_total, config.interest_cap)
+    centroids = kmeans(
+        stacked,
+        k,
+        iters=config.kmeans_iters,
+        minibatch=config.kmeans_minibatch,
+        single_pass=config.kmeans_single_pass,
+        torchpq_update=config.kmeans_torchpq_update,
+        generator=generator,
+        group=group,
+    )
+    assignments = {}
+    for m in names:
+        if keep[m] is None:
+            assignments[m] = assign(points[m], centroids)
+        else:
+            ids = torch.zeros(points[m].shape[0], dtype=torch.long, device=points[m].device)
+            ids[keep[m]] = assign(points[m][keep[m]], centroids)
+            assignments[m] = ids
+    table = torch.cat([centroids.new_zeros(1, centroids.shape[1]), centroids])
+    return table, assignments
+
+
+def interest_tokens(
+    history: torch.Tensor,
+    assignments: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+    keep_zero: bool = False,
+) -> torch.Tensor:
+    """Per row, the sorted distinct cluster ids of its items under every modality (spec section 4).
+
+    `history` is B x L item indices with PAD (-1) on the right; `assignments` holds one N-long id
+    table per modality (1..K, or 0 for a masked missing modality). Returns B x M, right-padded with
+    0 to the batch's longest row. `keep_zero` reproduces the reference, whose `unique` also keeps
+    the id 0 of pads and masked items as a (key-masked) token: it only changes M. Vectorised: sort
+    each row, mark first occurrences, left-pack them with a cumsum and one scatter.
+    """
+    tables = list(assignments.values()) if isinstance(assignments, Mapping) else list(assignments)
+    is_pad = history < 0
+    items = history.clamp(min=0)
+    ids = torch.cat([t[items].masked_fill(is_pad, 0) for t in tables], dim=1)
+    ids, _ = ids.sort(dim=1)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    if not keep_zero:
+        first &= ids != 0
+    width = ids.shape[1]
+    # Non-first entries go to a spare last column, which is dropped.
+    slot = torch.where(first, first.long().cumsum(1) - 1, width)
+    packed = torch.zeros(ids.shape[0], width + 1, dtype=ids.dtype, device=ids.device)
+    packed.scatter_(1, slot, ids)
+    # At least one column, so that a batch without any interest still has a (masked) memory slot.
+    m = max(int(first.sum(1).max()) if ids.shape[0] else 0, 1)
+    return packed[:, :m]
