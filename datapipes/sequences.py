@@ -1,0 +1,188 @@
+"""Flat (user, item, timestamp) interactions -> the canonical users.parquet / items.parquet.
+
+Shared by the sources that start from an interaction log (MovieLens, generic CSV/Parquet). The
+rules, in order, all vectorised over the whole log:
+
+1. Iterative k-core: drop users and items with fewer than `k_core` interactions, repeated until no
+   count falls below `k_core` (k_core <= 1 keeps everything).
+2. Users left with fewer than 3 interactions are dropped (leave-one-out needs a training item, a
+   validation item and a test item) and counted in ``users_dropped_short``. This runs after the
+   k-core, so with ``k_core < 3`` an item may end up below `k_core`.
+3. Dense indices follow time: the log is ordered by (timestamp, file row); users and items are
+   numbered in order of their first interaction in that order. The numbering is therefore
+   independent of how the file happens to group its rows.
+4. Each user's sequence is sorted by timestamp with a stable sort: interactions with equal
+   timestamps keep their file order (over half of MovieLens' timestamps tie within a user).
+5. Leave-one-out: ``train_end = n - 2``, ``valid_end = n - 1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from datapipes.schema import (
+    DEFAULT_USERS_PER_ROW_GROUP,
+    ITEMS_FILE,
+    USERS_FILE,
+    DataError,
+    UsersWriter,
+    write_items,
+)
+
+MIN_SEQUENCE_LENGTH = 3  # one training, one validation and one test item
+
+
+def encode_keys(keys) -> Tuple[np.ndarray, pa.Array]:
+    """Dictionary-encode string keys: (int64 codes, distinct keys in first-appearance order)."""
+    if isinstance(keys, np.ndarray):
+        keys = pa.array(keys, pa.string())
+    if isinstance(keys, pa.Array):
+        keys = pa.chunked_array([keys])
+    keys = keys.cast(pa.string())
+    encoded = pa.table({"k": keys.dictionary_encode()}).unify_dictionaries().column("k")
+    if encoded.num_chunks == 0:
+        return np.zeros(0, np.int64), pa.array([], pa.string())
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in encoded.chunks])
+    return codes.astype(np.int64, copy=False), encoded.chunk(0).dictionary
+
+
+def k_core_mask(users: np.ndarray, items: np.ndarray, k: int) -> Tuple[np.ndarray, int]:
+    """Rows that survive the iterative k-core on users and items, and the number of rounds."""
+    keep = np.ones(len(users), dtype=bool)
+    if k <= 1:
+        return keep, 0
+    rounds = 0
+    while True:
+        rounds += 1
+        user_count = np.bincount(users[keep], minlength=users.max(initial=-1) + 1)
+        item_count = np.bincount(items[keep], minlength=items.max(initial=-1) + 1)
+        still = keep & (user_count[users] >= k) & (item_count[items] >= k)
+        if still.sum() == keep.sum():
+            return keep, rounds
+        keep = still
+
+
+def first_appearance_rank(codes_in_order: np.ndarray, size: int) -> np.ndarray:
+    """new_index[code] for codes numbered by first appearance in `codes_in_order` (-1 if absent)."""
+    distinct, first = np.unique(codes_in_order, return_index=True)
+    rank = np.full(size, -1, dtype=np.int64)
+    rank[distinct[np.argsort(first, kind="stable")]] = np.arange(len(distinct), dtype=np.int64)
+    return rank
+
+
+def _as_int64(values, what: str) -> np.ndarray:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        if values.null_count:
+            raise DataError(f"{what}: {values.null_count} null value(s)")
+        values = values.to_numpy() if isinstance(values, pa.ChunkedArray) else values.to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.int64)
+
+
+def build_sequences(
+    user_keys,
+    item_keys,
+    timestamps,
+    *,
+    k_core: int,
+    out: Path | str,
+    domain: str,
+    item_text: Optional[Mapping[str, str]] = None,
+    rows_per_group: int = DEFAULT_USERS_PER_ROW_GROUP,
+    origin: Optional[str] = None,
+) -> dict:
+    """Write users.parquet and items.parquet into `out`; return the stats that describe them.
+
+    `user_keys` / `item_keys` are string arrays (numpy or pyarrow, no nulls), `timestamps` int64
+    seconds or None (file order then decides). `item_text` maps item key -> text for items.parquet.
+    `origin` names the input in error messages (default: the domain).
+    """
+    origin = origin or domain
+    if k_core < 0:
+        raise DataError(f"--k-core must be >= 0, got {k_core}")
+    if rows_per_group < 1:
+        raise DataError(f"--rows-per-group must be >= 1, got {rows_per_group}")
+    users, user_dict = encode_keys(user_keys)
+    items, item_dict = encode_keys(item_keys)
+    n_raw = len(users)
+    if len(items) != n_raw:
+        raise DataError(f"{origin}: {n_raw} user keys but {len(items)} item keys")
+    if n_raw == 0:
+        raise DataError(f"{origin}: no interactions")
+    if (users < 0).any() or (items < 0).any():  # dictionary_encode leaves nulls as nulls
+        raise DataError(f"{origin}: null user or item keys")
+    times = np.zeros(n_raw, np.int64) if timestamps is None else _as_int64(timestamps, f"{origin} timestamps")
+    if len(times) != n_raw:
+        raise DataError(f"{origin}: {n_raw} interactions but {len(times)} timestamps")
+
+    keep, rounds = k_core_mask(users, items, k_core)
+    per_user = np.bincount(users[keep], minlength=len(user_dict))
+    long_enough = per_user >= MIN_SEQUENCE_LENGTH
+    dropped_short = int(((per_user > 0) & ~long_enough).sum())
+    keep &= long_enough[users]
+    if not keep.any():
+        raise DataError(
+            f"{origin}: no user keeps {MIN_SEQUENCE_LENGTH}+ interactions after the {k_core}-core filter "
+            f"({n_raw:,} interactions in)"
+        )
+    users, items, times = users[keep], items[keep], times[keep]
+
+    # Masking kept file order, so a stable sort on time breaks ties by file row.
+    time_order = np.argsort(times, kind="stable")
+    user_index = first_appearance_rank(users[time_order], len(user_dict))[users]
+    item_index = first_appearance_rank(items[time_order], len(item_dict))[items]
+    by_user = time_order[np.argsort(user_index[time_order], kind="stable")]
+    seq_items, seq_times = item_index[by_user], times[by_user]
+    lengths = np.bincount(user_index)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+
+    # Original keys in dense-index order.
+    user_codes = np.empty(len(lengths), np.int64)
+    user_codes[user_index] = users
+    item_codes = np.empty(int(item_index.max()) + 1, np.int64)
+    item_codes[item_index] = items
+    user_out = user_dict.take(pa.array(user_codes))
+    item_out = item_dict.take(pa.array(item_codes))
+
+    writer = UsersWriter(Path(out) / USERS_FILE, rows_per_group)
+    try:
+        for start in range(0, len(lengths), rows_per_group):
+            stop = min(start + rows_per_group, len(lengths))
+            lo, hi = offsets[start], offsets[stop]
+            chunk_offsets = pa.array((offsets[start : stop + 1] - lo).astype(np.int32))
+            n = lengths[start:stop]
+            writer.add(
+                user_out.slice(start, stop - start),
+                domain,
+                pa.ListArray.from_arrays(chunk_offsets, pa.array(seq_items[lo:hi])),
+                train_end=n - 2,
+                valid_end=n - 1,
+                timestamps=pa.ListArray.from_arrays(chunk_offsets, pa.array(seq_times[lo:hi])),
+            )
+    finally:
+        writer.close()
+
+    texts = None
+    if item_text is not None:
+        text_keys = pa.array(list(item_text.keys()), pa.string())
+        text_values = pa.array(list(item_text.values()), pa.string())
+        texts = text_values.take(pc.index_in(item_out, value_set=text_keys))
+    n_items = write_items(Path(out) / ITEMS_FILE, item_out, domain, texts)
+
+    return {
+        "domains": [domain],
+        "users": writer.users,
+        "items": n_items,
+        "interactions": writer.interactions,
+        "interactions_raw": n_raw,
+        "training_rows": writer.training_rows,
+        "filter": {"k_core": int(k_core)},
+        "split": "leave-one-out",
+        "users_dropped_short": dropped_short,
+        "k_core_rounds": rounds,
+        "items_with_text": 0 if texts is None else len(texts) - texts.null_count,
+    }

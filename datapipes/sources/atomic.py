@@ -1,0 +1,547 @@
+"""The official MISSRec / UniSRec atomic folder: import it, and export a prepared dataset back to it.
+
+A downstream folder ``NAME/`` holds (spec: missrec-model.md §11)::
+
+    NAME.train.inter  NAME.valid.inter  NAME.test.inter   TSV: user_id, item_id_list, item_id
+    NAME.feat1CLS  NAME.feat3CLS  [NAME.feat2CLS]          raw little-endian float32, N x 512
+
+History tokens are 0-based item indices (row i of the feature files is item i) and are truncated
+to the last 50 items, so full sequences are rebuilt from the train rows. UniSRec's
+``convert_to_atomic_files`` writes a user's train rows longest prefix first (target = last train
+item, then the one before, ..., target = item 1 with history [item 0]); a file written shortest
+prefix first is read as well (a user's first row then has a one-item history). Every row's history
+is then checked against the rebuilt sequence.
+
+A pre-training folder adds ``NAME.pt_datasets`` (one line: comma-separated domain names), item
+and user tokens ``"<domainIdx>-<id>"`` and per-domain feature files ``<domain>.feat*CLS``
+(UniSRec's ``to_pretrain_atomic_files`` and ``PretrainUniSRecDataset``). Items are numbered
+domain by domain: item ``"d-i"`` gets index ``offset[d] + i``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from datapipes.schema import (
+    DEFAULT_USERS_PER_ROW_GROUP,
+    ITEMS_FILE,
+    USERS_FILE,
+    DataError,
+    DatasetInfo,
+    FeatureWriter,
+    UsersWriter,
+    atomic_dir,
+    feature_path,
+    write_items,
+)
+from datapipes.sequences import encode_keys
+from datapipes.sources.interactions import physical_lines
+
+HELP = "the official MISSRec/UniSRec atomic folder (NAME.{train,valid,test}.inter + NAME.feat*CLS)"
+
+HEADER = ["user_id:token", "item_id_list:token_seq", "item_id:token"]
+HISTORY_WINDOW = 50  # MAX_ITEM_LIST_LENGTH of the reference
+MODALITY_SUFFIX = {"text": "feat1CLS", "image": "feat3CLS", "text_aug": "feat2CLS"}
+REQUIRED_MODALITIES = ("text", "image")
+FEATURE_CHUNK_ROWS = 1 << 16
+TRAIN_BLOCK_BYTES = 16 << 20  # train.inter is streamed twice in blocks of this size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path", type=Path, required=True, help="the atomic folder (e.g. dataset/downstream/Scientific_mm_full)")
+    parser.add_argument("--name", default=None, help="file name stem inside the folder (default: the folder name)")
+    parser.add_argument("--feat-dim", type=int, default=512, help="feature width of the .feat*CLS files (default 512)")
+    parser.add_argument(
+        "--rows-per-group", type=int, default=DEFAULT_USERS_PER_ROW_GROUP,
+        help=f"users per Parquet row group in users.parquet (default {DEFAULT_USERS_PER_ROW_GROUP})",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder layout and feature files
+
+
+@dataclass(frozen=True)
+class Layout:
+    folder: Path
+    name: str
+    domains: List[str]
+    pretrain: bool
+
+    def inter(self, split: str) -> Path:
+        return self.folder / f"{self.name}.{split}.inter"
+
+    def feature_files(self, modality: str) -> List[Path]:
+        stems = self.domains if self.pretrain else [self.name]
+        return [self.folder / f"{stem}.{MODALITY_SUFFIX[modality]}" for stem in stems]
+
+
+def read_layout(folder: Path, name: Optional[str]) -> Layout:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    name = name or folder.name
+    pt_file = folder / f"{name}.pt_datasets"
+    pretrain = pt_file.is_file()
+    domains = [name]
+    if pretrain:
+        domains = [d.strip() for d in pt_file.read_text().strip().split(",")]
+        if not all(domains) or len(set(domains)) != len(domains):
+            raise DataError(f"{pt_file}: line 1 must list distinct, non-empty domain names separated by commas")
+    layout = Layout(folder, name, domains, pretrain)
+    for split in ("train", "valid", "test"):
+        if not layout.inter(split).is_file():
+            raise DataError(f"{layout.inter(split)}: missing (expected {name}.{{train,valid,test}}.inter in {folder})")
+    return layout
+
+
+def feature_rows(path: Path, dim: int) -> int:
+    size = path.stat().st_size
+    if size == 0 or size % (4 * dim):
+        raise DataError(f"{path}: {size} bytes is not a whole number of {dim}-wide float32 rows ({4 * dim} bytes each)")
+    return size // (4 * dim)
+
+
+def scan_features(layout: Layout, dim: int) -> Tuple[np.ndarray, Dict[str, List[Path]]]:
+    """Items per domain, and the feature files of every modality the folder has."""
+    files: Dict[str, List[Path]] = {}
+    sizes: Optional[np.ndarray] = None
+    first: Dict[int, Path] = {}
+    for modality in MODALITY_SUFFIX:
+        paths = layout.feature_files(modality)
+        exists = [p.is_file() for p in paths]
+        if not any(exists) and modality not in REQUIRED_MODALITIES:
+            continue
+        if not all(exists):
+            raise DataError(f"{paths[exists.index(False)]}: missing ({modality} features)")
+        rows = np.array([feature_rows(p, dim) for p in paths], dtype=np.int64)
+        if sizes is None:
+            sizes, first = rows, dict(enumerate(paths))
+        for d, (have, want) in enumerate(zip(rows, sizes)):
+            if have != want:
+                raise DataError(f"{paths[d]}: {have} rows but {first[d]} has {want}; feature files must agree")
+        files[modality] = paths
+    return sizes, files
+
+
+def write_features(out: Path, modality: str, paths: List[Path], dim: int) -> dict:
+    """Copy raw feature rows into features/<modality>.parquet; present = row not all zero."""
+    feature_path(out, modality).parent.mkdir(parents=True, exist_ok=True)
+    writer = FeatureWriter(feature_path(out, modality), dim, "float32")
+    try:
+        for path in paths:
+            matrix = np.memmap(path, dtype="<f4", mode="r").reshape(-1, dim)
+            for start in range(0, len(matrix), FEATURE_CHUNK_ROWS):
+                block = np.asarray(matrix[start : start + FEATURE_CHUNK_ROWS])
+                bad = ~np.isfinite(block).all(axis=1)
+                if bad.any():
+                    raise DataError(f"{path}: row {start + int(np.argmax(bad))} has NaN or inf values")
+                writer.add(block, (block != 0).any(axis=1), source=str(path))
+    finally:
+        writer.close()
+    return {
+        "dim": dim,
+        "dtype": "float32",
+        "present": writer.present,
+        "encoder": f"precomputed .{MODALITY_SUFFIX[modality]} ({', '.join(p.name for p in paths)})",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokens and .inter rows
+
+
+class BadToken(Exception):
+    def __init__(self, position: int, reason: str):
+        super().__init__(reason)
+        self.position, self.reason = position, reason
+
+
+class TokenParser:
+    """Item tokens -> dense item indices: "i" (downstream) or "d-i" (pre-training)."""
+
+    def __init__(self, layout: Layout, domain_sizes: np.ndarray):
+        self.layout = layout
+        self.sizes = domain_sizes
+        self.offsets = np.concatenate([[0], np.cumsum(domain_sizes)])
+
+    def __call__(self, tokens: pa.Array) -> np.ndarray:
+        if self.layout.pretrain:
+            parts = pc.extract_regex(tokens, r"^(?P<d>[0-9]{1,9})-(?P<i>[0-9]{1,18})$")
+            self._check(parts.is_valid(), tokens, "is not <domainIdx>-<id>")
+            domain = pc.cast(pc.struct_field(parts, "d"), pa.int64()).to_numpy()
+            local = pc.cast(pc.struct_field(parts, "i"), pa.int64()).to_numpy()
+            beyond = domain >= len(self.sizes)
+            if beyond.any():
+                pos = int(np.argmax(beyond))
+                raise BadToken(pos, f"item {tokens[pos]}: domain index {domain[pos]} is beyond the "
+                                    f"{len(self.sizes)} domains of {self.layout.name}.pt_datasets")
+        else:
+            self._check(pc.match_substring_regex(tokens, r"^[0-9]{1,18}$"), tokens, "is not an item index")
+            domain = np.zeros(len(tokens), np.int64)
+            local = pc.cast(tokens, pa.int64()).to_numpy()
+        beyond = local >= self.sizes[domain]
+        if beyond.any():
+            pos = int(np.argmax(beyond))
+            raise BadToken(pos, f"item id {tokens[pos]} is beyond the {self.sizes[domain[pos]]} feature rows")
+        return self.offsets[domain] + local
+
+    @staticmethod
+    def _check(ok: pa.Array, tokens: pa.Array, what: str) -> None:
+        ok = ok.to_numpy(zero_copy_only=False)
+        if not ok.all():
+            pos = int(np.argmin(ok))
+            raise BadToken(pos, f"item token {tokens[pos].as_py()!r} {what}")
+
+
+@dataclass
+class Rows:
+    """Parsed .inter rows: user keys, histories as (offsets, item indices), targets."""
+
+    path: Path
+    first_line: int
+    users: pa.Array
+    offsets: np.ndarray
+    history: np.ndarray
+    target: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def where(self, row: int) -> str:
+        return f"{self.path}: line {self.first_line + row}"
+
+
+def iter_inter(path: Path) -> Iterator[Tuple[int, pa.RecordBatch]]:
+    """(line number of the batch's first row, batch) for a .inter file, header checked."""
+    try:
+        reader = pacsv.open_csv(
+            path,
+            # Single-threaded so parse errors carry the row number.
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=TRAIN_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+            convert_options=pacsv.ConvertOptions(column_types={h: pa.string() for h in HEADER}, strings_can_be_null=False),
+        )
+        if reader.schema.names != HEADER:
+            raise DataError(f"{path}: line 1: header {reader.schema.names} is not {HEADER}")
+        line = 2
+        for batch in reader:
+            yield line, batch
+            line += batch.num_rows
+    except pa.ArrowInvalid as e:
+        raise DataError(f"{path}: {physical_lines(e)}") from None
+
+
+def parse_rows(path: Path, first_line: int, batch: pa.RecordBatch, tokens: TokenParser) -> Rows:
+    users, history, target = (batch.column(i) for i in range(3))
+    for column, what in ((users, "user id"), (history, "history (item_id_list)"), (target, "target item")):
+        empty = pc.equal(column, "").to_numpy(zero_copy_only=False)
+        if empty.any():
+            raise DataError(f"{path}: line {first_line + int(np.argmax(empty))}: empty {what}")
+    lists = pc.split_pattern(history, " ")
+    offsets = np.asarray(lists.offsets, dtype=np.int64)
+    try:
+        items = tokens(lists.values.slice(offsets[0], offsets[-1] - offsets[0]))
+    except BadToken as bad:
+        row = int(np.searchsorted(offsets - offsets[0], bad.position, side="right")) - 1
+        raise DataError(f"{path}: line {first_line + row}: history {bad.reason}") from None
+    try:
+        targets = tokens(target)
+    except BadToken as bad:
+        raise DataError(f"{path}: line {first_line + bad.position}: target {bad.reason}") from None
+    return Rows(path, first_line, users, offsets - offsets[0], items, targets)
+
+
+def read_split(path: Path, tokens: TokenParser) -> Rows:
+    """A whole valid/test file (one row per user), with duplicate users rejected."""
+    batches = [b for _, b in iter_inter(path)]
+    table = pa.Table.from_batches(batches, schema=pa.schema([(h, pa.string()) for h in HEADER])).combine_chunks()
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows after the header")
+    rows = parse_rows(path, 2, table.to_batches()[0], tokens)
+    codes, _ = encode_keys(rows.users)
+    seen_before = np.ones(len(codes), dtype=bool)
+    seen_before[np.unique(codes, return_index=True)[1]] = False
+    if seen_before.any():
+        row = int(np.argmax(seen_before))
+        raise DataError(f"{rows.where(row)}: user {rows.users[row]} has a second row (one row per user expected)")
+    return rows
+
+
+def user_positions(rows: Rows, users: pa.Array, other: Path) -> np.ndarray:
+    """Index of each row's user in `users` (the valid file's users); error if absent."""
+    pos = pc.index_in(rows.users, value_set=users)
+    if pos.null_count:
+        row = int(np.argmax(pos.is_null().to_numpy(zero_copy_only=False)))
+        raise DataError(f"{rows.where(row)}: user {rows.users[row]} has no row in {other.name}")
+    return pos.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def check_windows(rows: Rows, seq_start: np.ndarray, k: np.ndarray, sequences: np.ndarray) -> None:
+    """Row r's history must be the last <= 50 of its user's first k[r] items."""
+    want = np.minimum(k, HISTORY_WINDOW)
+    wrong_length = rows.lengths != want
+    if wrong_length.any():
+        row = int(np.argmax(wrong_length))
+        raise DataError(
+            f"{rows.where(row)}: history of user {rows.users[row]} has {rows.lengths[row]} items; the sequence "
+            f"rebuilt from the train rows puts {want[row]} items before this target"
+        )
+    within = np.arange(len(rows.history)) - np.repeat(rows.offsets[:-1], want)
+    expected = sequences[np.repeat(seq_start + k - want, want) + within]
+    differs = expected != rows.history
+    if differs.any():
+        pos = int(np.argmax(differs))
+        row = int(np.searchsorted(rows.offsets, pos, side="right")) - 1
+        raise DataError(
+            f"{rows.where(row)}: history of user {rows.users[row]} does not match its sequence rebuilt from the "
+            f"train rows (history item {pos - rows.offsets[row] + 1} is {rows.history[pos]}, expected {expected[pos]})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+
+
+def rebuild_sequences(layout: Layout, tokens: TokenParser, valid: Rows, test: Rows):
+    """Full item sequences of the valid file's users: (offsets, flat items, train rows per user)."""
+    train_path = layout.inter("train")
+    n_users = len(valid)
+    test_user = user_positions(test, valid.users, layout.inter("valid"))
+    if len(test) != n_users:
+        missing = np.setdiff1d(np.arange(n_users), test_user)[0]
+        raise DataError(f"{valid.where(int(missing))}: user {valid.users[int(missing)]} has no row in {layout.inter('test').name}")
+
+    # Pass 1: per train row its user, target and the first history item.
+    user_parts, target_parts, length_parts, first_parts = [], [], [], []
+    for line, batch in iter_inter(train_path):
+        rows = parse_rows(train_path, line, batch, tokens)
+        user_parts.append(user_positions(rows, valid.users, layout.inter("valid")))
+        target_parts.append(rows.target)
+        length_parts.append(rows.lengths)
+        first_parts.append(rows.history[rows.offsets[:-1]])
+    concat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    row_user, row_target, row_length, row_first = map(concat, (user_parts, target_parts, length_parts, first_parts))
+
+    # Position k of each row's target in its user's sequence, from the row's rank within the user.
+    train_rows = np.bincount(row_user, minlength=n_users)
+    by_user = np.argsort(row_user, kind="stable")
+    group_start = np.concatenate([[0], np.cumsum(train_rows)])[:-1]
+    rank = np.arange(len(by_user)) - group_start[row_user[by_user]]
+    users_with_rows = train_rows > 0
+    shortest_first = np.zeros(n_users, dtype=bool)
+    shortest_first[users_with_rows] = row_length[by_user[group_start[users_with_rows]]] == 1
+    sorted_user = row_user[by_user]
+    k = np.empty(len(by_user), np.int64)
+    k[by_user] = np.where(shortest_first[sorted_user], rank + 1, train_rows[sorted_user] - rank)
+
+    no_rows = ~users_with_rows & (valid.lengths != 1)
+    if no_rows.any():
+        u = int(np.argmax(no_rows))
+        raise DataError(
+            f"{valid.where(u)}: user {valid.users[u]} has no row in {train_path.name} but a "
+            f"{valid.lengths[u]}-item validation history (only a 1-item history needs no train row)"
+        )
+
+    lengths = train_rows + 3
+    seq_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    start = seq_offsets[:-1]
+    sequences = np.full(seq_offsets[-1], -1, np.int64)
+    sequences[start[row_user] + k] = row_target
+    sequences[start[row_user[k == 1]]] = row_first[k == 1]
+    sequences[start[~users_with_rows]] = valid.history[valid.offsets[:-1][~users_with_rows]]
+    sequences[start + train_rows + 1] = valid.target
+    sequences[start[test_user] + train_rows[test_user] + 2] = test.target
+
+    # Pass 2: every history must be the window of the rebuilt sequence before its target.
+    seen = 0
+    for line, batch in iter_inter(train_path):
+        rows = parse_rows(train_path, line, batch, tokens)
+        u = row_user[seen : seen + len(rows)]
+        check_windows(rows, start[u], k[seen : seen + len(rows)], sequences)
+        seen += len(rows)
+    check_windows(valid, start, train_rows + 1, sequences)
+    check_windows(test, start[test_user], train_rows[test_user] + 2, sequences)
+    return seq_offsets, sequences, train_rows
+
+
+def run(args: argparse.Namespace, out: Path) -> dict:
+    layout = read_layout(Path(args.path), args.name)
+    domain_sizes, feature_files = scan_features(layout, args.feat_dim)
+    tokens = TokenParser(layout, domain_sizes)
+    valid = read_split(layout.inter("valid"), tokens)
+    test = read_split(layout.inter("test"), tokens)
+    seq_offsets, sequences, train_rows = rebuild_sequences(layout, tokens, valid, test)
+
+    n_items = int(domain_sizes.sum())
+    item_domain = np.repeat(np.arange(len(domain_sizes)), domain_sizes)
+    domain_names = pa.array(layout.domains, pa.string())
+    writer = UsersWriter(out / USERS_FILE, args.rows_per_group)
+    try:
+        for lo in range(0, len(valid), args.rows_per_group):
+            hi = min(lo + args.rows_per_group, len(valid))
+            offsets = seq_offsets[lo : hi + 1]
+            writer.add(
+                valid.users.slice(lo, hi - lo),
+                # A user's domain is that of its first item (merged files never mix domains in a user).
+                domain_names.take(pa.array(item_domain[sequences[offsets[:-1]]])),
+                pa.ListArray.from_arrays(pa.array((offsets - offsets[0]).astype(np.int32)), pa.array(sequences[offsets[0] : offsets[-1]])),
+                train_end=train_rows[lo:hi] + 1,
+                valid_end=train_rows[lo:hi] + 2,
+            )
+    finally:
+        writer.close()
+
+    local = pc.cast(pa.array(np.arange(n_items) - np.repeat(tokens.offsets[:-1], domain_sizes)), pa.string())
+    keys = pc.binary_join_element_wise(pc.cast(pa.array(item_domain), pa.string()), local, "-") if layout.pretrain else local
+    write_items(out / ITEMS_FILE, keys, domain_names.take(pa.array(item_domain)))
+    modalities = {m: write_features(out, m, paths, args.feat_dim) for m, paths in feature_files.items()}
+    return {
+        "source": "missrec-atomic",
+        "domains": layout.domains,
+        "users": writer.users,
+        "items": n_items,
+        "interactions": writer.interactions,
+        "interactions_raw": writer.interactions,
+        "training_rows": writer.training_rows,
+        "filter": {},  # the folder is already filtered (5-core upstream); nothing is dropped here
+        "split": "leave-one-out",
+        "modalities": modalities,
+        "atomic": {"name": layout.name, "layout": "pretrain" if layout.pretrain else "downstream", "path": str(layout.folder.resolve())},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def write_atomic(dataset_dir: Path | str, out_folder: Path | str, name: str, *, pretrain: Optional[bool] = None,
+                 overwrite: bool = False) -> Path:
+    """Write a prepared leave-one-out dataset as an atomic folder `out_folder` (files NAME.*).
+
+    Train rows follow UniSRec's order (per user, longest prefix first); users keep their order.
+    `pretrain` (default: for multi-domain datasets and those imported from a pre-training folder) writes "<domainIdx>-<id>" item tokens, NAME.pt_datasets and per-domain feature files.
+    Modalities text, image and text_aug become .feat1CLS, .feat3CLS and .feat2CLS (float32).
+    """
+    info = DatasetInfo.open(dataset_dir)
+    domains = list(info.stats["domains"])
+    if pretrain is None:
+        pretrain = (
+            len(domains) > 1
+            or info.stats.get("source") == "multi-domain"
+            or info.stats.get("atomic", {}).get("layout") == "pretrain"
+        )
+    tokens, domain_offsets = _item_tokens(info, domains, pretrain)
+    with atomic_dir(Path(out_folder), overwrite=overwrite) as tmp:
+        _write_inter_files(info, tokens, tmp, name)
+        for modality, suffix in MODALITY_SUFFIX.items():
+            if modality in info.modalities:
+                stems = domains if pretrain else [name]
+                _write_feature_files(info, modality, [tmp / f"{s}.{suffix}" for s in stems], domain_offsets)
+        if pretrain:
+            (tmp / f"{name}.pt_datasets").write_text(",".join(domains) + "\n")
+    return Path(out_folder)
+
+
+def _item_tokens(info: DatasetInfo, domains: List[str], pretrain: bool) -> Tuple[pa.Array, np.ndarray]:
+    n = info.num_items
+    if not pretrain:
+        return pc.cast(pa.array(np.arange(n)), pa.string()), np.array([0, n])
+    item_domain = pc.index_in(pq.read_table(info.items_path, columns=["domain"])["domain"], value_set=pa.array(domains))
+    if item_domain.null_count:
+        raise DataError(f"{info.items_path}: an item's domain is not in stats.json domains {domains}")
+    item_domain = item_domain.to_numpy().astype(np.int64)
+    if (np.diff(item_domain) < 0).any():
+        raise DataError(f"{info.items_path}: items are not grouped by domain in stats.json order {domains}")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(item_domain, minlength=len(domains)))])
+    local = np.arange(n) - offsets[item_domain]
+    tokens = pc.binary_join_element_wise(
+        pc.cast(pa.array(item_domain), pa.string()), pc.cast(pa.array(local), pa.string()), "-"
+    )
+    return tokens, offsets
+
+
+def _windows(tokens: pa.Array, values: np.ndarray, seq_start: np.ndarray, k: np.ndarray) -> pa.Array:
+    """For each row, the space-joined tokens of the last <= 50 items before position k."""
+    size = np.minimum(k, HISTORY_WINDOW)
+    offsets = np.concatenate([[0], np.cumsum(size)])
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], size)
+    flat = tokens.take(pa.array(values[np.repeat(seq_start + k - size, size) + within]))
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int64)).cast(pa.int32()), flat), " ")
+
+
+def _write_inter_files(info: DatasetInfo, tokens: pa.Array, folder: Path, name: str) -> None:
+    schema = pa.schema([(h, pa.string()) for h in HEADER])
+    # pyarrow quotes header names, the reference does not: write the header line ourselves.
+    options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    sinks, writers = {}, {}
+    for split in ("train", "valid", "test"):
+        sinks[split] = open(folder / f"{name}.{split}.inter", "wb")
+        sinks[split].write(("\t".join(HEADER) + "\n").encode())
+        writers[split] = pacsv.CSVWriter(sinks[split], schema, write_options=options)
+    try:
+        users = pq.ParquetFile(info.users_path)
+        for group in range(users.num_row_groups):
+            table = users.read_row_group(group, columns=["user_key", "items", "train_end", "valid_end"])
+            keys = table["user_key"].combine_chunks()
+            lists = table["items"].combine_chunks()
+            offsets = np.asarray(lists.offsets, dtype=np.int64)
+            values = lists.values.to_numpy()[offsets[0] : offsets[-1]]
+            start, n = offsets[:-1] - offsets[0], np.diff(offsets)
+            train_end = table["train_end"].to_numpy().astype(np.int64)
+            valid_end = table["valid_end"].to_numpy().astype(np.int64)
+            not_loo = (valid_end != train_end + 1) | (n != valid_end + 1) | (train_end < 1)
+            if not_loo.any():
+                raise DataError(f"{info.users_path}: user {keys[int(np.argmax(not_loo))]}: the atomic format needs "
+                                "leave-one-out splits (train_end = n - 2 >= 1, valid_end = n - 1)")
+            spaced = pc.match_substring_regex(keys, r"\s").to_numpy(zero_copy_only=False)
+            if spaced.any():
+                raise DataError(f"{info.users_path}: user key {keys[int(np.argmax(spaced))]} contains whitespace")
+            # UniSRec order: per user, targets train_end-1, ..., 1 (longest prefix first).
+            per_user = train_end - 1
+            row_user = np.repeat(np.arange(len(n)), per_user)
+            rank = np.arange(len(row_user)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+            k = train_end[row_user] - 1 - rank
+            for split, u, pos in (
+                ("train", row_user, k),
+                ("valid", np.arange(len(n)), train_end),
+                ("test", np.arange(len(n)), valid_end),
+            ):
+                target = tokens.take(pa.array(values[start[u] + pos]))
+                history = _windows(tokens, values, start[u], pos)
+                writers[split].write_table(pa.table([keys.take(pa.array(u)), history, target], schema=schema))
+    finally:
+        for split in writers:
+            writers[split].close()
+            sinks[split].close()
+
+
+def _write_feature_files(info: DatasetInfo, modality: str, paths: List[Path], domain_offsets: np.ndarray) -> None:
+    """Rows of features/<modality>.parquet as raw float32, split at domain_offsets into `paths`."""
+    dim = info.modalities[modality].dim
+    files = [open(p, "wb") for p in paths]
+    try:
+        row = 0
+        for batch in pq.ParquetFile(info.modalities[modality].path).iter_batches(columns=["vector"], batch_size=FEATURE_CHUNK_ROWS):
+            matrix = batch.column(0).flatten().to_numpy(zero_copy_only=False).astype("<f4").reshape(-1, dim)
+            for d, f in enumerate(files):
+                lo = max(domain_offsets[d], row) - row
+                hi = min(domain_offsets[d + 1], row + len(matrix)) - row
+                if hi > lo:
+                    f.write(matrix[lo:hi].tobytes())
+            row += len(matrix)
+    finally:
+        for f in files:
+            f.close()
