@@ -1,0 +1,330 @@
+"""Crash-safe distributed checkpoints with `torch.distributed.checkpoint` (DCP).
+
+Layout of `ckpt_dir`:
+
+    step_<N>/            one complete checkpoint: DCP files (model + optimizer, resharded on load,
+                         so a checkpoint saved by W ranks loads into any world size),
+                         progress.json (rank 0's progress dict + world size), rank_<r>.pt (rank r's
+                         RNG states and data-pipe position)
+    step_<N>.tmp/        a save in flight or interrupted: never read, removed by the next save
+    latest, best         pointer files naming a step_<N> folder (best also holds its metric)
+
+A save writes everything into `step_<N>.tmp`, waits for every rank, then rank 0 renames the folder
+(atomic), rewrites `latest` (temp file + os.replace) and applies keep-last-K retention, which never
+removes the `best` checkpoint. A crash at any point leaves `latest` on the previous complete one.
+
+Learning rates are not saved (torchrec's KeyedOptimizer leaves param groups out): the trainer derives
+them from its config and the restored step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+
+from datapipes.schema import atomic_file
+
+LATEST, BEST = "latest", "best"
+PROGRESS_FILE = "progress.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# -- RNG -----------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """This process's torch (CPU and CUDA), numpy and Python RNG states, in torch.load-safe types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# -- pointers ------------------------------------------------------------------------------------
+
+
+def _step_of(path: Path) -> Optional[int]:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m and path.is_dir() else None
+
+
+def complete_checkpoints(ckpt_dir: Path | str) -> Dict[int, Path]:
+    """Complete checkpoints by step (renamed folders only; `.tmp` ones are never complete)."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return {}
+    found = [(_step_of(p), p) for p in root.iterdir()]
+    return dict(sorted((s, p) for s, p in found if s is not None and (p / PROGRESS_FILE).exists()))
+
+
+def _read_pointer(ckpt_dir: Path, name: str) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads((ckpt_dir / name).read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{ckpt_dir / name}: pointer file is not JSON") from None
+
+
+def _write_pointer(ckpt_dir: Path, name: str, payload: Dict[str, Any]) -> None:
+    with atomic_file(ckpt_dir / name) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _pointed(ckpt_dir: Path | str, name: str) -> Optional[Path]:
+    root = Path(ckpt_dir)
+    pointer = _read_pointer(root, name)
+    if pointer is None:
+        return None
+    path = root / pointer["checkpoint"]
+    return path if (path / PROGRESS_FILE).exists() else None
+
+
+def latest_checkpoint(ckpt_dir: Path | str) -> Optional[Path]:
+    """The newest complete checkpoint: the `latest` pointer, else (pointer lost) the highest step."""
+    pointed = _pointed(ckpt_dir, LATEST)
+    if pointed is not None:
+        return pointed
+    complete = complete_checkpoints(ckpt_dir)
+    return complete[max(complete)] if complete else None
+
+
+def best_checkpoint(ckpt_dir: Path | str) -> Optional[Path]:
+    return _pointed(ckpt_dir, BEST)
+
+
+# -- optimizer state -----------------------------------------------------------------------------
+
+
+def _leaf_optimizers(opt: KeyedOptimizer, prefix: str = "") -> Iterator[Tuple[str, KeyedOptimizer]]:
+    """(state_dict key prefix, optimizer) for every non-combined optimizer inside `opt`."""
+    if isinstance(opt, CombinedOptimizer):
+        for key, sub in opt.optimizers:
+            yield from _leaf_optimizers(sub, f"{prefix}{key}." if key else prefix)
+    else:
+        yield prefix, opt
+
+
+def _init_lazy_state(optimizer: KeyedOptimizer, saved_keys: Set[str]) -> None:
+    """Create the lazily allocated state (Adam moments) that the checkpoint holds, so DCP has
+    tensors to load into; without it that state would silently not load (torchrec-notes §6)."""
+    for prefix, opt in _leaf_optimizers(optimizer):
+        if opt.state or not opt.params:
+            continue
+        probe = f"optim.state.{prefix}{next(iter(opt.params))}."
+        if any(k.startswith(probe) for k in saved_keys):
+            opt.init_state()  # one zero-grad step: moves params, but the load overwrites them
+            opt.zero_grad(set_to_none=True)
+
+
+# -- manager -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Restored:
+    path: Path
+    progress: Dict[str, Any]  # what `save` was given, plus "step" and "world_size"
+    rank_state: Optional[Dict[str, Any]]  # this rank's own state; None if the world size changed
+
+
+class CheckpointManager:
+    """Save and restore model, optimizer and progress under `ckpt_dir`; every rank calls every method.
+
+    `keep_last` complete checkpoints are kept (plus `best`); `mode` says whether a higher ("max") or
+    lower ("min") metric is better. `skip_prefixes` leaves model state_dict keys out of checkpoints
+    (e.g. frozen feature tables that are reloaded from their source anyway).
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: Path | str,
+        keep_last: int = 3,
+        mode: str = "max",
+        pg: Optional[dist.ProcessGroup] = None,
+        skip_prefixes: Sequence[str] = (),
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.dir = Path(ckpt_dir)
+        self.keep_last = keep_last
+        self.mode = mode
+        self.pg = pg
+        self.skip_prefixes = tuple(skip_prefixes)
+
+    # -- helpers --
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.pg) if dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.pg) if dist.is_initialized() else 1
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier(group=self.pg)
+
+    def _state(self, model: nn.Module, optimizer: Optional[KeyedOptimizer]) -> Dict[str, Any]:
+        model_state = {k: v for k, v in model.state_dict().items() if not k.startswith(self.skip_prefixes)}
+        state: Dict[str, Any] = {"model": model_state}
+        if optimizer is not None:
+            state["optim"] = optimizer.state_dict()
+        return state
+
+    def _better(self, metric: float) -> bool:
+        best = _read_pointer(self.dir, BEST)
+        if best is None or not (self.dir / best["checkpoint"]).is_dir():
+            return True
+        return metric > best["metric"] if self.mode == "max" else metric < best["metric"]
+
+    # -- save --
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: Optional[KeyedOptimizer],
+        progress: Optional[Mapping[str, Any]] = None,
+        rank_state: Optional[Mapping[str, Any]] = None,
+        metric: Optional[float] = None,
+    ) -> Path:
+        """Checkpoint as `step_<step>`. `progress` (JSON-able, rank 0's copy is kept: epoch, best
+        metric, ...) is global; `rank_state` (torch.load-safe: dicts, lists, numbers, tensors) and the
+        RNG states are this rank's. `metric` (global; rank 0's value is used) updates `best` when it
+        improves on it."""
+        tmp = self.dir / f"step_{step}.tmp"
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob("step_*.tmp"):
+                shutil.rmtree(stale)  # interrupted earlier saves (or a retry of this one)
+            tmp.mkdir()
+        self._barrier()
+        _write_tmp(tmp, self._state(model, optimizer), self.rank, {
+            "rng": capture_rng_state(), "user": dict(rank_state or {})})
+        if self.rank == 0:
+            payload = {"progress": dict(progress or {}), "step": step, "world_size": self.world_size}
+            (tmp / PROGRESS_FILE).write_text(json.dumps(payload))
+        self._barrier()  # every rank's files are in tmp before it becomes visible
+        if self.rank == 0:
+            _publish(self, tmp, step, metric)
+        self._barrier()
+        return self.dir / f"step_{step}"
+
+    def _retain(self) -> None:
+        protected = {_pointed(self.dir, BEST), _pointed(self.dir, LATEST)}
+        complete = complete_checkpoints(self.dir)
+        for s in list(complete)[: -self.keep_last]:
+            if complete[s] not in protected:
+                shutil.rmtree(complete[s])
+
+    # -- load --
+
+    def load(
+        self,
+        model: nn.Module,
+        optimizer: Optional[KeyedOptimizer] = None,
+        which: str | Path = LATEST,
+        restore_rng: bool = True,
+    ) -> Optional[Restored]:
+        """Load `which` ("latest", "best" or a checkpoint folder) into model (and optimizer) in place.
+
+        Returns None when there is nothing to resume from. Per-rank state (and RNG) comes back only when
+        the world size matches the saving run's; otherwise each rank would get another rank's data
+        position, so the caller must restart its data pipes from `progress` instead.
+        """
+        if which == LATEST:
+            path = latest_checkpoint(self.dir)
+        elif which == BEST:
+            path = best_checkpoint(self.dir)
+        else:
+            path = Path(which)
+            if not (path / PROGRESS_FILE).exists():
+                raise CheckpointError(f"{path}: not a complete checkpoint (no {PROGRESS_FILE})")
+        if path is None:
+            return None
+        saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        if optimizer is not None:
+            _init_lazy_state(optimizer, saved_keys)
+        state = self._state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path))
+        if self.skip_prefixes:
+            # Sharded collections insist on every key: the skipped ones keep their current values.
+            state["model"] = {**model.state_dict(), **state["model"]}
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optim"])
+        payload = json.loads((path / PROGRESS_FILE).read_text())
+        rank_state = None
+        rank_file = path / f"rank_{self.rank}.pt"
+        if payload["world_size"] == self.world_size and rank_file.exists():
+            saved = torch.load(rank_file, weights_only=True)
+            if restore_rng:
+                restore_rng_state(saved["rng"])
+            rank_state = saved["user"]
+        progress = dict(payload["progress"], step=payload["step"], world_size=payload["world_size"])
+        return Restored(path=path, progress=progress, rank_state=rank_state)
+
+
+def _write_tmp(tmp: Path, state: Dict[str, Any], rank: int, rank_state: Dict[str, Any]) -> None:
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(rank_state, tmp / f"rank_{rank}.pt")
+
+
+def _publish(manager: CheckpointManager, tmp: Path, step: int, metric: Optional[float]) -> None:
+    """Rank 0: make the tmp folder the checkpoint, then move the pointers. Order matters: a crash
+    before the rename leaves only a .tmp; after it, `latest` still names a complete checkpoint."""
+    final = manager.dir / f"step_{step}"
+    if final.exists():  # re-saving a step after a resume: `latest` falls back to a scan meanwhile
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(manager.dir)
+    _write_pointer(manager.dir, LATEST, {"checkpoint": final.name, "step": step})
+    if metric is not None and manager._better(metric):
+        _write_pointer(manager.dir, BEST, {"checkpoint": final.name, "step": step, "metric": float(metric)})
+    manager._retain()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
