@@ -38,6 +38,7 @@ class SeqBatch(Pipelineable):
     weight: torch.Tensor  # [B] float32: 1 for real rows, 0 for rows padded in so no rank is empty
     seen_offsets: Optional[torch.Tensor] = None  # [B+1] offsets into seen_values (eval only)
     seen_values: Optional[torch.Tensor] = None  # the user's whole history before the target
+    candidates: Optional[torch.Tensor] = None  # [C] item ids scored against every row (add_candidates)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "SeqBatch":
         def move(x):
@@ -123,3 +124,38 @@ def collate(
         seen_offsets=None if seen_offsets is None else torch.from_numpy(np.ascontiguousarray(seen_offsets, dtype=np.int64)),
         seen_values=None if seen_values is None else torch.from_numpy(np.ascontiguousarray(seen_values, dtype=np.int64)),
     )
+
+
+def candidates_key(table: str) -> str:
+    return f"{table}.candidates"
+
+
+def add_candidates(batch: SeqBatch, kjt_groups: Mapping[str, Sequence[str]], candidates: torch.Tensor) -> SeqBatch:
+    """Add a `<table>.candidates` feature holding `candidates` (item ids) to every table's KJT.
+
+    The ids sit in row 0 of the jagged feature (lengths [C, 0, ..., 0]), so the sharded lookup
+    fetches the candidate rows once per batch (the full catalogue for full-softmax training and
+    evaluation, a sample for sampled softmax) and gradients reach trainable tables through the same
+    all-to-all as the history rows.
+    """
+    b = batch.batch_size
+    cand_lengths = torch.zeros(b, dtype=torch.int64)
+    cand_lengths[0] = candidates.numel()
+    sparse: Dict[str, KeyedJaggedTensor] = {}
+    for group, tables in kjt_groups.items():
+        kjt = batch.sparse[group]
+        jts = kjt.to_dict()
+        keys: List[str] = []
+        vals: List[torch.Tensor] = []
+        lens: List[torch.Tensor] = []
+        for t in tables:
+            for key in (history_key(t), target_key(t)):
+                keys.append(key)
+                vals.append(jts[key].values())
+                lens.append(jts[key].lengths())
+            keys.append(candidates_key(t))
+            vals.append(candidates.to(torch.int64))
+            lens.append(cand_lengths)
+        sparse[group] = KeyedJaggedTensor(keys=keys, values=torch.cat(vals), lengths=torch.cat(lens))
+    rest = {f.name: getattr(batch, f.name) for f in fields(batch) if f.name not in ("sparse", "candidates")}
+    return SeqBatch(sparse=sparse, candidates=candidates.to(torch.int64), **rest)

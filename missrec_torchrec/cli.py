@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from datapipes.schema import DataError
+from missrec_torchrec.config import ConfigError
 
 
 def _add_prepare(sub) -> None:
@@ -87,6 +88,35 @@ def _inspect(args) -> None:
             )
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train MISSRec (single process, torchrun or TorchX)",
+        description="Train MISSRec under DistributedModelParallel. Overrides are section.key=value "
+        "(see configs/defaults.yaml for every key), e.g. train.epochs=3 model.use_id=true.",
+    )
+    p.add_argument("--config", default="ml100k", help="preset name in configs/ or a YAML path (default ml100k)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model, print the sharding plan and parameter counts, and exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: plan for this many ranks (default: $WORLD_SIZE or 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest checkpoint of checkpoint.run_dir (set it with checkpoint.run_dir=DIR)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint with full ranking",
+        description="Reload a checkpoint (a run folder, its checkpoints/ folder or one step_N folder; "
+        "the best one by default) and evaluate a split with full ranking over the catalogue.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="run folder or checkpoint folder")
+    p.add_argument("--split", default="test", choices=["valid", "test"], help="split to evaluate (default test)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (e.g. eval.mask_history=true)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="missrec",
@@ -96,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_features(sub)
     _add_inspect(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
     return parser
 
 
@@ -115,7 +147,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             features.run(args)
         elif args.command == "inspect":
             _inspect(args)
-    except DataError as e:
+        elif args.command == "train":
+            from missrec_torchrec import trainer
+            from missrec_torchrec.config import load_config
+
+            overrides = list(args.overrides)
+            if args.resume:
+                overrides.append("checkpoint.resume=true")
+            cfg = load_config(args.config, overrides)
+            if args.resume and not cfg["checkpoint"]["run_dir"]:
+                raise ConfigError("--resume needs checkpoint.run_dir=DIR (the run folder to continue)")
+            if args.dry_run:
+                trainer.dry_run(cfg, args.world_size)
+            else:
+                trainer.train(cfg)
+        elif args.command == "evaluate":
+            from missrec_torchrec import trainer
+
+            trainer.evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
+    except (DataError, ConfigError) as e:
         print(f"missrec {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

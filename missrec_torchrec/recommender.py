@@ -1,0 +1,267 @@
+"""MISSRec as a TorchRec model: sharded embedding collections around the dense MISSRec core.
+
+Item side: one frozen `EmbeddingCollection` per feature dim holds the modality tables (MiniLM / CLIP
+vectors, never trained); the optional item-ID table (transductive mode) has its own trainable
+collection. Every table serves three features of the batch (`datapipes.batch`): the history, the
+targets and the candidates (all items for full softmax and evaluation, a sample for sampled
+softmax, none in pre-training).
+
+`MISSRecModel.forward` only routes the batch's KJTs into the collections and hands the results to
+`MISSRecHead`, which holds no sharded module: TrainPipelineSparseDist's tracer treats it as a leaf,
+so MISSRec's data-dependent logic stays out of FX tracing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from datapipes.batch import PAD, SeqBatch, candidates_key, history_key, target_key
+from missrec_torchrec.model import losses
+from missrec_torchrec.model.config import ModelConfig
+from missrec_torchrec.model.core import MISSRecCore
+from missrec_torchrec.model.interest import interest_tokens, num_clusters
+
+ID_TABLE = "item_id"
+ID_GROUP = "ids"
+AUG_TABLE = "text_aug"  # word-dropped text (.feat2CLS): pre-training's feature-swap augmentation
+LOSSES = ("full_softmax", "sampled_softmax")
+MODES = ("finetune", "pretrain")
+
+
+def feature_group(dim: int) -> str:
+    return f"features{dim}"
+
+
+def table_features(table: str) -> List[str]:
+    return [history_key(table), target_key(table), candidates_key(table)]
+
+
+def dense_history(jt: JaggedTensor, max_len: int) -> torch.Tensor:
+    """Jagged rows of [len_b, dim] -> B x max_len x dim, left-aligned, zero-padded (FBGEMM kernel)."""
+    return torch.ops.fbgemm.jagged_to_padded_dense(jt.values(), [jt.offsets()], [max_len], 0.0)
+
+
+def _materialise(outputs) -> Dict[str, JaggedTensor]:
+    merged: Dict[str, JaggedTensor] = {}
+    for out in outputs:
+        if hasattr(out, "wait"):  # sharded collections may return awaitables
+            out = out.wait()
+        merged.update(out)
+    return merged
+
+
+class MISSRecHead(nn.Module):
+    """Everything between the embedding lookups and the loss: adapters, interest tokens,
+    encoder-decoder, dynamic-fusion scoring and the training objectives."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        modality_dims: Mapping[str, int],
+        num_items: int,
+        mode: str = "finetune",
+        loss: str = "full_softmax",
+        use_aug: bool = False,
+        cluster_points: Optional[int] = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"train.mode {mode!r} is not one of {MODES}")
+        if loss not in LOSSES:
+            raise ValueError(f"train.loss {loss!r} is not one of {LOSSES}")
+        self.config = config
+        self.core = MISSRecCore(config, modality_dims, num_items=num_items)
+        self.modalities = list(modality_dims)
+        self.num_items = num_items
+        self.mode = mode
+        self.loss = loss
+        self.use_aug = use_aug
+        # Interest state: K is fixed by the catalogue, so checkpoints always have the same shapes.
+        # `cluster_points` = the item vectors that enter k-means (present ones when masking).
+        points = cluster_points if cluster_points is not None else num_items * len(self.modalities)
+        self.num_clusters = num_clusters(config.interest_ratio, points, config.interest_cap)
+        self.register_buffer("centroids", torch.zeros(self.num_clusters + 1, config.hidden))
+        for m in self.modalities:
+            self.register_buffer(f"assign_{m}", torch.zeros(num_items, dtype=torch.int64))
+            # Replicated presence flags (one byte per item and modality), set from the dataset.
+            self.register_buffer(f"present_{m}", torch.ones(num_items, dtype=torch.bool), persistent=False)
+        self.aug_generator: Optional[torch.Generator] = None
+
+    def assignments(self) -> Dict[str, torch.Tensor]:
+        return {m: getattr(self, f"assign_{m}") for m in self.modalities}
+
+    def presence(self) -> Dict[str, torch.Tensor]:
+        return {m: getattr(self, f"present_{m}") for m in self.modalities}
+
+    def _present_at(self, ids: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        safe = ids.clamp(min=0)
+        out = {}
+        for m, p in self.presence().items():
+            out[m] = p[safe] if valid is None else p[safe] & valid
+        return out
+
+    def encode(self, history: torch.Tensor, adapted: Dict[str, torch.Tensor], hist_id: Optional[torch.Tensor]):
+        valid = history != PAD
+        tokens = interest_tokens(history, self.assignments(), keep_zero=self.config.interest_keep_zero)
+        return self.core.encode(
+            adapted, valid, tokens, self.centroids, id_emb=hist_id, present=self._present_at(history, valid)
+        )
+
+    def forward(
+        self,
+        batch: SeqBatch,
+        feature_outputs: Sequence,
+        id_outputs: Sequence,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        feats = _materialise(feature_outputs)
+        ids = _materialise(id_outputs)
+        cfg = self.config
+        max_len = batch.history.shape[1]
+        # Frozen tables: detached, so no backward runs into their kernels at all.
+        hist_raw = {m: dense_history(feats[history_key(m)], max_len).detach() for m in self.modalities}
+        hist_id = dense_history(ids[history_key(ID_TABLE)], max_len) if cfg.use_id else None
+        adapted = self.core.adapt(hist_raw)
+        u, memory, memory_mask = self.encode(batch.history, adapted, hist_id)
+        reg = self.core.regulariser(memory, memory_mask)
+        out: Dict[str, torch.Tensor] = {"user": u}
+
+        if not self.training or self.mode == "finetune":
+            cands = batch.candidates
+            cand_raw = {m: feats[candidates_key(m)].values().detach() for m in self.modalities}
+            cand_id = ids[candidates_key(ID_TABLE)].values() if cfg.use_id else None
+            scores = self.core.score(
+                u, self.core.adapt(cand_raw), cand_id, present=self._present_at(cands), item_index=cands
+            )
+            if not self.training:
+                out["scores"] = scores
+                loss = reg.detach() * 0
+                out["loss"] = loss
+                return loss, out
+            if self.loss == "full_softmax":
+                # Candidates are the catalogue in index order: the target index is the column.
+                main = losses.full_softmax_ce(scores, batch.target, cfg.temperature, batch.weight)
+            else:
+                tgt_raw = {m: feats[target_key(m)].values().detach().unsqueeze(1) for m in self.modalities}
+                tgt_id = ids[target_key(ID_TABLE)].values().unsqueeze(1) if cfg.use_id else None
+                pos = self.core.score_pairs(
+                    u,
+                    self.core.adapt(tgt_raw),
+                    tgt_id,
+                    present={m: p.unsqueeze(1) for m, p in self._present_at(batch.target).items()},
+                    item_index=batch.target.unsqueeze(1),
+                ).squeeze(1)
+                neg_logq = losses.expected_logq(cands, cands.numel(), self.num_items)
+                main = losses.sampled_softmax(
+                    pos, scores, batch.target, cands, cfg.temperature, neg_logq=neg_logq, weight=batch.weight
+                )
+            loss = main + cfg.gamma * reg
+            out.update(loss=loss.detach(), main=main.detach(), reg=reg.detach())
+            return loss, out
+
+        # Pre-training: in-batch seq->item InfoNCE + lambda seq->augmented-seq + gamma regulariser.
+        tgt_raw = {m: feats[target_key(m)].values().detach() for m in self.modalities}
+        tgt_id = ids[target_key(ID_TABLE)].values() if cfg.use_id else None
+        scores = self.core.score(
+            u, self.core.adapt(tgt_raw), tgt_id, present=self._present_at(batch.target), item_index=batch.target
+        )
+        l_si = losses.seq_item_infonce(
+            scores, cfg.temperature, batch.target if cfg.mask_duplicate_targets else None, batch.weight
+        )
+        u_aug, mem_aug, mask_aug = self._augmented(batch, feats, hist_raw, adapted, hist_id)
+        l_ss = losses.seq_seq_infonce(u, u_aug, cfg.temperature, batch.weight)
+        reg_aug = self.core.regulariser(mem_aug, mask_aug)
+        loss = l_si + cfg.lambda_ss * l_ss + cfg.gamma * (reg + reg_aug)
+        out.update(loss=loss.detach(), main=l_si.detach(), seq_seq=l_ss.detach(), reg=reg.detach())
+        return loss, out
+
+    def _augmented(self, batch, feats, hist_raw, adapted, hist_id):
+        cfg = self.config
+        gen = self.aug_generator
+        swap_possible = self.use_aug and "text" in self.modalities
+        if not swap_possible or losses.use_item_drop(cfg.item_drop_coefficient, gen):
+            valid = batch.history != PAD
+            comp = losses.item_drop(valid, cfg.item_drop_prob, gen)
+            history = comp.apply(batch.history, PAD)
+            adapted2 = {m: comp.apply(v) for m, v in adapted.items()}
+            id2 = comp.apply(hist_id) if hist_id is not None else None
+            return self.encode(history, adapted2, id2)
+        max_len = batch.history.shape[1]
+        alt = dense_history(feats[history_key(AUG_TABLE)], max_len).detach()
+        raw = dict(hist_raw)
+        raw["text"] = losses.feature_swap(hist_raw["text"], alt, cfg.feature_swap_prob, gen)
+        return self.encode(batch.history, self.core.adapt(raw), hist_id)
+
+
+class MISSRecModel(nn.Module):
+    """The TorchRec module that DistributedModelParallel shards."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        modality_dims: Mapping[str, int],
+        num_items: int,
+        mode: str = "finetune",
+        loss: str = "full_softmax",
+        aug_dim: Optional[int] = None,
+        cluster_points: Optional[int] = None,
+        table_device: torch.device = torch.device("meta"),
+    ):
+        super().__init__()
+        self.config = config
+        self.num_items = num_items
+        tables_by_dim: Dict[int, List[Tuple[str, int]]] = defaultdict(list)
+        for m, dim in modality_dims.items():
+            tables_by_dim[dim].append((m, dim))
+        use_aug = aug_dim is not None and mode == "pretrain"
+        if use_aug:
+            tables_by_dim[aug_dim].append((AUG_TABLE, aug_dim))
+        self.frozen_tables = [t for group in tables_by_dim.values() for t, _ in group]
+        self.features = nn.ModuleDict(
+            {
+                feature_group(dim): EmbeddingCollection(
+                    tables=[
+                        EmbeddingConfig(name=t, embedding_dim=d, num_embeddings=num_items, feature_names=table_features(t))
+                        for t, d in group
+                    ],
+                    device=table_device,
+                )
+                for dim, group in sorted(tables_by_dim.items())
+            }
+        )
+        self.ids = nn.ModuleDict()
+        if config.use_id:
+            self.ids[ID_GROUP] = EmbeddingCollection(
+                tables=[
+                    EmbeddingConfig(
+                        name=ID_TABLE,
+                        embedding_dim=config.hidden,
+                        num_embeddings=num_items,
+                        feature_names=table_features(ID_TABLE),
+                    )
+                ],
+                device=table_device,
+            )
+        self.head = MISSRecHead(
+            config, modality_dims, num_items, mode=mode, loss=loss, use_aug=use_aug, cluster_points=cluster_points
+        )
+        # Which batch KJT feeds which collection (fixed before sharding replaces the collections).
+        self.kjt_groups: Dict[str, List[str]] = {
+            feature_group(dim): [t for t, _ in group] for dim, group in sorted(tables_by_dim.items())
+        }
+        if config.use_id:
+            self.kjt_groups[ID_GROUP] = [ID_TABLE]
+        self.table_dims: Dict[str, int] = {t: d for group in tables_by_dim.values() for t, d in group}
+        if config.use_id:
+            self.table_dims[ID_TABLE] = config.hidden
+
+    def forward(self, batch: SeqBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        feature_outputs = [ec(batch.sparse[g]) for g, ec in self.features.items()]
+        id_outputs = [ec(batch.sparse[g]) for g, ec in self.ids.items()]
+        return self.head(batch, feature_outputs, id_outputs)

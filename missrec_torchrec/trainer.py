@@ -1,0 +1,587 @@
+"""`missrec train` / `missrec evaluate`: MISSRec under DistributedModelParallel.
+
+One code path for 1 process, torchrun and TorchX; gloo on CPU, NCCL on GPU. Per epoch: interest
+discovery (k-means over the catalogue's adapted vectors, split across ranks), training steps driven
+by TrainPipelineSparseDist, validation with full ranking, a checkpoint, early stopping. At the end
+the best checkpoint is reloaded and the test split evaluated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from datapipes.batch import SeqBatch, add_candidates
+from datapipes.schema import DataError, DatasetInfo, atomic_file
+from datapipes.stream import SequenceStream, make_loader
+from missrec_torchrec import checkpoint as ckpt
+from missrec_torchrec import distributed as mdist
+from missrec_torchrec.config import dump_config
+from missrec_torchrec.metrics import RankingMetrics
+from missrec_torchrec.model.config import ModelConfig
+from missrec_torchrec.model.core import peft_trainable
+from missrec_torchrec.model.interest import discover_interests
+from missrec_torchrec.recommender import AUG_TABLE, MISSRecModel, candidates_key
+
+CORE_FILE = "core.pt"  # the dense core + its config, for fine-tuning on another catalogue
+
+
+def log0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data set-up
+
+
+def ensure_dataset(cfg: Dict[str, Any]) -> DatasetInfo:
+    """Prepare the dataset and its feature tables on rank 0 when missing; every rank then opens it."""
+    from missrec_torchrec.cli import main as cli_main
+
+    data = cfg["data"]
+    root = Path(data["dataset"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        if not root.exists():
+            if not data.get("prepare_source"):
+                raise DataError(f"{root}: dataset not found and data.prepare_source is null")
+            log0(f"preparing {root} from {data['prepare_source']}")
+            rc = cli_main(["prepare", data["prepare_source"], "--out", str(root), *map(str, data["prepare_args"])])
+            if rc:
+                raise DataError(f"{root}: `missrec prepare {data['prepare_source']}` failed")
+        have = DatasetInfo.open(root).modalities
+        for spec in data.get("features") or []:
+            if spec["modality"] not in have:
+                log0(f"computing {spec['modality']} features with {spec['encoder']}")
+                rc = cli_main(["features", str(root), "--modality", spec["modality"], "--encoder", spec["encoder"]])
+                if rc:
+                    raise DataError(f"{root}: `missrec features --modality {spec['modality']}` failed")
+    if dist.is_initialized():
+        dist.barrier()
+    info = DatasetInfo.open(root)
+    missing = [m for m in data["modalities"] if m not in info.modalities]
+    if missing:
+        raise DataError(f"{root}: no feature table for modalities {missing} (have {sorted(info.modalities)})")
+    return info
+
+
+def run_name(cfg: Dict[str, Any]) -> str:
+    m, t, d = cfg["model"], cfg["train"], cfg["data"]
+    parts = [
+        cfg["experiment"]["name"],
+        t["mode"],
+        "trans" if m["use_id"] else "induct",
+        "+".join(d["modalities"]) or "idonly",
+        f"d{m['hidden']}",
+        f"lr{t['lr']:g}",
+        f"b{d['batch_size']}",
+        f"s{cfg['experiment']['seed']}",
+    ]
+    if t.get("init_checkpoint"):
+        parts.append("peft" if t["peft"] else "ft")
+    return "-".join(parts) + time.strftime("-%Y%m%d-%H%M%S")
+
+
+def _broadcast(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Dict[str, Any], info: DatasetInfo) -> MISSRecModel:
+    """The unsharded model (tables on the meta device) for a config and a prepared dataset."""
+    mods = info.modalities
+    names = cfg["data"]["modalities"]
+    missing = [m for m in names if m not in mods]
+    if missing:
+        raise DataError(f"{info.root}: no feature table for modalities {missing} (have {sorted(mods)})")
+    model_cfg = ModelConfig.from_dict(cfg["model"])
+    t = cfg["train"]
+    aug_dim = mods[AUG_TABLE].dim if (t["mode"] == "pretrain" and AUG_TABLE in mods and "text" in names) else None
+    points = (
+        sum(mods[m].present for m in names) if model_cfg.mask_missing_modality else info.num_items * len(names)
+    )
+    return MISSRecModel(
+        model_cfg,
+        {m: mods[m].dim for m in names},
+        info.num_items,
+        mode=t["mode"],
+        loss=t["loss"],
+        aug_dim=aug_dim,
+        cluster_points=points,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, cfg: Dict[str, Any]):
+        self.cfg = cfg
+        self.rank, self.world, self.device, self.pg = mdist.init_distributed()
+        seed_everything(cfg["experiment"]["seed"])
+        self.info = ensure_dataset(cfg)
+        self.num_items = self.info.num_items
+        d, t = cfg["data"], cfg["train"]
+        self.model_cfg = ModelConfig.from_dict(cfg["model"])
+        # Same seed on every rank: identical dense initialisation (DDP also broadcasts rank 0's).
+        self.model = build_model(cfg, self.info)
+        self.modality_dims = {m: self.info.modalities[m].dim for m in d["modalities"]}
+        if t.get("init_checkpoint"):
+            self._load_core(Path(t["init_checkpoint"]))
+            if t["peft"]:
+                peft_trainable(self.model.head.core)
+        self.run_dir = self._make_run_dir()
+        self.dmp = mdist.plan_and_shard(
+            self.model,
+            sharding_type=t["sharding"],
+            frozen_tables=self.model.frozen_tables,
+            trainable_fused=(t["sparse_optimizer"], {"lr": t["sparse_lr"]}),
+            pg=self.pg,
+            device=self.device,
+        )
+        self.head = self.dmp.module.head if hasattr(self.dmp.module, "head") else self.model.head
+        self._load_frozen_tables()
+        self.optimizer = mdist.build_optimizer(
+            self.dmp,
+            frozen_tables=self.model.frozen_tables,
+            dense_kwargs={"lr": t["lr"], "weight_decay": t["weight_decay"]},
+        )
+        # Dropout and augmentation differ per rank; data order comes from the streams' own seeds.
+        torch.manual_seed(cfg["experiment"]["seed"] * 1000 + self.rank)
+        self.kjt_groups = self.model.kjt_groups
+        self.all_items = torch.arange(self.num_items, dtype=torch.int64)
+        self.writer = None
+        if self.rank == 0 and cfg["log"]["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        # Frozen feature tables are reloaded from the dataset, so checkpoints leave them out.
+        frozen_keys = tuple(k for k in self.dmp.state_dict()
+                            if any(f".{m}." in k for m in self.model.frozen_tables) and k.startswith("features."))
+        self.ckpt = ckpt.CheckpointManager(self.ckpt_dir, keep_last=cfg["checkpoint"]["keep"], mode="max",
+                                           pg=self.pg, skip_prefixes=frozen_keys)
+
+    # -- set-up helpers ------------------------------------------------------------------------
+
+    def _make_run_dir(self) -> Path:
+        c = self.cfg["checkpoint"]
+        name = c["run_dir"] or str(Path(self.cfg["experiment"]["out_dir"]) / run_name(self.cfg))
+        run_dir = Path(_broadcast(name))
+        if self.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        return run_dir
+
+    def _load_core(self, path: Path) -> None:
+        core_file = path / CORE_FILE if path.is_dir() else path
+        if not core_file.is_file():
+            raise DataError(f"{core_file}: no {CORE_FILE} in the init checkpoint")
+        saved = torch.load(core_file, map_location="cpu", weights_only=True)
+        dims = saved["modality_dims"]
+        if dims != self.modality_dims:
+            raise DataError(f"{core_file}: checkpoint modalities {dims} differ from this run's {self.modality_dims}")
+        missing, unexpected = self.model.head.core.load_state_dict(saved["core"], strict=False)
+        bad = [k for k in missing + unexpected if not k.startswith("fusion_alpha")]
+        if bad:
+            raise DataError(f"{core_file}: core weights do not match this model ({bad[:4]} ...)")
+        log0(f"loaded the pre-trained core from {core_file}")
+
+    def _load_frozen_tables(self) -> None:
+        for m in self.model.frozen_tables:
+            vectors, present = self.info.load_features(m)
+            mdist.load_table_rows(self.dmp, m, vectors)
+            if m in self.modality_dims:
+                getattr(self.head, f"present_{m}").copy_(torch.from_numpy(present))
+
+    def _stream(self, split: str) -> SequenceStream:
+        d = self.cfg["data"]
+        train = split == "train"
+        return SequenceStream(
+            self.info.root,
+            split=split,
+            batch_size=d["batch_size"] if train else d["eval_batch_size"],
+            max_len=self.model_cfg.max_len,
+            kjt_groups=self.kjt_groups,
+            rank=self.rank,
+            world_size=self.world,
+            seed=self.cfg["experiment"]["seed"],
+            shuffle_buffer=d["shuffle_buffer"],
+            prefix_sample=d["prefix_sample"] if train else 1.0,
+            with_seen=(not train) and self.cfg["eval"]["mask_history"],
+            steps_per_epoch=self.cfg["train"]["max_steps_per_epoch"] if train else None,
+            num_workers=d["num_workers"] if train else 0,
+        )
+
+    def _candidates(self) -> torch.Tensor:
+        t = self.cfg["train"]
+        if t["mode"] == "pretrain":
+            return self.all_items[:0]
+        if t["loss"] == "sampled_softmax":
+            return torch.randint(self.num_items, (t["num_negatives"],))
+        return self.all_items
+
+    def _with_candidates(self, batches, candidates_fn) -> Iterator[SeqBatch]:
+        for batch in batches:
+            yield add_candidates(batch, self.kjt_groups, candidates_fn())
+
+    # -- interest discovery --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def recluster(self, epoch: int, position: int = 0) -> Dict[str, float]:
+        """k-means over the catalogue's adapted modality vectors; each rank clusters its item slice."""
+        t0 = time.time()
+        head, core = self.head, self.head.core
+        was_training = core.training
+        core.eval()
+        lo = self.rank * self.num_items // self.world
+        hi = (self.rank + 1) * self.num_items // self.world
+        ids = self.all_items[lo:hi].to(self.device)
+        points, present = {}, {}
+        for m in head.modalities:
+            ec = self._ec_of(m)
+            raw = mdist.lookup_rows(ec, candidates_key(m), ids, pg=self.pg)
+            points[m] = core.adapt({m: raw})[m].float()
+            present[m] = getattr(head, f"present_{m}")[lo:hi]
+        gen = torch.Generator().manual_seed(self.cfg["experiment"]["seed"] + 1_000_003 * epoch + position)
+        table, local = discover_interests(
+            points, self.model_cfg, present, generator=gen, group=self.pg, k=head.num_clusters
+        )
+        head.centroids.copy_(table)
+        for m, assign_local in local.items():
+            full = self._gather_slices(assign_local, lo, hi)
+            getattr(head, f"assign_{m}").copy_(full)
+        core.train(was_training)
+        sizes = torch.zeros(head.num_clusters + 1, dtype=torch.int64)
+        for m in head.modalities:
+            sizes += torch.bincount(getattr(head, f"assign_{m}").cpu(), minlength=head.num_clusters + 1)
+        used = sizes[1:]
+        stats = {
+            "clusters": float(head.num_clusters),
+            "clusters_used": float((used > 0).sum()),
+            "largest_cluster": float(used.max()),
+            "seconds": time.time() - t0,
+        }
+        return stats
+
+    def _ec_of(self, table: str):
+        for g, ec in self.dmp.module.features.items():
+            if table in self.kjt_groups[g]:
+                return ec
+        raise KeyError(table)
+
+    def _gather_slices(self, local: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        if self.world == 1:
+            return local.cpu()
+        size = -(-self.num_items // self.world) + 1
+        padded = torch.zeros(size, dtype=local.dtype, device=local.device)
+        padded[: local.numel()] = local
+        gathered = [torch.zeros_like(padded) for _ in range(self.world)]
+        dist.all_gather(gathered, padded, group=self.pg)
+        parts = []
+        for r, g in enumerate(gathered):
+            rlo, rhi = r * self.num_items // self.world, (r + 1) * self.num_items // self.world
+            parts.append(g[: rhi - rlo])
+        return torch.cat(parts).cpu()
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, progress: Dict[str, Any]) -> Dict[str, float]:
+        """One epoch from `progress["skip_batches"]` on. With checkpoint.every_steps > 0 the epoch runs
+        in segments, each drained by its own pipeline and followed by a checkpoint holding the
+        data-pipe position, so a killed run resumes mid-epoch on exactly the same batches."""
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        skip = int(progress.get("skip_batches", 0))
+        stream = self._stream("train")
+        stream.set_epoch(epoch)
+        if skip:
+            stream.load_state_dict({"epoch": epoch, "batches": skip})
+        steps = len(stream) - skip
+        batches = self._with_candidates(iter(make_loader(stream)), self._candidates)
+        self.dmp.train()
+        self.head.aug_generator = None
+        bar = None
+        if self.rank == 0 and self.cfg["log"]["progress"]:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
+        every = max(1, int(self.cfg["log"]["every"]))
+        ckpt_every = int(self.cfg["checkpoint"]["every_steps"] or 0)
+        recluster_every = int(self.cfg["train"]["recluster_every"] or 0)
+        totals = {"loss": 0.0, "main": 0.0, "reg": 0.0}
+        done = 0
+        t0 = time.time()
+        rows = self.cfg["data"]["batch_size"] * self.world
+        while done < steps:
+            # A segment ends where the next checkpoint or re-clustering is due (positions in the epoch).
+            n = steps - done
+            for period in (ckpt_every, recluster_every):
+                if period:
+                    n = min(n, period - (skip + done) % period)
+            pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
+            part = itertools.islice(batches, n)
+            while True:
+                try:
+                    out = pipeline.progress(part)
+                except StopIteration:
+                    break
+                done += 1
+                progress["step"] += 1
+                step = progress["step"]
+                for k in totals:
+                    if k in out:
+                        totals[k] += float(out[k])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(out['loss']):.4f}")
+                if self.writer is not None and step % every == 0:
+                    self.writer.add_scalar("train/loss", float(out["loss"]), step)
+                    self.writer.add_scalar("train/main", float(out.get("main", out["loss"])), step)
+                    self.writer.add_scalar("train/regulariser", float(out.get("reg", 0.0)), step)
+                    self.writer.add_scalar("train/lr", self.cfg["train"]["lr"], step)
+                    self.writer.add_scalar("train/samples_per_s", done * rows / max(time.time() - t0, 1e-9), step)
+                self._maybe_fail(step)
+            pipeline.detach()
+            position = skip + done
+            if done < steps:
+                if recluster_every and position % recluster_every == 0:
+                    progress["interest"] = self.recluster(epoch, position)
+                    self._log_interest(progress["interest"], progress["step"])
+                if ckpt_every and position % ckpt_every == 0:
+                    progress["skip_batches"] = position
+                    self.save(progress)
+        progress["skip_batches"] = 0
+        if bar is not None:
+            bar.close()
+        seconds = time.time() - t0
+        stats = {k: v / max(done, 1) for k, v in totals.items()}
+        stats.update(steps=done, seconds=seconds, samples_per_s=done * rows / max(seconds, 1e-9))
+        return stats
+
+    def _maybe_fail(self, step: int) -> None:
+        # Test hook: simulates a crash at a given step so kill-and-resume can be tested end to end.
+        fail_at = os.environ.get("MISSREC_FAIL_AT_STEP")
+        if fail_at and step == int(fail_at):
+            raise SystemExit(f"MISSREC_FAIL_AT_STEP={fail_at}: simulated crash")
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> Dict[str, float]:
+        ev = self.cfg["eval"]
+        metrics = RankingMetrics(ks=ev["ks"])
+        stream = self._stream(split)
+        self.dmp.eval()
+        for batch in self._with_candidates(stream, lambda: self.all_items):
+            batch = batch.to(self.device)
+            _, out = self.dmp(batch)
+            metrics.update(
+                out["scores"],
+                batch.target,
+                weight=batch.weight,
+                exclude_offsets=batch.seen_offsets if ev["mask_history"] else None,
+                exclude_values=batch.seen_values if ev["mask_history"] else None,
+            )
+        self.dmp.train()
+        return metrics.compute(self.pg)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, progress: Dict[str, Any], metric: Optional[float] = None) -> Path:
+        path = self.ckpt.save(progress["step"], self.dmp, self.optimizer, progress=progress, metric=metric)
+        if self.rank == 0:
+            # The dense core alone, to initialise a run on another catalogue (train.init_checkpoint).
+            core = {"core": self.head.core.state_dict(), "modality_dims": self.modality_dims,
+                    "model": self.model_cfg.to_dict()}
+            with atomic_file(path / CORE_FILE) as tmp:
+                torch.save(core, tmp)
+        if dist.is_initialized():
+            dist.barrier(group=self.pg)
+        return path
+
+    def load(self, which: Any = "latest") -> Optional[Dict[str, Any]]:
+        restored = self.ckpt.load(self.dmp, self.optimizer, which=which)
+        if restored is None:
+            return None
+        return dict(restored.progress, path=str(restored.path))
+
+    # -- the whole run -------------------------------------------------------------------------
+
+    def fit(self) -> Dict[str, Any]:
+        t, ev = self.cfg["train"], self.cfg["eval"]
+        metric = ev["metric"]
+        progress: Dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0,
+                                    "skip_batches": 0, "history": [], "interest": {}}
+        if self.cfg["checkpoint"]["resume"]:
+            restored = self.load("latest")
+            if restored is not None:
+                progress.update({k: v for k, v in restored.items() if k in progress})
+                log0(f"resumed from {restored['path']} (epoch {progress['epoch']}, step {progress['step']}, "
+                     f"batch {progress['skip_batches']} of the epoch)")
+        while progress["epoch"] < t["epochs"]:
+            epoch = progress["epoch"]
+            if not progress["skip_batches"]:
+                progress["interest"] = self.recluster(epoch)
+                self._log_interest(progress["interest"], progress["step"])
+            stats = self.train_epoch(epoch, progress)
+            row: Dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
+            row.update({f"interest/{k}": v for k, v in progress.get("interest", {}).items()})
+            value = None
+            if (epoch + 1) % ev["every"] == 0 or epoch + 1 == t["epochs"]:
+                valid = self.evaluate("valid")
+                row.update({f"valid/{k}": v for k, v in valid.items()})
+                value = valid[metric]
+                if progress["best"] is None or value > progress["best"]:
+                    progress.update(best=value, best_epoch=epoch, bad_epochs=0)
+                else:
+                    progress["bad_epochs"] += 1
+            progress["epoch"] = epoch + 1
+            progress["history"].append(row)
+            self.save(progress, metric=value)
+            self._log_epoch(row)
+            if progress["bad_epochs"] >= ev["patience"]:
+                log0(f"early stop: no {metric} improvement for {ev['patience']} validations")
+                break
+        if self.load("best") is None:
+            log0("no validated checkpoint: testing the last weights")
+        test = self.evaluate("test")
+        self._write_fingerprint()
+        result = {
+            "run_dir": str(self.run_dir),
+            "best_epoch": progress["best_epoch"],
+            f"best_valid_{metric}": progress["best"],
+            "test": test,
+            "history": progress["history"],
+        }
+        if self.rank == 0:
+            with atomic_file(self.run_dir / "results.json") as tmp:
+                Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+            if self.writer is not None:
+                hparams = {
+                    "mode": t["mode"], "use_id": self.model_cfg.use_id, "hidden": self.model_cfg.hidden,
+                    "lr": t["lr"], "batch_size": self.cfg["data"]["batch_size"],
+                    "modalities": "+".join(self.modality_dims), "world_size": self.world,
+                }
+                self.writer.add_hparams(hparams, {f"hparam/test_{k}": v for k, v in test.items()})
+                self.writer.close()
+            log0("test " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(test.items())))
+        return result
+
+    @torch.no_grad()
+    def _write_fingerprint(self) -> None:
+        """Per rank: a hash of the dense weights and whether every frozen table still equals its
+        features. Ranks must agree (DDP) and frozen tables must never move; tests read these files."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.head.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        unchanged = True
+        for m in self.model.frozen_tables:
+            rows = mdist.lookup_rows(self._ec_of(m), candidates_key(m), self.all_items.to(self.device), pg=self.pg)
+            unchanged &= bool(torch.equal(rows.cpu(), torch.from_numpy(self.info.load_features(m)[0])))
+        record = {"rank": self.rank, "dense": digest.hexdigest(), "frozen_tables_unchanged": unchanged}
+        (self.run_dir / f"fingerprint.rank{self.rank}.json").write_text(json.dumps(record) + "\n")
+
+    def _log_interest(self, stats: Dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in stats.items():
+                self.writer.add_scalar(f"interest/{k}", v, step)
+
+    def _log_epoch(self, row: Dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        epoch = row["epoch"]
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k if "/" in k else f"epoch/{k}", v, epoch)
+        shown = {k: v for k, v in row.items() if k.startswith("valid/") or k in ("train/loss", "train/samples_per_s")}
+        log0(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+
+
+def count_parameters(model: MISSRecModel) -> Dict[str, int]:
+    dense = sum(p.numel() for p in model.head.parameters())
+    trainable_dense = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
+    tables = {c.name: c.num_embeddings * c.embedding_dim
+              for group in (model.features, model.ids) for ec in group.values() for c in ec.embedding_configs()}
+    frozen = sum(v for k, v in tables.items() if k in model.frozen_tables)
+    trainable_tables = sum(v for k, v in tables.items() if k not in model.frozen_tables)
+    return {
+        "total": dense + frozen + trainable_tables,
+        "trainable": trainable_dense + trainable_tables,
+        "dense": dense,
+        "dense_trainable": trainable_dense,
+        "frozen_tables": frozen,
+        "trainable_tables": trainable_tables,
+    }
+
+
+def dry_run(cfg: Dict[str, Any], world_size: Optional[int] = None) -> Dict[str, Any]:
+    """Build the model, plan its sharding for `world_size` ranks, print plan and parameter counts."""
+    info = DatasetInfo.open(cfg["data"]["dataset"])
+    t = cfg["train"]
+    model = build_model(cfg, info)
+    dims = {m: info.modalities[m].dim for m in cfg["data"]["modalities"]}
+    if t.get("init_checkpoint") and t["peft"]:
+        peft_trainable(model.head.core)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    plan = mdist.plan_sharding(model, sharding_type=t["sharding"], world_size=world, compute_device="cpu")
+    counts = count_parameters(model)
+    print(f"dataset {info.root}: {info.num_items:,} items, modalities {dims}")
+    print(f"sharding plan for {world} rank(s):")
+    print(mdist.format_plan(plan))
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return counts
+
+
+def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    return Trainer(cfg).fit()
+
+
+def evaluate_checkpoint(checkpoint: Path, split: str = "test", overrides: Optional[List[str]] = None) -> Dict[str, float]:
+    """Evaluate a saved checkpoint (a `step_N` folder or a run's `checkpoints/` folder) on `split`."""
+    from missrec_torchrec.config import load_config
+
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "checkpoints").is_dir():
+        checkpoint = checkpoint / "checkpoints"
+    if checkpoint.name == "checkpoints":
+        found = ckpt.best_checkpoint(checkpoint) or ckpt.latest_checkpoint(checkpoint)
+        if found is None:
+            raise DataError(f"{checkpoint}: no complete checkpoint")
+        checkpoint = found
+    run_dir = checkpoint.parent.parent
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise DataError(f"{config_file}: missing; is {checkpoint} inside a run folder?")
+    cfg = load_config(config_file, overrides)
+    cfg["checkpoint"]["run_dir"] = str(run_dir)
+    cfg["log"]["tensorboard"] = False
+    trainer = Trainer(cfg)
+    trainer.load(checkpoint)
+    result = trainer.evaluate(split)
+    log0(f"{split} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())))
+    return result
