@@ -128,6 +128,23 @@ def best_checkpoint(ckpt_dir: Path | str) -> Optional[Path]:
     return _pointed(ckpt_dir, BEST)
 
 
+def resolve_checkpoint(path: Path | str) -> Path:
+    """A complete checkpoint folder from what users pass: a run folder, its `checkpoints/` folder
+    (the best checkpoint, else the latest), a `latest`/`best` pointer file, or a `step_N` folder."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name in (LATEST, BEST) and path.is_file():
+        found = _pointed(path.parent, path.name)
+    elif (path / PROGRESS_FILE).exists():
+        found = path
+    else:
+        found = best_checkpoint(path) or latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no complete checkpoint there")
+    return found
+
+
 # -- optimizer state -----------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ def _add_prepare(sub) -> None:
         sp.add_argument("--out", required=True, type=Path, help="output dataset folder (created atomically)")
         sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         module.add_arguments(sp)
+    p.set_defaults(run=_prepare)
 
 
 def _add_features(sub) -> None:
@@ -39,6 +40,7 @@ def _add_features(sub) -> None:
     p = sub.add_parser("features", help=features.HELP, description=features.HELP)
     p.add_argument("dataset", type=Path, help="prepared dataset folder")
     features.add_arguments(p)
+    p.set_defaults(run=_features)
 
 
 def _add_inspect(sub) -> None:
@@ -50,6 +52,7 @@ def _add_inspect(sub) -> None:
     p.add_argument("dataset", type=Path, help="prepared dataset folder")
     p.add_argument("--rows", type=int, default=3, help="example user rows to print (default 3)")
     p.add_argument("--json", action="store_true", help="print stats.json only, as JSON")
+    p.set_defaults(run=_inspect)
 
 
 def _inspect(args) -> None:
@@ -103,6 +106,7 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the latest checkpoint of checkpoint.run_dir (set it with checkpoint.run_dir=DIR)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(run=_train)
 
 
 def _add_evaluate(sub) -> None:
@@ -115,6 +119,66 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--checkpoint", required=True, type=Path, help="run folder or checkpoint folder")
     p.add_argument("--split", default="test", choices=["valid", "test"], help="split to evaluate (default test)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (e.g. eval.mask_history=true)")
+    p.set_defaults(run=_evaluate)
+
+
+def _prepare(args) -> None:
+    from datapipes.sources import prepare
+
+    stats = prepare(args.source, args)
+    print(f"wrote {args.out}: {stats['users']:,} users, {stats['items']:,} items, "
+          f"{stats['interactions']:,} interactions")
+
+
+def _features(args) -> None:
+    from datapipes import features
+
+    features.run(args)
+
+
+def _add_export_atomic(sub) -> None:
+    p = sub.add_parser(
+        "export-atomic",
+        help="write a prepared dataset in the MISSRec/UniSRec atomic format",
+        description="Write a prepared dataset as NAME.train/valid/test.inter plus NAME.feat1CLS (text), "
+        ".feat3CLS (image) and .feat2CLS (text_aug) float32 matrices, as the reference code reads them.",
+    )
+    p.add_argument("dataset", type=Path, help="prepared dataset folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created atomically)")
+    p.add_argument("--name", required=True, help="file name stem NAME of the atomic files")
+    p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the multi-domain pre-training layout (default: when the dataset has several domains)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=_export_atomic)
+
+
+def _export_atomic(args) -> None:
+    from datapipes.sources.atomic import write_atomic
+
+    out = write_atomic(args.dataset, args.out, args.name, pretrain=args.pretrain, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def _train(args) -> None:
+    from missrec_torchrec import trainer
+    from missrec_torchrec.config import load_config
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("checkpoint.resume=true")
+    cfg = load_config(args.config, overrides)
+    if args.resume and not cfg["checkpoint"]["run_dir"]:
+        raise ConfigError("--resume needs checkpoint.run_dir=DIR (the run folder to continue)")
+    if args.dry_run:
+        trainer.dry_run(cfg, args.world_size)
+    else:
+        trainer.train(cfg)
+
+
+def _evaluate(args) -> None:
+    from missrec_torchrec import trainer
+
+    trainer.evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_export_atomic(sub)
     return parser
 
 
@@ -135,36 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "prepare":
-            from datapipes.sources import prepare
-
-            stats = prepare(args.source, args)
-            print(f"wrote {args.out}: {stats['users']:,} users, {stats['items']:,} items, "
-                  f"{stats['interactions']:,} interactions")
-        elif args.command == "features":
-            from datapipes import features
-
-            features.run(args)
-        elif args.command == "inspect":
-            _inspect(args)
-        elif args.command == "train":
-            from missrec_torchrec import trainer
-            from missrec_torchrec.config import load_config
-
-            overrides = list(args.overrides)
-            if args.resume:
-                overrides.append("checkpoint.resume=true")
-            cfg = load_config(args.config, overrides)
-            if args.resume and not cfg["checkpoint"]["run_dir"]:
-                raise ConfigError("--resume needs checkpoint.run_dir=DIR (the run folder to continue)")
-            if args.dry_run:
-                trainer.dry_run(cfg, args.world_size)
-            else:
-                trainer.train(cfg)
-        elif args.command == "evaluate":
-            from missrec_torchrec import trainer
-
-            trainer.evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
+        args.run(args)
     except (DataError, ConfigError) as e:
         print(f"missrec {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -314,8 +314,10 @@ def test_atomic_import_streams_train_file_in_blocks(atomic_domains, tmp_path, mo
 def test_atomic_round_trip_is_byte_exact(atomic_domains, tmp_path):
     _, domains = atomic_domains
     folder, ds, _, _ = domains["Sci"]
-    write_atomic(ds, tmp_path / "Sci", "Sci")
+    assert main(["export-atomic", str(ds), "--out", str(tmp_path / "Sci"), "--name", "Sci"]) == 0
     same_files(folder, tmp_path / "Sci")
+    # An existing output folder is never overwritten without --overwrite.
+    assert main(["export-atomic", str(ds), "--out", str(tmp_path / "Sci"), "--name", "Sci"]) == 2
 
 
 def test_atomic_reads_shortest_prefix_first_order(atomic_domains, tmp_path):
