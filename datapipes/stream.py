@@ -3,6 +3,11 @@
 Training rows are never stored: a user with sequence ``items`` and split point ``train_end`` gives
 one row per prefix k in 1..train_end-1 (history ``items[max(0, k-L):k]``, target ``items[k]``),
 built on the fly from the Arrow list offsets and flat values with ragged-arange index arithmetic.
+With `windows` (one-pass causal training) a user gives one row per window of L targets instead: the
+row whose target is items[k] carries history items[k-L:k], and a causal model predicts each of its
+positions' next item, so the windows ending at train_end-1, train_end-1-L, ... cover every target once.
+With `length_buckets` the shuffle buffer batches rows of similar history length and each batch's
+dense history is only as wide as its longest row.
 
 Distribution. The file is cut into work units (a row group, or a contiguous slice of one when row
 groups are fewer than the data workers need). Each epoch every rank computes the same assignment of
@@ -38,7 +43,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from datapipes.batch import SeqBatch, collate
 from datapipes.schema import DataError, DatasetInfo
 
-SPLITS = ("train", "valid", "test")
+SPLITS = ("train", "valid", "test", "all")  # "all": whole sequences, no target (batch scoring)
 DEFAULT_KJT_GROUPS: Mapping[str, Sequence[str]] = {"item": ("item",)}
 UNITS_PER_WORKER = 4  # when row groups are scarce, cut slices so greedy balancing has room to work
 EXPAND_ROWS = 1 << 15  # training rows materialised at once, bounds memory for long sequences
@@ -109,10 +114,15 @@ class ShuffleBatcher:
     Rows beyond `capacity` leave the pool in a random order; `flush` (end of a pass over the
     worker's units) empties it. The remainder that does not fill a batch is carried into the very
     next batch, so a pass's rows all go out within ceil(rows / batch_size) batches.
+
+    `bucket`: the rows leaving together are sorted by history length before they are cut into
+    batches, and the batches go out in a random order, so each batch holds rows of similar length
+    (and pads little once collated to its own longest row). Ties keep the random order. Only the
+    batch that completes the previous pass's carry mixes lengths.
     """
 
-    def __init__(self, capacity: int, batch_size: int, rng: np.random.Generator):
-        self.capacity, self.batch_size, self.rng = capacity, batch_size, rng
+    def __init__(self, capacity: int, batch_size: int, rng: np.random.Generator, bucket: bool = False):
+        self.capacity, self.batch_size, self.rng, self.bucket = capacity, batch_size, rng, bucket
         self.pool = Rows.empty()
         self.carry = Rows.empty()
 
@@ -126,12 +136,28 @@ class ShuffleBatcher:
 
     def _emit(self, n: int) -> Iterator[Rows]:
         perm = self.rng.permutation(len(self.pool))
+        carried = len(self.carry)
         out = Rows.concat([self.carry, self.pool.take(perm[:n])])
         self.pool = self.pool.take(perm[n:])
         full = len(out) // self.batch_size * self.batch_size
-        self.carry = out.slice(full, len(out))
-        for lo in range(0, full, self.batch_size):
-            yield out.slice(lo, lo + self.batch_size)
+        rest = out.slice(full, len(out))
+        if self.bucket and len(self.pool) and (full or not carried):
+            # Mid-pass the remainder can wait in the pool, so that no batch mixes lengths; only a
+            # carry from the end of a pass must go out in the very next batch.
+            self.pool, self.carry = Rows.concat([self.pool, rest]), Rows.empty()
+        else:
+            self.carry = rest
+        if not self.bucket:
+            for lo in range(0, full, self.batch_size):
+                yield out.slice(lo, lo + self.batch_size)
+            return
+        head = self.batch_size if carried and full else 0  # the carry's batch goes first, unsorted
+        body = out.slice(head, full)
+        body = body.take(np.argsort(body.lengths, kind="stable"))
+        if head:
+            yield out.slice(0, head)
+        for lo in self.rng.permutation(np.arange(0, len(body), self.batch_size)):
+            yield body.slice(int(lo), int(lo) + self.batch_size)
 
 
 @dataclass
@@ -191,6 +217,7 @@ class SequenceStream(IterableDataset):
     `num_workers` must equal the data loader's worker count (`make_loader` keeps them equal): the
     work plan and the batch count depend on it. Dummy eval rows have ``user == -1``, ``weight == 0``,
     history ``[0]`` and target 0. `steps_per_epoch` (training only) fixes the batches per rank.
+`length_buckets` and `windows`: see the module docstring.
     """
 
     def __init__(
@@ -208,6 +235,8 @@ class SequenceStream(IterableDataset):
         with_seen: bool = False,
         steps_per_epoch: Optional[int] = None,
         num_workers: int = 0,
+        length_buckets: bool = False,
+        windows: bool = False,
     ):
         super().__init__()
         if split not in SPLITS:
@@ -230,6 +259,7 @@ class SequenceStream(IterableDataset):
         self.shuffle_buffer, self.prefix_sample = int(shuffle_buffer), float(prefix_sample)
         self.with_seen, self.steps_per_epoch = with_seen, steps_per_epoch
         self.num_workers = int(num_workers)
+        self.length_buckets, self.windows = bool(length_buckets), bool(windows)
         self.epoch = 0
         meta = pq.ParquetFile(self.path).metadata
         self.row_group_sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], np.int64)
@@ -257,7 +287,7 @@ class SequenceStream(IterableDataset):
     def _plan(self) -> List[Any]:
         """What the batch sequence depends on besides the epoch; a resume must match it."""
         return [self.split, self.rank, self.world_size, self.num_workers, self.seed, self.batch_size,
-                self.max_len, self.prefix_sample, self.steps_per_epoch]
+                self.max_len, self.prefix_sample, self.steps_per_epoch, self.length_buckets, self.windows]
 
     def state_dict(self) -> Dict[str, Any]:
         if self._resume is not None:
@@ -282,7 +312,7 @@ class SequenceStream(IterableDataset):
         if "plan" in state and list(state["plan"]) != self._plan():
             raise ValueError(
                 f"cannot resume: the state was saved for (split, rank, world_size, num_workers, seed, batch_size, "
-                f"max_len, prefix_sample, steps_per_epoch) = {state['plan']}, this stream has {self._plan()}"
+                f"max_len, prefix_sample, steps_per_epoch, length_buckets, windows) = {state['plan']}, this stream has {self._plan()}"
             )
         self.epoch = int(state["epoch"])
         scope = "worker" if get_worker_info() is not None else "rank"
@@ -334,8 +364,7 @@ class SequenceStream(IterableDataset):
         units: List[Unit] = []
         for rg, size in enumerate(self.row_group_sizes):
             train_end = pf.read_row_group(rg, columns=["train_end"]).column(0).to_numpy().astype(np.int64)
-            per_user = np.maximum(train_end - 1, 0)
-            cum = np.concatenate([[0], np.cumsum(per_user)])
+            cum = np.concatenate([[0], np.cumsum(self._rows_per_user(train_end))])
             cuts = np.unique(np.linspace(0, size, min(per_rg, size) + 1).astype(np.int64))
             for lo, hi in zip(cuts[:-1], cuts[1:]):
                 rows = int(cum[hi] - cum[lo])
@@ -377,17 +406,30 @@ class SequenceStream(IterableDataset):
         per_worker = int(max(-(-loads // self.batch_size)))
         return owner, [per_worker] * self._loader_workers()
 
+    def _rows_per_user(self, train_end: np.ndarray) -> np.ndarray:
+        """Training rows of each user: every prefix, or (windows) one per max_len targets."""
+        targets = np.maximum(train_end - 1, 0)
+        return -(-targets // self.max_len) if self.windows else targets
+
+    def _target_position(self, j: np.ndarray, train_end: np.ndarray) -> np.ndarray:
+        """The target position k of a user's j-th row (its history is items[max(0, k-max_len):k]).
+
+        Windows end at train_end-1, train_end-1-max_len, ...: a causal model reading a window's
+        history predicts every target in it once, and the windows together cover targets 1..train_end-1.
+        """
+        return train_end - 1 - j * self.max_len if self.windows else j + 1
+
     def _expand(self, unit_id: int, unit: Unit, epoch: int, pass_: int) -> Iterator[Rows]:
         """The unit's (sampled) training rows in a random order, EXPAND_ROWS at a time."""
         offsets, values, train_end, _, user_index = self._row_group(unit.row_group).users(unit.lo, unit.hi)
-        per_user = np.maximum(train_end - 1, 0)
+        per_user = self._rows_per_user(train_end)
         cum = np.cumsum(per_user)
         rng = np.random.default_rng([self.seed, epoch, unit_id, pass_, TAG_SAMPLE])
         picked = rng.permutation(unit.rows)[: unit.sampled]
         for lo in range(0, len(picked), EXPAND_ROWS):
             idx = picked[lo : lo + EXPAND_ROWS]
             u = np.searchsorted(cum, idx, side="right")  # row idx belongs to user u ...
-            k = idx - (cum[u] - per_user[u]) + 1  # ... as prefix k (target position)
+            k = self._target_position(idx - (cum[u] - per_user[u]), train_end[u])  # ... target items[k]
             target_pos = offsets[u] + k
             hist_len = np.minimum(k, self.max_len)
             yield Rows(
@@ -405,7 +447,7 @@ class SequenceStream(IterableDataset):
         mine = np.flatnonzero(owner == g)
         units = self.units()
         rng = np.random.default_rng([self.seed, epoch, g, TAG_SHUFFLE])
-        batcher = ShuffleBatcher(self.shuffle_buffer, self.batch_size, rng)
+        batcher = ShuffleBatcher(self.shuffle_buffer, self.batch_size, rng, bucket=self.length_buckets)
         emitted = 0
         pass_ = 0
         while emitted < quota:
@@ -436,7 +478,7 @@ class SequenceStream(IterableDataset):
 
     def _eval_rows_of(self, rg: int, lo: int, hi: int) -> Rows:
         offsets, values, train_end, valid_end, user_index = self._row_group(rg).users(lo, hi)
-        end = train_end if self.split == "valid" else valid_end
+        end = {"valid": train_end, "test": valid_end, "all": np.diff(offsets)}[self.split]
         if (end < 1).any():
             r = int(np.argmax(end < 1))
             raise DataError(
@@ -446,7 +488,8 @@ class SequenceStream(IterableDataset):
         rows = Rows(
             values=ragged_gather(values, offsets[:-1] + end - hist_len, hist_len),
             lengths=hist_len,
-            target=values[offsets[:-1] + end],
+            # "all" recommends the item after the whole sequence: none exists yet, item 0 stands in.
+            target=values[offsets[:-1] + end] if self.split != "all" else np.zeros(len(end), np.int64),
             user=user_index,
             weight=np.ones(len(end), dtype=np.float32),
         )
@@ -485,12 +528,17 @@ class SequenceStream(IterableDataset):
     # ------------------------------------------------------------------------------------------
     # Iteration
 
+    def _pad_to(self, rows: Rows) -> int:
+        # With length buckets the dense history is as wide as the batch's longest row: histories
+        # are left-aligned and padding is key-masked, so the model's outputs do not change.
+        return int(rows.lengths.max(initial=1)) if self.length_buckets else self.max_len
+
     def _collate(self, rows: Rows) -> SeqBatch:
         seen_offsets = None
         if rows.seen_lengths is not None:
             seen_offsets = np.concatenate([[0], np.cumsum(rows.seen_lengths)])
         return collate(
-            rows.values, rows.lengths, rows.target, rows.user, self.max_len, self.kjt_groups,
+            rows.values, rows.lengths, rows.target, rows.user, self._pad_to(rows), self.kjt_groups,
             weight=rows.weight, seen_offsets=seen_offsets, seen_values=rows.seen_values,
         )
 

@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
@@ -48,6 +49,14 @@ def dense_history(jt: JaggedTensor, max_len: int) -> torch.Tensor:
     return torch.ops.fbgemm.jagged_to_padded_dense(jt.values(), [jt.offsets()], [max_len], 0.0)
 
 
+def _next_items(seq: torch.Tensor, last_target: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """What each position of a left-aligned sequence (B x L x ...) predicts: the next position's
+    entry, and `last_target` (B x ...) at each row's last real position `last` (B)."""
+    nxt = torch.roll(seq, -1, dims=1)
+    nxt[torch.arange(seq.shape[0], device=seq.device), last] = last_target.to(seq.dtype)
+    return nxt
+
+
 def _materialise(outputs) -> Dict[str, JaggedTensor]:
     merged: Dict[str, JaggedTensor] = {}
     for out in outputs:
@@ -76,6 +85,8 @@ class MISSRecHead(nn.Module):
             raise ValueError(f"train.mode {mode!r} is not one of {MODES}")
         if loss not in LOSSES:
             raise ValueError(f"train.loss {loss!r} is not one of {LOSSES}")
+        if config.causal and mode != "finetune":
+            raise ValueError("model.causal trains with next-item targets: it needs train.mode=finetune")
         self.config = config
         self.core = MISSRecCore(config, modality_dims, num_items=num_items)
         self.modalities = list(modality_dims)
@@ -107,11 +118,28 @@ class MISSRecHead(nn.Module):
             out[m] = p[safe] if valid is None else p[safe] & valid
         return out
 
-    def encode(self, history: torch.Tensor, adapted: Dict[str, torch.Tensor], hist_id: Optional[torch.Tensor]):
+    def interests(self, history: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(interest tokens, first position of each) of left-aligned histories of any width."""
+        if self.config.interest_keep_zero and history.shape[1] < self.config.max_len:
+            # The reference pads to max_len, so every row shorter than that has the token 0; one
+            # pad column keeps that true for histories trimmed to the batch's longest row.
+            history = F.pad(history, (0, 1), value=PAD)
+        return interest_tokens(history, self.assignments(), keep_zero=self.config.interest_keep_zero, first=True)
+
+    def encode(
+        self,
+        history: torch.Tensor,
+        adapted: Dict[str, torch.Tensor],
+        hist_id: Optional[torch.Tensor],
+        all_positions: bool = False,
+    ):
+        """core.encode (or, with all_positions, core.encode_positions) of a batch's histories."""
         valid = history != PAD
-        tokens = interest_tokens(history, self.assignments(), keep_zero=self.config.interest_keep_zero)
-        return self.core.encode(
-            adapted, valid, tokens, self.centroids, id_emb=hist_id, present=self._present_at(history, valid)
+        tokens, first = self.interests(history)
+        fn = self.core.encode_positions if all_positions else self.core.encode
+        return fn(
+            adapted, valid, tokens, self.centroids, id_emb=hist_id, present=self._present_at(history, valid),
+            interest_first=first,
         )
 
     def forward(
@@ -128,39 +156,21 @@ class MISSRecHead(nn.Module):
         hist_raw = {m: dense_history(feats[history_key(m)], max_len).detach() for m in self.modalities}
         hist_id = dense_history(ids[history_key(ID_TABLE)], max_len) if cfg.use_id else None
         adapted = self.core.adapt(hist_raw)
+        if self.training and cfg.causal:
+            return self._causal_forward(batch, feats, ids, adapted, hist_id)
         u, memory, memory_mask = self.encode(batch.history, adapted, hist_id)
         reg = self.core.regulariser(memory, memory_mask)
         out: Dict[str, torch.Tensor] = {"user": u}
 
         if not self.training or self.mode == "finetune":
-            cands = batch.candidates
-            cand_raw = {m: feats[candidates_key(m)].values().detach() for m in self.modalities}
-            cand_id = ids[candidates_key(ID_TABLE)].values() if cfg.use_id else None
-            scores = self.core.score(
-                u, self.core.adapt(cand_raw), cand_id, present=self._present_at(cands), item_index=cands
-            )
+            scores = self._candidate_scores(u, batch, feats, ids)
             if not self.training:
                 out["scores"] = scores
                 loss = reg.detach() * 0
                 out["loss"] = loss
                 return loss, out
-            if self.loss == "full_softmax":
-                # Candidates are the catalogue in index order: the target index is the column.
-                main = losses.full_softmax_ce(scores, batch.target, cfg.temperature, batch.weight)
-            else:
-                tgt_raw = {m: feats[target_key(m)].values().detach().unsqueeze(1) for m in self.modalities}
-                tgt_id = ids[target_key(ID_TABLE)].values().unsqueeze(1) if cfg.use_id else None
-                pos = self.core.score_pairs(
-                    u,
-                    self.core.adapt(tgt_raw),
-                    tgt_id,
-                    present={m: p.unsqueeze(1) for m, p in self._present_at(batch.target).items()},
-                    item_index=batch.target.unsqueeze(1),
-                ).squeeze(1)
-                neg_logq = losses.expected_logq(cands, cands.numel(), self.num_items)
-                main = losses.sampled_softmax(
-                    pos, scores, batch.target, cands, cfg.temperature, neg_logq=neg_logq, weight=batch.weight
-                )
+            tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
+            main = self._finetune_main(u, scores, batch.candidates, batch.target, tgt_adapted, tgt_id, batch.weight)
             loss = main + cfg.gamma * reg
             out.update(loss=loss.detach(), main=main.detach(), reg=reg.detach())
             return loss, out
@@ -179,6 +189,57 @@ class MISSRecHead(nn.Module):
         reg_aug = self.core.regulariser(mem_aug, mask_aug)
         loss = l_si + cfg.lambda_ss * l_ss + cfg.gamma * (reg + reg_aug)
         out.update(loss=loss.detach(), main=l_si.detach(), seq_seq=l_ss.detach(), reg=reg.detach())
+        return loss, out
+
+    def _candidate_scores(self, u, batch, feats, ids) -> torch.Tensor:
+        cands = batch.candidates
+        cand_raw = {m: feats[candidates_key(m)].values().detach() for m in self.modalities}
+        cand_id = ids[candidates_key(ID_TABLE)].values() if self.config.use_id else None
+        return self.core.score(u, self.core.adapt(cand_raw), cand_id, present=self._present_at(cands), item_index=cands)
+
+    def _target_items(self, batch, feats, ids):
+        """(adapted target vectors per modality, target ID embeddings or None), B x D each."""
+        if self.loss == "full_softmax":
+            return None, None  # the target index is all full softmax needs
+        tgt_raw = {m: feats[target_key(m)].values().detach() for m in self.modalities}
+        tgt_id = ids[target_key(ID_TABLE)].values() if self.config.use_id else None
+        return self.core.adapt(tgt_raw), tgt_id
+
+    def _finetune_main(self, u, scores, cands, target, tgt_adapted, tgt_id, weight) -> torch.Tensor:
+        """Full softmax over the catalogue, or sampled softmax against the candidates (rows of u)."""
+        cfg = self.config
+        if self.loss == "full_softmax":
+            # Candidates are the catalogue in index order: the target index is the column.
+            return losses.full_softmax_ce(scores, target, cfg.temperature, weight)
+        pos = self.core.score_pairs(
+            u,
+            {m: v.unsqueeze(1) for m, v in tgt_adapted.items()},
+            tgt_id.unsqueeze(1) if tgt_id is not None else None,
+            present={m: p.unsqueeze(1) for m, p in self._present_at(target).items()},
+            item_index=target.unsqueeze(1),
+        ).squeeze(1)
+        neg_logq = losses.expected_logq(cands, cands.numel(), self.num_items)
+        return losses.sampled_softmax(pos, scores, target, cands, cfg.temperature, neg_logq=neg_logq, weight=weight)
+
+    def _causal_forward(self, batch, feats, ids, adapted, hist_id):
+        """One-pass causal training: every history position predicts the next item (its last
+        position the row's target), one loss term per position, as one prefix row each would."""
+        y, memory, memory_mask = self.encode(batch.history, adapted, hist_id, all_positions=True)
+        valid = batch.history != PAD
+        last = valid.sum(1) - 1
+        target = _next_items(batch.history, batch.target, last)[valid]
+        u = y[valid]
+        weight = batch.weight.unsqueeze(1).expand_as(valid)[valid]
+        scores = self._candidate_scores(u, batch, feats, ids)
+        tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
+        if tgt_adapted is not None:
+            tgt_adapted = {m: _next_items(adapted[m], v, last)[valid] for m, v in tgt_adapted.items()}
+            tgt_id = _next_items(hist_id, tgt_id, last)[valid] if tgt_id is not None else None
+        main = self._finetune_main(u, scores, batch.candidates, target, tgt_adapted, tgt_id, weight)
+        reg = self.core.regulariser(memory, memory_mask)
+        loss = main + self.config.gamma * reg
+        out = {"user": y[torch.arange(y.shape[0], device=y.device), last]}
+        out.update(loss=loss.detach(), main=main.detach(), reg=reg.detach())
         return loss, out
 
     def _augmented(self, batch, feats, hist_raw, adapted, hist_id):

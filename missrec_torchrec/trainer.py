@@ -135,7 +135,7 @@ def build_model(cfg: Dict[str, Any], info: DatasetInfo) -> MISSRecModel:
 
 
 class Trainer:
-    def __init__(self, cfg: Dict[str, Any]):
+    def __init__(self, cfg: Dict[str, Any], write_config: bool = True):
         self.cfg = cfg
         self.rank, self.world, self.device, self.pg = mdist.init_distributed()
         seed_everything(cfg["experiment"]["seed"])
@@ -150,7 +150,7 @@ class Trainer:
             self._load_core(Path(t["init_checkpoint"]))
             if t["peft"]:
                 peft_trainable(self.model.head.core)
-        self.run_dir = self._make_run_dir()
+        self.run_dir = self._make_run_dir(write_config)
         self.dmp = mdist.plan_and_shard(
             self.model,
             sharding_type=t["sharding"],
@@ -184,17 +184,17 @@ class Trainer:
 
     # -- set-up helpers ------------------------------------------------------------------------
 
-    def _make_run_dir(self) -> Path:
+    def _make_run_dir(self, write_config: bool) -> Path:
         c = self.cfg["checkpoint"]
         name = c["run_dir"] or str(Path(self.cfg["experiment"]["out_dir"]) / run_name(self.cfg))
         run_dir = Path(_broadcast(name))
-        if self.rank == 0:
+        if self.rank == 0 and write_config:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_config(self.cfg))
         return run_dir
 
     def _load_core(self, path: Path) -> None:
-        core_file = path / CORE_FILE if path.is_dir() else path
+        core_file = path if path.is_file() and path.name == CORE_FILE else resolve(path) / CORE_FILE
         if not core_file.is_file():
             raise DataError(f"{core_file}: no {CORE_FILE} in the init checkpoint")
         saved = torch.load(core_file, map_location="cpu", weights_only=True)
@@ -231,6 +231,9 @@ class Trainer:
             with_seen=(not train) and self.cfg["eval"]["mask_history"],
             steps_per_epoch=self.cfg["train"]["max_steps_per_epoch"] if train else None,
             num_workers=d["num_workers"] if train else 0,
+            # Fast modes: batches padded to their own longest history; causal = one row per window.
+            length_buckets=d["length_buckets"],
+            windows=train and self.model_cfg.causal,
         )
 
     def _candidates(self) -> torch.Tensor:
@@ -252,6 +255,8 @@ class Trainer:
         """k-means over the catalogue's adapted modality vectors; each rank clusters its item slice."""
         t0 = time.time()
         head, core = self.head, self.head.core
+        if not head.modalities:  # ID-only model: no modality vectors, no interests
+            return {"clusters": 0.0, "seconds": 0.0}
         was_training = core.training
         core.eval()
         lo = self.rank * self.num_items // self.world
@@ -420,8 +425,8 @@ class Trainer:
             dist.barrier(group=self.pg)
         return path
 
-    def load(self, which: Any = "latest") -> Optional[Dict[str, Any]]:
-        restored = self.ckpt.load(self.dmp, self.optimizer, which=which)
+    def load(self, which: Any = "latest", optimizer: bool = True) -> Optional[Dict[str, Any]]:
+        restored = self.ckpt.load(self.dmp, self.optimizer if optimizer else None, which=which)
         if restored is None:
             return None
         return dict(restored.progress, path=str(restored.path))
@@ -463,7 +468,7 @@ class Trainer:
             if progress["bad_epochs"] >= ev["patience"]:
                 log0(f"early stop: no {metric} improvement for {ev['patience']} validations")
                 break
-        if self.load("best") is None:
+        if self.load("best", optimizer=False) is None:
             log0("no validated checkpoint: testing the last weights")
         test = self.evaluate("test")
         self._write_fingerprint()
@@ -561,18 +566,18 @@ def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return Trainer(cfg).fit()
 
 
+def resolve(path: Path) -> Path:
+    try:
+        return ckpt.resolve_checkpoint(path)
+    except ckpt.CheckpointError as e:
+        raise DataError(str(e)) from None
+
+
 def evaluate_checkpoint(checkpoint: Path, split: str = "test", overrides: Optional[List[str]] = None) -> Dict[str, float]:
     """Evaluate a saved checkpoint (a `step_N` folder or a run's `checkpoints/` folder) on `split`."""
     from missrec_torchrec.config import load_config
 
-    checkpoint = Path(checkpoint)
-    if (checkpoint / "checkpoints").is_dir():
-        checkpoint = checkpoint / "checkpoints"
-    if checkpoint.name == "checkpoints":
-        found = ckpt.best_checkpoint(checkpoint) or ckpt.latest_checkpoint(checkpoint)
-        if found is None:
-            raise DataError(f"{checkpoint}: no complete checkpoint")
-        checkpoint = found
+    checkpoint = resolve(checkpoint)
     run_dir = checkpoint.parent.parent
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -580,8 +585,9 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", overrides: Option
     cfg = load_config(config_file, overrides)
     cfg["checkpoint"]["run_dir"] = str(run_dir)
     cfg["log"]["tensorboard"] = False
-    trainer = Trainer(cfg)
-    trainer.load(checkpoint)
+    cfg["train"]["init_checkpoint"] = None  # the checkpoint below holds every weight
+    trainer = Trainer(cfg, write_config=False)
+    trainer.load(checkpoint, optimizer=False)
     result = trainer.evaluate(split)
     log0(f"{split} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())))
     return result

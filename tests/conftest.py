@@ -27,3 +27,20 @@ def synthetic_mm(tmp_path_factory):
     )
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_other(tmp_path_factory):
+    """Another catalogue (different items and IDs, same modalities): the fine-tuning target of transfer tests."""
+    from missrec_torchrec.cli import main
+
+    out = tmp_path_factory.mktemp("data") / "synthetic-other"
+    rc = main(
+        [
+            "prepare", "synthetic", "--out", str(out), "--users", "160", "--items", "90",
+            "--modalities", "text:32,image:16", "--mean-len", "10", "--topics", "6", "--seed", "11",
+            "--rows-per-group", "64",
+        ]
+    )
+    assert rc == 0
+    return out

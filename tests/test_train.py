@@ -122,3 +122,31 @@ def test_two_process_gloo(synthetic_mm, tmp_path, sharding):
     a, b = (json.loads(p.read_text()) for p in prints)
     assert a["dense"] == b["dense"]
     assert a["frozen_tables_unchanged"] and b["frozen_tables_unchanged"]
+
+
+def test_pretrain_then_peft_finetune_on_another_catalogue(synthetic_mm, synthetic_other, tmp_path):
+    pre_dir = tmp_path / "pre"
+    pre = run_cli(["train", "--config", "pretrain-ml1m",
+                   *small_overrides(synthetic_mm, tmp_path, **{"train.epochs": 1, "train.max_steps_per_epoch": 20,
+                                                               "checkpoint.run_dir": pre_dir})])
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    ft_dir = tmp_path / "ft"
+    ft = run_cli(["train", "--config", "finetune-ml100k",
+                  *small_overrides(synthetic_other, tmp_path, **{"train.epochs": 1, "train.init_checkpoint": pre_dir,
+                                                                 "checkpoint.run_dir": ft_dir})])
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    assert "loaded the pre-trained core" in ft.stdout
+    before = torch.load(next((pre_dir / "checkpoints").glob("step_*/core.pt")), weights_only=True)["core"]
+    after = torch.load(next((ft_dir / "checkpoints").glob("step_*/core.pt")), weights_only=True)["core"]
+    frozen = [k for k in before if k.startswith(("encoder.", "decoder.", "position"))]
+    trained = [k for k in before if k.startswith("adapters.")]
+    assert frozen and trained
+    # PEFT: encoder, decoder and positions are exactly the pre-trained ones; the adapters moved.
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+
+    # `missrec evaluate` on the run folder reproduces the test metrics of the run's results.json.
+    ev = run_cli(["evaluate", "--checkpoint", str(ft_dir), "--split", "test"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    test = results_of(ft_dir)["test"]
+    assert f"ndcg@10 {test['ndcg@10']:.4f}" in ev.stdout and f"hr@10 {test['hr@10']:.4f}" in ev.stdout

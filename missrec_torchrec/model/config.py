@@ -30,6 +30,7 @@ class ModelConfig:
     temperature: float = 0.07
     fusion: str = "dynamic_shared"
     use_id: bool = False  # transductive: a learned item-ID embedding joins tokens and scores
+    causal: bool = False  # one-pass causal model (not the paper's): every prefix's user vector at once
     interest_ratio: float = 0.5  # K = ceil(ratio * clustered points)
     interest_cap: Optional[int] = None  # max K; None = uncapped as the reference
     kmeans_iters: int = 5

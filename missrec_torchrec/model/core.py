@@ -34,11 +34,12 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(hidden, hidden)
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention; the reference keeps it
 
-    def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor) -> Tensor:
+    def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
         """query B x T x D attends to memory B x S x D where key_mask (B x S, True = real) allows.
 
-        A row with no real key gets 0: attending to nothing adds nothing (SDPA backends disagree on
-        fully masked rows, some give NaN).
+        `allowed` (T x S or B x T x S, True = may attend) further restricts each query, e.g. a
+        causal mask. A query with no allowed key gets 0: attending to nothing adds nothing (SDPA
+        backends disagree on fully masked rows, some give NaN).
         """
         d = query.shape[-1]
         if query is memory:
@@ -48,13 +49,12 @@ class Attention(nn.Module):
             k, v = F.linear(memory, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
         b, t, s = query.shape[0], query.shape[1], memory.shape[1]
         q, k, v = (x.view(b, -1, self.heads, d // self.heads).transpose(1, 2) for x in (q, k, v))
-        has_key = key_mask.any(dim=1)
-        allowed = (key_mask | ~has_key.unsqueeze(1)).view(b, 1, 1, s)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )
+        mask = key_mask.view(b, 1, s) if allowed is None else key_mask.view(b, 1, s) & allowed.view(-1, t, s)
+        has_key = mask.any(dim=-1, keepdim=True)  # B x (1 or T) x 1
+        mask = (mask | ~has_key).unsqueeze(1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(b, t, d))
-        return out * has_key.view(b, 1, 1).to(out.dtype)
+        return out * has_key.to(out.dtype)
 
 
 def _activation(name: str):
@@ -77,8 +77,8 @@ class EncoderLayer(nn.Module):
     def feed_forward(self, x: Tensor) -> Tensor:
         return self.drop(self.linear2(self.drop(self.act(self.linear1(x)))))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = self.norm1(x + self.drop(self.self_attn(x, x, mask)))
+    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
+        x = self.norm1(x + self.drop(self.self_attn(x, x, mask, allowed)))
         return self.norm2(x + self.feed_forward(x))
 
 
@@ -90,9 +90,17 @@ class DecoderLayer(EncoderLayer):
         self.multihead_attn = Attention(c.hidden, c.heads, c.dropout)
         self.norm3 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
 
-    def forward(self, x: Tensor, mask: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
-        x = self.norm1(x + self.drop(self.self_attn(x, x, mask)))
-        x = self.norm2(x + self.drop(self.multihead_attn(x, memory, memory_mask)))
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        allowed: Optional[Tensor] = None,
+        memory_allowed: Optional[Tensor] = None,
+    ) -> Tensor:
+        x = self.norm1(x + self.drop(self.self_attn(x, x, mask, allowed)))
+        x = self.norm2(x + self.drop(self.multihead_attn(x, memory, memory_mask, memory_allowed)))
         return self.norm3(x + self.feed_forward(x))
 
 
@@ -104,9 +112,9 @@ class InterestEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_enc_layers))
         self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, allowed)
         return self.norm(x)
 
 
@@ -118,9 +126,17 @@ class InterestDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_dec_layers))
         self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
 
-    def forward(self, x: Tensor, mask: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        allowed: Optional[Tensor] = None,
+        memory_allowed: Optional[Tensor] = None,
+    ) -> Tensor:
         for layer in self.layers:
-            x = layer(x, mask, memory, memory_mask)
+            x = layer(x, mask, memory, memory_mask, allowed, memory_allowed)
         return self.norm(x)
 
 
@@ -143,12 +159,15 @@ class MISSRecCore(nn.Module):
 
     `modality_dims` maps each modality name to its raw feature width, in the order the caller will
     use. `num_items` is needed only by `fusion="dynamic_instance"` (one alpha per item).
+    No modalities with `use_id` is the ID-only baseline: tokens and scores come from the ID
+    embeddings alone and there are no interests (the decoder's cross-attention adds nothing).
+    `config.causal` makes every attention causal in time (see `encode_positions`).
     """
 
     def __init__(self, config: ModelConfig, modality_dims: Mapping[str, int], num_items: Optional[int] = None) -> None:
         super().__init__()
-        if not modality_dims:
-            raise ValueError("MISSRecCore needs at least one modality")
+        if not modality_dims and not config.use_id:
+            raise ValueError("MISSRecCore needs at least one modality or use_id")
         self.config = config
         self.modalities: Tuple[str, ...] = tuple(modality_dims)
         h = config.hidden
@@ -200,21 +219,19 @@ class MISSRecCore(nn.Module):
     ) -> Tensor:
         """Decoder input before LayerNorm: sum of modalities + positions (+ ID), B x L x D."""
         mask_missing = self.config.mask_missing_modality and present is not None
+        if self.config.use_id and id_emb is None:
+            raise ValueError("config.use_id is set but no id_emb was given")
         x = None
         for m in self.modalities:
             v = hist_adapted[m]
             if mask_missing and m in present:
                 v = v * present[m].unsqueeze(-1).to(v.dtype)
             x = v if x is None else x + v
-        length = x.shape[1]
+        length = (x if x is not None else id_emb).shape[1]
         if length > self.config.max_len:
             raise ValueError(f"history length {length} exceeds max_len {self.config.max_len}")
-        x = x + self.positions.weight[:length]
-        if self.config.use_id:
-            if id_emb is None:
-                raise ValueError("config.use_id is set but no id_emb was given")
-            x = x + id_emb
-        return x
+        x = self.positions.weight[:length] if x is None else x + self.positions.weight[:length]
+        return x + id_emb if self.config.use_id else x
 
     def encode(
         self,
@@ -224,22 +241,68 @@ class MISSRecCore(nn.Module):
         centroids: Tensor,
         id_emb: Optional[Tensor] = None,
         present: Optional[Mapping[str, Tensor]] = None,
+        interest_first: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """User vectors from left-aligned histories (spec sections 2, 5, 6).
 
         hist_adapted[m]: B x L x D; hist_mask: B x L, True = real item, every row >= 1 real;
         interest_tokens: B x M cluster ids (0 = pad); centroids: (K+1) x D with row 0 = padding;
         id_emb: B x L x D when `use_id`; present[m]: B x L bool (used when masking missing
-        modalities). Returns (u: B x D unit vectors read at each row's last real item,
+        modalities); interest_first: B x M first positions of the tokens (needed when
+        `config.causal`). Returns (u: B x D unit vectors read at each row's last real item,
         memory: B x M x D, memory_mask: B x M, True = real token).
         """
-        h = self.input_dropout(self.input_norm(self.tokens(hist_adapted, id_emb, present)))
-        memory_mask = interest_tokens != 0
-        memory = self.encoder(F.embedding(interest_tokens, centroids.to(h.dtype)), memory_mask)
-        y = self.decoder(h, hist_mask, memory, memory_mask)
+        y, memory, memory_mask = self.encode_positions(
+            hist_adapted, hist_mask, interest_tokens, centroids, id_emb, present, interest_first
+        )
         last = hist_mask.sum(1) - 1
-        u = y[torch.arange(y.shape[0], device=y.device), last]
-        return F.normalize(u, dim=-1), memory, memory_mask
+        return y[torch.arange(y.shape[0], device=y.device), last], memory, memory_mask
+
+    def encode_positions(
+        self,
+        hist_adapted: Mapping[str, Tensor],
+        hist_mask: Tensor,
+        interest_tokens: Tensor,
+        centroids: Tensor,
+        id_emb: Optional[Tensor] = None,
+        present: Optional[Mapping[str, Tensor]] = None,
+        interest_first: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """`encode`, but the unit vectors of every position (B x L x D; pads are not meaningful).
+
+        With `config.causal`, position p sees only items 0..p and the interests that appeared by
+        then: `interest_first` (B x M, from `interest_tokens(..., first=True)`) is the position
+        where each token's cluster first occurs; the decoder attends token m from p >= first[m],
+        and the encoder lets token m read token m' only when first[m'] <= first[m]. So the output
+        at p equals the last output of the same model run on the prefix 0..p alone: one pass gives
+        the user vector of every prefix. Without `causal` this is the paper's bidirectional model,
+        whose position p sees the whole history.
+        """
+        if self.config.causal and self.modalities and interest_first is None:
+            raise ValueError("config.causal needs interest_first (interest_tokens(..., first=True))")
+        h = self.input_dropout(self.input_norm(self.tokens(hist_adapted, id_emb, present)))
+        masks = self._causal_masks(hist_mask.shape[1], interest_first) if self.config.causal else (None,) * 3
+        memory, memory_mask = self._memory(interest_tokens, centroids.to(h.dtype), masks[0])
+        y = self.decoder(h, hist_mask, memory, memory_mask, masks[1], masks[2])
+        return F.normalize(y, dim=-1), memory, memory_mask
+
+    def _memory(self, tokens: Tensor, centroids: Tensor, allowed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        if not self.modalities:  # ID-only: no interests; one masked slot, nothing to encode
+            empty = tokens.new_zeros(tokens.shape[0], 1, dtype=torch.bool)
+            return centroids.new_zeros(tokens.shape[0], 1, centroids.shape[1]), empty
+        mask = tokens != 0
+        return self.encoder(F.embedding(tokens, centroids), mask, allowed), mask
+
+    @staticmethod
+    def _causal_masks(length: int, first: Optional[Tensor]) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+        """(encoder B x M x M, decoder self L x L, decoder cross B x L x M) "may attend" masks."""
+        positions = torch.arange(length, device=first.device if first is not None else None)
+        items = positions.unsqueeze(1) >= positions.unsqueeze(0)
+        if first is None:
+            return None, items, None
+        tokens = first.unsqueeze(1) <= first.unsqueeze(2)
+        cross = first.unsqueeze(1) <= positions.view(1, -1, 1)
+        return tokens, items, cross
 
     def regulariser(self, memory: Tensor, memory_mask: Tensor) -> Tensor:
         return interest_regulariser(memory, memory_mask, self.config.regulariser_reference)
@@ -276,6 +339,8 @@ class MISSRecCore(nn.Module):
             raise ValueError("config.use_id is set but no item_id embeddings were given")
         item_id = item_id if self.config.use_id else None
         use_present = self.config.mask_missing_modality and present is not None
+        if not self.modalities:  # ID-only: fusion degenerates to the ID cosine
+            return sim(u, item_id)
         if len(self.modalities) == 1:
             # The reference's single-modality path: one normalised sum of adapted (+ID) vectors.
             (m,) = self.modalities

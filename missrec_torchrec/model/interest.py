@@ -203,7 +203,8 @@ def interest_tokens(
     history: torch.Tensor,
     assignments: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
     keep_zero: bool = False,
-) -> torch.Tensor:
+    first: bool = False,
+) -> torch.Tensor | Tuple[torch.Tensor, torch.Tensor]:
     """Per row, the sorted distinct cluster ids of its items under every modality (spec section 4).
 
     `history` is B x L item indices with PAD (-1) on the right; `assignments` holds one N-long id
@@ -211,21 +212,35 @@ def interest_tokens(
     0 to the batch's longest row. `keep_zero` reproduces the reference, whose `unique` also keeps
     the id 0 of pads and masked items as a (key-masked) token: it only changes M. Vectorised: sort
     each row, mark first occurrences, left-pack them with a cumsum and one scatter.
+
+    `first=True` also returns, per token, the earliest history position where its cluster occurs
+    (B x M; L for padding slots): the causal model's time mask. No tables (an ID-only model) give
+    one padding column.
     """
     tables = list(assignments.values()) if isinstance(assignments, Mapping) else list(assignments)
+    b, length = history.shape
+    if not tables:
+        pad = torch.zeros(b, 1, dtype=torch.long, device=history.device)
+        return (pad, torch.full_like(pad, length)) if first else pad
     is_pad = history < 0
     items = history.clamp(min=0)
     ids = torch.cat([t[items].masked_fill(is_pad, 0) for t in tables], dim=1)
-    ids, _ = ids.sort(dim=1)
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    # Sorting id * L + position orders by id, and by position within an id: each id's first
+    # entry after the sort holds its earliest position.
+    positions = torch.arange(length, device=history.device).repeat(len(tables))
+    key, _ = (ids * length + positions).sort(dim=1)
+    ids, pos = key.div(length, rounding_mode="floor"), key.remainder(length)
+    is_first = torch.ones_like(ids, dtype=torch.bool)
+    is_first[:, 1:] = ids[:, 1:] != ids[:, :-1]
     if not keep_zero:
-        first &= ids != 0
+        is_first &= ids != 0
     width = ids.shape[1]
     # Non-first entries go to a spare last column, which is dropped.
-    slot = torch.where(first, first.long().cumsum(1) - 1, width)
-    packed = torch.zeros(ids.shape[0], width + 1, dtype=ids.dtype, device=ids.device)
-    packed.scatter_(1, slot, ids)
+    slot = torch.where(is_first, is_first.long().cumsum(1) - 1, width)
+    packed = torch.zeros(b, width + 1, dtype=ids.dtype, device=ids.device).scatter_(1, slot, ids)
     # At least one column, so that a batch without any interest still has a (masked) memory slot.
-    m = max(int(first.sum(1).max()) if ids.shape[0] else 0, 1)
-    return packed[:, :m]
+    m = max(int(is_first.sum(1).max()) if b else 0, 1)
+    if not first:
+        return packed[:, :m]
+    packed_pos = torch.full((b, width + 1), length, dtype=pos.dtype, device=pos.device).scatter_(1, slot, pos)
+    return packed[:, :m], packed_pos[:, :m].masked_fill(packed[:, :m] == 0, length)

@@ -1,0 +1,264 @@
+"""Fast training modes: length-bucketed batches, one-pass causal training, and the ID-only model."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from datapipes.batch import PAD, add_candidates, collate
+from datapipes.stream import SequenceStream
+from missrec_torchrec.model import ModelConfig
+from missrec_torchrec.recommender import MISSRecHead, MISSRecModel
+
+torch.set_num_threads(1)
+DIMS = {"text": 12, "image": 8}
+NUM_ITEMS = 40
+SMALL = ModelConfig(hidden=16, heads=2, ffn=24, max_len=10, dropout=0.0, interest_ratio=0.2)
+
+
+def _seeded_interests(head: MISSRecHead, seed: int = 0) -> None:
+    """Random centroids and item->cluster tables, some items missing their image."""
+    g = torch.Generator().manual_seed(seed)
+    head.centroids.copy_(torch.randn(head.centroids.shape, generator=g))
+    head.centroids[0] = 0
+    for m in head.modalities:
+        getattr(head, f"assign_{m}").copy_(torch.randint(1, head.num_clusters + 1, (NUM_ITEMS,), generator=g))
+    if "image" in head.modalities:
+        head.present_image[::5] = False
+        head.assign_image[::5] = 0
+
+
+def _model(config: ModelConfig, dims=DIMS, loss: str = "full_softmax") -> MISSRecModel:
+    torch.manual_seed(0)
+    model = MISSRecModel(config, dims, NUM_ITEMS, loss=loss, table_device=torch.device("cpu"))
+    _seeded_interests(model.head)
+    return model
+
+
+def _rows(n: int, max_len: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len // 2 + 1, n)  # every row shorter than max_len: trimming bites
+    values = rng.integers(0, NUM_ITEMS, int(lengths.sum()))
+    return values, lengths, rng.integers(0, NUM_ITEMS, n), np.arange(n)
+
+
+def _batch(model, rows, width, candidates=None):
+    values, lengths, target, user = rows
+    batch = collate(values, lengths, target, user, width, model.kjt_groups)
+    return add_candidates(batch, model.kjt_groups, torch.arange(NUM_ITEMS) if candidates is None else candidates)
+
+
+# ---- 1. length buckets ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [SMALL, replace(SMALL, use_id=True), ModelConfig.paper("transductive_ft", **{k: getattr(SMALL, k) for k in
+                                                                               ("hidden", "heads", "ffn", "max_len", "dropout", "interest_ratio")})],
+    ids=["inductive", "transductive", "paper"],
+)
+def test_trimmed_padding_gives_the_padded_scores_and_loss(config):
+    model = _model(config)
+    rows = _rows(24, config.max_len)
+    padded, trimmed = _batch(model, rows, config.max_len), _batch(model, rows, int(rows[1].max()))
+    assert trimmed.history.shape[1] < padded.history.shape[1]
+    model.train()  # dropout 0: the training loss is deterministic
+    loss_p, out_p = model(padded)
+    loss_t, out_t = model(trimmed)
+    torch.testing.assert_close(loss_t, loss_p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_t["reg"], out_p["reg"], rtol=1e-5, atol=1e-7)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(trimmed)[1]["scores"], model(padded)[1]["scores"], rtol=1e-5, atol=1e-6)
+
+
+def _reference_prefix_rows(dataset, max_len):
+    users = pq.read_table(dataset / "users.parquet").to_pylist()
+    return Counter(
+        (u["user_index"], u["items"][k], tuple(u["items"][max(0, k - max_len) : k]))
+        for u in users
+        for k in range(1, u["train_end"])
+    )
+
+
+def _batch_rows(batch):
+    out = []
+    for i in range(batch.batch_size):
+        n = int(batch.lengths[i])
+        out.append((int(batch.user[i]), int(batch.target[i]), tuple(batch.history[i, :n].tolist())))
+    return out
+
+
+def _stream(dataset, **kw):
+    kw = {"batch_size": 32, "max_len": 8, "seed": 4, "shuffle_buffer": 200, **kw}
+    return SequenceStream(dataset, **kw)
+
+
+def test_bucketed_epoch_yields_every_prefix_row_once_in_narrow_batches(synthetic_mm):
+    ref = _reference_prefix_rows(synthetic_mm, 8)
+    plain, bucketed = _stream(synthetic_mm), _stream(synthetic_mm, length_buckets=True)
+    batches = list(bucketed)
+    assert len(batches) == len(plain) == math.ceil(sum(ref.values()) / 32)
+    rows = [r for b in batches for r in _batch_rows(b)]
+    assert set(rows) == set(ref)
+    assert sum((Counter(rows) - ref).values()) == len(rows) - sum(ref.values()) < 32  # only the wrap
+    # Each batch is as wide as its longest history, and far narrower on average than max_len.
+    assert all(b.history.shape[1] == int(b.lengths.max()) for b in batches)
+    spread = np.mean([int(b.lengths.max() - b.lengths.min()) for b in batches])
+    plain_spread = np.mean([int(b.lengths.max() - b.lengths.min()) for b in plain])
+    assert spread < plain_spread / 2, (spread, plain_spread)
+    # Deterministic, and a new epoch reorders.
+    assert [r for b in _stream(synthetic_mm, length_buckets=True) for r in _batch_rows(b)] == rows
+    bucketed.set_epoch(1)
+    assert [r for b in bucketed for r in _batch_rows(b)][:32] != rows[:32]
+
+
+def test_bucketed_stream_resumes_mid_epoch(synthetic_mm):
+    full = [_batch_rows(b) for b in _stream(synthetic_mm, length_buckets=True)]
+    s = _stream(synthetic_mm, length_buckets=True)
+    it = iter(s)
+    head = [_batch_rows(next(it)) for _ in range(5)]
+    state = s.state_dict()
+    resumed = _stream(synthetic_mm, length_buckets=True)
+    resumed.load_state_dict(state)
+    assert head + [_batch_rows(b) for b in resumed] == full
+    with pytest.raises(ValueError, match="cannot resume"):
+        _stream(synthetic_mm).load_state_dict(state)
+
+
+# ---- 2. one-pass causal model --------------------------------------------------------------------
+
+
+def _causal_head(config, dims=DIMS):
+    torch.manual_seed(0)
+    head = MISSRecHead(config, dims, NUM_ITEMS)
+    _seeded_interests(head)
+    return head.eval()
+
+
+@pytest.mark.parametrize("keep_zero", [False, True])
+def test_one_pass_causal_equals_every_prefix_run_separately(keep_zero):
+    config = replace(SMALL, causal=True, use_id=True, interest_keep_zero=keep_zero)
+    head = _causal_head(config)
+    b, width = 6, config.max_len
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([10, 7, 1, 4, 10, 2])
+    history = torch.randint(0, NUM_ITEMS, (b, width), generator=g)
+    history[torch.arange(width) >= lengths.unsqueeze(1)] = PAD
+    raw = {m: torch.randn(b, width, d, generator=g) for m, d in DIMS.items()}
+    hist_id = torch.randn(b, width, config.hidden, generator=g)
+    with torch.no_grad():
+        adapted = head.core.adapt(raw)
+        y, _, _ = head.encode(history, adapted, hist_id, all_positions=True)
+        for p in range(width):
+            rows = lengths > p  # rows that have a position p
+            prefix = history[rows, : p + 1]
+            u, _, _ = head.encode(prefix, {m: v[rows, : p + 1] for m, v in adapted.items()}, hist_id[rows, : p + 1])
+            torch.testing.assert_close(y[rows, p], u, rtol=1e-5, atol=1e-5)
+    # The paper's bidirectional model does not have this property (position 0 sees the future).
+    bidir = _causal_head(replace(config, causal=False))
+    bidir.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        y_bidir, _, _ = bidir.encode(history, adapted, hist_id, all_positions=True)
+        alone, _, _ = bidir.encode(history[:1, :1], {m: v[:1, :1] for m, v in adapted.items()}, hist_id[:1, :1])
+    assert not torch.allclose(y_bidir[0, 0], alone[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["full_softmax", "sampled_softmax"])
+def test_causal_loss_is_the_mean_over_positions_of_prefix_rows(loss):
+    """A window row's training loss equals the mean loss of its prefix rows (same causal model)."""
+    from missrec_torchrec.model import losses
+
+    config = replace(SMALL, causal=True, use_id=True)
+    model = _model(config, loss=loss)
+    values, lengths, target, user = _rows(5, config.max_len, seed=7)
+    cands = torch.randperm(NUM_ITEMS, generator=torch.Generator().manual_seed(2))[:15]
+    window = _batch(model, (values, lengths, target, user), config.max_len, cands if loss == "sampled_softmax" else None)
+    _, out = model.train()(window)
+    # The implied prefix rows: position p of a row has history seq[:p+1] and target seq[p+1].
+    starts = np.cumsum(lengths) - lengths
+    seqs = [list(values[s : s + n]) + [target[i]] for i, (s, n) in enumerate(zip(starts, lengths))]
+    pre = [(seq[: p + 1], seq[p + 1]) for seq in seqs for p in range(len(seq) - 1)]
+    hist = np.concatenate([h for h, _ in pre])
+    tgt = torch.tensor([t for _, t in pre])
+    with torch.no_grad():
+        _, ev = model.eval()(_batch(model, (hist, np.array([len(h) for h, _ in pre]), tgt.numpy(), tgt.numpy()),
+                                    config.max_len))
+    scores = ev["scores"]  # every prefix against the whole catalogue
+    if loss == "full_softmax":
+        expected = losses.full_softmax_ce(scores, tgt, config.temperature)
+    else:
+        pos = scores[torch.arange(len(tgt)), tgt]
+        logq = losses.expected_logq(cands, cands.numel(), NUM_ITEMS)
+        expected = losses.sampled_softmax(pos, scores[:, cands], tgt, cands, config.temperature, neg_logq=logq)
+    torch.testing.assert_close(out["main"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_window_rows_cover_every_training_target_once(synthetic_mm):
+    max_len, bs = 4, 16
+    users = pq.read_table(synthetic_mm / "users.parquet").to_pylist()
+    windows, covered = Counter(), Counter()
+    for u in users:
+        items = u["items"]
+        for k in range(u["train_end"] - 1, 0, -max_len):  # window ends, newest first
+            hist = items[max(0, k - max_len) : k]
+            windows[(u["user_index"], items[k], tuple(hist))] += 1
+            covered.update((u["user_index"], j) for j in range(k - len(hist) + 1, k + 1))
+    # The windows' targets (each history position's next item) are every training target, once.
+    assert covered == Counter((u["user_index"], k) for u in users for k in range(1, u["train_end"]))
+    s = _stream(synthetic_mm, max_len=max_len, windows=True, batch_size=bs)
+    rows = [r for b in s for r in _batch_rows(b)]
+    assert len(s) == math.ceil(sum(windows.values()) / bs)
+    assert set(rows) == set(windows)
+    assert sum((Counter(rows) - windows).values()) == len(rows) - sum(windows.values()) < bs  # only the wrap
+
+
+# ---- 3. ID-only model ----------------------------------------------------------------------------
+
+
+def test_id_only_core_scores_with_ids_alone():
+    config = replace(SMALL, use_id=True)
+    model = _model(config, dims={})
+    assert not model.features and model.head.core.fusion_alpha is None
+    batch = _batch(model, _rows(8, config.max_len), config.max_len)
+    model.eval()
+    with torch.no_grad():
+        _, out = model(batch)
+    ids = model.ids["ids"].embeddings["item_id"].weight
+    expected = out["user"] @ torch.nn.functional.normalize(ids, dim=-1).T
+    torch.testing.assert_close(out["scores"], expected)
+    with pytest.raises(ValueError, match="at least one modality or use_id"):
+        MISSRecHead(SMALL, {}, NUM_ITEMS)
+
+
+def _train(dataset, tmp_path, **extra):
+    from missrec_torchrec.config import load_config
+    from missrec_torchrec.trainer import train
+
+    from tests.test_train import small_overrides
+
+    settings = {"train.epochs": 3, "log.tensorboard": "false", **extra}
+    return train(load_config("ml100k", small_overrides(dataset, tmp_path, **settings)))
+
+
+def test_id_only_training_learns(synthetic_mm, tmp_path):
+    result = _train(synthetic_mm, tmp_path, **{"data.modalities": "[]", "model.use_id": "true"})
+    losses = [row["train/loss"] for row in result["history"]]
+    assert losses[-1] < losses[0], losses
+    assert result["test"]["count"] == 240
+    assert result["test"]["hr@10"] > 10 / 120, result["test"]  # above chance
+    assert "idonly" in result["run_dir"]
+
+
+def test_causal_bucketed_training_learns(synthetic_mm, tmp_path):
+    result = _train(synthetic_mm, tmp_path, **{"model.causal": "true", "data.length_buckets": "true"})
+    losses = [row["train/loss"] for row in result["history"]]
+    assert losses[-1] < losses[0], losses
+    assert result["test"]["count"] == 240
+    assert result["test"]["hr@10"] > 0.2, result["test"]
