@@ -4,11 +4,10 @@ As a module it is what every rank runs (`python -m components.train [trainer arg
 component file it offers `train` (and the design card's `dist.ddp` form through .torchxconfig):
 
     torchx run dist.ddp -j 2x8 components/train.py -- --config ml100k train.epochs=1
-    torchx run components/train.py:train --j 1x2 -- --config ml100k
+    torchx run components/train.py:train -j 1x2 -- --config ml100k
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torchx 0.7 reads the component's annotations at run time.
 import os
 import sys
 from typing import List, Optional

@@ -181,6 +181,82 @@ def _evaluate(args) -> None:
     trainer.evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser(
+        "score",
+        help="top-K recommendations for every user of a split, to Parquet (offline batch scoring)",
+        description="Score the whole catalogue for every user with a trained checkpoint (exact dynamic "
+        "fusion, in item chunks) and write each user's top-K items to one Parquet file (user_index, "
+        "user_key, items, item_keys, scores; scores are fused cosines, before the temperature). Runs in "
+        "one process, under torchrun or TorchX (components/score.py); a killed run continues with --resume.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="run folder (its best checkpoint, else the latest), its checkpoints/ folder or a "
+                   "step_N folder")
+    p.add_argument("--out", required=True, type=Path,
+                   help="Parquet file to write (atomically; ranks stage their parts in OUT.parts/)")
+    p.add_argument("--split", default="test", choices=["test", "valid", "all"],
+                   help="which history: test = the items before the test target (leave-one-out: all but "
+                   "the last), valid = before the validation target, all = the whole sequence, to "
+                   "recommend the next item (default test)")
+    p.add_argument("--topk", type=_positive, default=100, help="items per user (default 100)")
+    p.add_argument("--mask-history", action="store_true",
+                   help="never recommend an item of the user's history (the whole history before the split's target)")
+    p.add_argument("--chunk-items", type=_positive, default=8192,
+                   help="items scored at once per batch; bounds memory at batch x chunk scores (default 8192)")
+    p.add_argument("--approx", type=_positive, default=None, metavar="PER_TABLE_K",
+                   help="approximate mode: retrieve each modality's (and the ID table's) PER_TABLE_K nearest "
+                   "items by cosine, re-score their union exactly; reports the users provably exact")
+    p.add_argument("--recall-sample", type=int, default=0, metavar="N",
+                   help="with --approx: also score about N users exactly and report recall@K (default 0 = off)")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="users per rank per batch (default: the run's data.eval_batch_size)")
+    p.add_argument("--commit-every", type=_positive, default=1,
+                   help="batches per committed part file: the most work a crash can lose (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.parts/")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (and discard OUT.parts/ "
+                   "unless --resume)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides on the run's config.yaml (e.g. log.progress=false)")
+    p.set_defaults(run=_score)
+
+
+def _score(args) -> None:
+    from missrec_torchrec import scoring
+
+    scoring.score(scoring.ScoreOptions.from_args(args))
+
+
+def _add_export_items(sub) -> None:
+    p = sub.add_parser(
+        "export-items",
+        help="write a checkpoint's item vectors to Parquet for serving",
+        description="Write each modality's adapted item vectors (and the ID vectors of a transductive "
+        "model) as DIR/<table>.parquet (item_index, item_key, vector fixed_size_list<float32>, present), "
+        "plus DIR/export.json with the fusion weights and the scoring formula. DIR is created atomically.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="run folder (its best checkpoint, else the latest), its checkpoints/ folder or a "
+                   "step_N folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides on the run's config.yaml")
+    p.set_defaults(run=_export_items)
+
+
+def _export_items(args) -> None:
+    from missrec_torchrec import scoring
+
+    scoring.export_items(args.checkpoint, args.out, args.overwrite, args.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="missrec",
@@ -193,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export_atomic(sub)
+    _add_score(sub)
+    _add_export_items(sub)
     return parser
 
 
