@@ -7,14 +7,12 @@ component file it offers `score`:
     torchx run components/score.py:score -j 2x8 -- --checkpoint runs/<run> --out s.parquet --split all --resume
 """
 
-import os
 import sys
 from typing import List, Optional
 
 import torchx.specs as specs
-from torchx.components import dist
 
-_THIS = os.path.normpath("components/score.py")
+from components.launch import ddp_app, script_args
 
 
 def score(
@@ -39,26 +37,11 @@ def score(
         rdzv_port: rendezvous port on the first node
         env: extra environment variables
     """
-    return dist.ddp(
-        *score_args,
-        m="components.score",
-        j=j,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        name=name,
-        rdzv_port=rdzv_port,
-        env=env,
-    )
+    return ddp_app("components.score", list(score_args), j, cpu, gpu, memMB, name, rdzv_port, env)
 
 
 def _score_argv(argv: List[str]) -> List[str]:
-    # As with components/train.py: drop the component path if torchx passes it, and a leading "--".
-    if argv and os.path.normpath(argv[0]) in (_THIS, os.path.abspath(_THIS)):
-        argv = argv[1:]
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    return ["score", *argv]
+    return ["score", *script_args(argv, __file__)]
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ component file it offers `train` (and the design card's `dist.ddp` form through 
 """
 
 # No `from __future__ import annotations`: torchx 0.7 reads the component's annotations at run time.
-import os
 import sys
 from typing import List, Optional
 
 import torchx.specs as specs
-from torchx.components import dist
 
-_THIS = os.path.normpath("components/train.py")
+from components.launch import ddp_app, script_args
 
 
 def train(
@@ -40,25 +38,11 @@ def train(
         rdzv_port: rendezvous port on the first node
         env: extra environment variables
     """
-    return dist.ddp(
-        *trainer_args,
-        m="components.train",
-        j=j,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        name=name,
-        rdzv_port=rdzv_port,
-        env=env,
-    )
+    return ddp_app("components.train", list(trainer_args), j, cpu, gpu, memMB, name, rdzv_port, env)
 
 
 def _trainer_argv(argv: List[str]) -> List[str]:
-    # dist.ddp passes the component path itself as the first script argument; drop it.
-    if argv and os.path.normpath(argv[0]) in (_THIS, os.path.abspath(_THIS)):
-        argv = argv[1:]
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    argv = script_args(argv, __file__)
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", "ml100k", *argv]
     return ["train", *argv]

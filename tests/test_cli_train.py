@@ -50,3 +50,28 @@ def test_overrides_and_unknown_keys():
 def test_unknown_key_is_a_one_line_cli_error(capsys):
     assert main(["train", "--config", "ml100k", "--dry-run", "model.hiden=3"]) == 2
     assert "unknown key 'model.hiden'" in capsys.readouterr().err
+
+
+def test_design_card_torchx_command_runs_the_trainer_module():
+    """`torchx run dist.ddp -j 2x8 components/train.py -- ARGS` (from the repo root, with the repo's
+    .torchxconfig) launches 2 nodes x 8 ranks of `python -m components.train`, which hands ARGS to
+    `missrec train`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from components.score import _score_argv
+    from components.train import _trainer_argv
+
+    repo = Path(__file__).resolve().parent.parent
+    torchx = Path(sys.executable).parent / "torchx"
+    out = subprocess.run([str(torchx), "run", "--dryrun", "dist.ddp", "-j", "2x8", "components/train.py", "--",
+                          "--config", "ml100k", "train.epochs=1"], cwd=repo, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = " ".join(out.stdout.split())
+    assert "--nnodes 2 --nproc_per_node 8" in text and "-m components.train components/train.py --" in text
+    argv = ["components/train.py", "--", "--config", "ml100k", "train.epochs=1"]
+    assert _trainer_argv(argv) == ["train", "--config", "ml100k", "train.epochs=1"]
+    assert _trainer_argv(["components/train.py"]) == ["train", "--config", "ml100k"]
+    assert _score_argv(["components/score.py", "--", "--checkpoint", "r"]) == ["score", "--checkpoint", "r"]
