@@ -469,7 +469,9 @@ class Trainer:
                 log0(f"early stop: no {metric} improvement for {ev['patience']} validations")
                 break
         if self.load("best", optimizer=False) is None:
-            log0("no validated checkpoint: testing the last weights")
+            # train.epochs=0: the initial (e.g. pre-trained, zero-shot) weights, with fresh interests.
+            log0("no validated checkpoint: testing the initial weights")
+            progress["interest"] = self.recluster(progress["epoch"])
         test = self.evaluate("test")
         self._write_fingerprint()
         result = {

@@ -145,6 +145,15 @@ def test_pretrain_then_peft_finetune_on_another_catalogue(synthetic_mm, syntheti
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
 
+    # Zero-shot: the pre-trained inductive model applied to the new catalogue with no training.
+    zs_dir = tmp_path / "zero-shot"
+    zs = run_cli(["train", "--config", "finetune-ml100k",
+                  *small_overrides(synthetic_other, tmp_path, **{"train.epochs": 0, "train.init_checkpoint": pre_dir,
+                                                                 "checkpoint.run_dir": zs_dir})])
+    assert zs.returncode == 0, zs.stderr[-3000:]
+    zero_shot = results_of(zs_dir)
+    assert zero_shot["history"] == [] and zero_shot["test"]["count"] == 160
+
     # `missrec evaluate` on the run folder reproduces the test metrics of the run's results.json.
     ev = run_cli(["evaluate", "--checkpoint", str(ft_dir), "--split", "test"])
     assert ev.returncode == 0, ev.stderr[-3000:]
