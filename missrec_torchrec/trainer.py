@@ -346,6 +346,7 @@ class Trainer:
                     n = min(n, period - (skip + done) % period)
             pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
             part = itertools.islice(batches, n)
+            before = done
             while True:
                 try:
                     out = pipeline.progress(part)
@@ -368,6 +369,9 @@ class Trainer:
                     self.writer.add_scalar("train/samples_per_s", done * rows / max(time.time() - t0, 1e-9), step)
                 self._maybe_fail(step)
             pipeline.detach()
+            if done == before:
+                raise DataError(f"{self.info.root}: the training stream ended after {skip + done} of "
+                                f"{skip + steps} batches in epoch {epoch}")
             position = skip + done
             if done < steps:
                 if recluster_every and position % recluster_every == 0:
