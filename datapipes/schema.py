@@ -336,6 +336,25 @@ class DatasetInfo:
         return values.reshape(-1, m.dim), table.column("present").to_numpy()
 
 
+    def training_items(self) -> np.ndarray:
+        """N bools: whether the item occurs in any user's training part (`items[:train_end]`).
+        Read one row group at a time; items never trained on are the cold-start targets."""
+        seen = np.zeros(self.num_items, dtype=bool)
+        users = pq.ParquetFile(self.users_path)
+        for g in range(users.num_row_groups):
+            table = users.read_row_group(g, columns=["items", "train_end"])
+            items = table.column("items").combine_chunks()
+            offsets = items.offsets.to_numpy()
+            values = items.values.to_numpy()
+            # Position of every value inside its own list, against its row's train_end.
+            lengths = np.diff(offsets)
+            row = np.repeat(np.arange(len(lengths)), lengths)
+            position = np.arange(len(values)) - offsets[:-1][row]
+            train_end = table.column("train_end").to_numpy()
+            seen[values[position < train_end[row]]] = True
+        return seen
+
+
 def register_modality(root: Path | str, name: str, dim: int, dtype: str, present: int, encoder: str) -> None:
     """Record a finished feature table in stats.json."""
     stats = read_stats(root)

@@ -27,7 +27,7 @@ from datapipes.stream import SequenceStream, make_loader
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec.config import dump_config
-from missrec_torchrec.metrics import RankingMetrics
+from missrec_torchrec.metrics import RankingMetrics, target_ranks
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.model.interest import discover_interests
@@ -170,6 +170,7 @@ class Trainer:
         torch.manual_seed(cfg["experiment"]["seed"] * 1000 + self.rank)
         self.kjt_groups = self.model.kjt_groups
         self.all_items = torch.arange(self.num_items, dtype=torch.int64)
+        self._warm: Optional[torch.Tensor] = None  # items in some training sequence (eval.cold_start)
         self.writer = None
         if self.rank == 0 and cfg["log"]["tensorboard"]:
             from torch.utils.tensorboard import SummaryWriter
@@ -399,21 +400,29 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str) -> Dict[str, float]:
         ev = self.cfg["eval"]
-        metrics = RankingMetrics(ks=ev["ks"])
+        groups = {"": RankingMetrics(ks=ev["ks"])}
+        if ev["cold_start"]:
+            if self._warm is None:
+                self._warm = torch.from_numpy(self.info.training_items())
+            groups["cold/"] = RankingMetrics(ks=ev["ks"])
         stream = self._stream(split)
         self.dmp.eval()
         for batch in self._with_candidates(stream, lambda: self.all_items):
             batch = batch.to(self.device)
             _, out = self.dmp(batch)
-            metrics.update(
+            ranks = target_ranks(
                 out["scores"],
                 batch.target,
-                weight=batch.weight,
-                exclude_offsets=batch.seen_offsets if ev["mask_history"] else None,
-                exclude_values=batch.seen_values if ev["mask_history"] else None,
+                batch.seen_offsets if ev["mask_history"] else None,
+                batch.seen_values if ev["mask_history"] else None,
             )
+            for prefix, metrics in groups.items():
+                weight = batch.weight
+                if prefix:  # cold start: only targets that no training sequence contains
+                    weight = weight * (~self._warm[batch.target.cpu()]).to(weight)
+                metrics.update_ranks(ranks, weight)
         self.dmp.train()
-        return metrics.compute(self.pg)
+        return {f"{prefix}{k}": v for prefix, metrics in groups.items() for k, v in metrics.compute(self.pg).items()}
 
     # -- checkpoints ---------------------------------------------------------------------------
 

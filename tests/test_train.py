@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -159,3 +161,37 @@ def test_pretrain_then_peft_finetune_on_another_catalogue(synthetic_mm, syntheti
     assert ev.returncode == 0, ev.stderr[-3000:]
     test = results_of(ft_dir)["test"]
     assert f"ndcg@10 {test['ndcg@10']:.4f}" in ev.stdout and f"hr@10 {test['hr@10']:.4f}" in ev.stdout
+
+
+def test_cold_start_metrics_count_targets_never_trained_on(tmp_path):
+    """ID-only model on a hand-built log where 5 users' test items occur in no training sequence."""
+    from datapipes.schema import DatasetInfo
+    from missrec_torchrec.cli import main
+    from missrec_torchrec.config import load_config
+    from missrec_torchrec.trainer import train
+
+    rows = ["user_id,item_id,timestamp"]
+    for u in range(30):
+        seq = [(u + k) % 12 for k in range(6)]  # warm items 0..11
+        if u < 5:
+            seq[-1] = 100 + u  # only ever a test target
+        rows += [f"u{u},i{item},{t}" for t, item in enumerate(seq)]
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    ds = tmp_path / "ds"
+    assert main(["prepare", "interactions", "--path", str(tmp_path / "log.csv"), "--k-core", "0",
+                 "--rows-per-group", "7", "--out", str(ds)]) == 0
+    info = DatasetInfo.open(ds)
+    keys = pq.read_table(ds / "items.parquet").column("item_key").to_pylist()
+    cold_keys = {keys[i] for i in np.flatnonzero(~info.training_items())}
+    assert cold_keys == {f"i{100 + u}" for u in range(5)}
+
+    cfg = load_config("ml100k", small_overrides(ds, tmp_path / "out", **{
+        "data.modalities": "[]", "model.use_id": "true", "train.epochs": 1, "eval.cold_start": "true",
+        "log.tensorboard": "false"}))
+    test = train(cfg)["test"]
+    assert test["count"] == 30 and test["cold/count"] == 5
+    assert 0.0 < test["cold/mrr"] <= 1.0 and set(test) == {*_plain_keys(test), *(f"cold/{k}" for k in _plain_keys(test))}
+
+
+def _plain_keys(metrics: dict) -> list:
+    return [k for k in metrics if not k.startswith("cold/")]
