@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import random
 import time
@@ -486,7 +485,8 @@ class Trainer:
             log0("no validated checkpoint: testing the initial weights")
             progress["interest"] = self.recluster(progress["epoch"])
         test = self.evaluate("test")
-        self._write_fingerprint()
+        if self.cfg["log"]["fingerprint"]:
+            self._write_fingerprint()
         result = {
             "run_dir": str(self.run_dir),
             "best_epoch": progress["best_epoch"],

@@ -34,6 +34,7 @@ def small_overrides(dataset: Path, out: Path, **extra) -> list[str]:
         "train.lr": 3e-3,
         "experiment.out_dir": str(out),
         "log.progress": "false",
+        "log.fingerprint": "true",
         "eval.patience": 5,
     }
     settings.update(extra)
