@@ -257,6 +257,29 @@ def _export_items(args) -> None:
     scoring.export_items(args.checkpoint, args.out, args.overwrite, args.overrides)
 
 
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="training curves of runs as one PNG",
+        description="Read each run folder's TensorBoard scalars and draw one panel per --tag with one line "
+        "per run (default tags: train/loss per step, valid/ndcg@10 per epoch). Needs matplotlib "
+        "(pip install -e '.[plots]').",
+    )
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (each with a tb/ folder)")
+    p.add_argument("--out", required=True, type=Path, help="PNG to write (replaced atomically)")
+    p.add_argument("--label", action="append", help="legend label per run, in order (default: folder names)")
+    p.add_argument("--tag", action="append", help="scalar tag per panel, repeatable (default: train/loss, valid/ndcg@10)")
+    p.add_argument("--title", help="figure title")
+    p.set_defaults(run=_plot)
+
+
+def _plot(args) -> None:
+    from missrec_torchrec import plots
+
+    plots.plot_runs(args.runs, args.out, args.label, args.tag or plots.DEFAULT_TAGS, args.title)
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="missrec",
@@ -271,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_atomic(sub)
     _add_score(sub)
     _add_export_items(sub)
+    _add_plot(sub)
     return parser
 
 

@@ -537,7 +537,10 @@ class Trainer:
         if self.writer is not None:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k if "/" in k else f"epoch/{k}", v, epoch)
+                    # train/* and interest/* are also logged per step under the same names: their epoch
+                    # summaries go under epoch/ so the step-indexed curves are not mixed with epoch indices.
+                    tag = k if k.startswith("valid/") else "epoch/" + k.replace("/", "_")
+                    self.writer.add_scalar(tag, v, epoch)
         shown = {k: v for k, v in row.items() if k.startswith("valid/") or k in ("train/loss", "train/samples_per_s")}
         log0(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 

@@ -77,8 +77,28 @@ def test_train_single_process_learns(synthetic_mm, tmp_path):
     assert test["hr@10"] > 0.2, test
     run_dir = Path(result["run_dir"])
     assert (run_dir / "config.yaml").is_file() and (run_dir / "results.json").is_file()
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints").is_dir()
+    check_curves(run_dir, history, tmp_path)
+
+
+def check_curves(run_dir: Path, history: list, tmp_path: Path) -> None:
+    """TensorBoard holds the per-epoch rows exactly, step curves are not mixed with epoch summaries,
+    and `missrec plot` draws them (or fails naming the missing tag, writing nothing)."""
+    from datapipes.schema import DataError
+    from missrec_torchrec.plots import plot_runs, read_scalars
+
+    scalars = read_scalars(run_dir)
+    assert scalars["valid/ndcg@10"] == [(r["epoch"], pytest.approx(r["valid/ndcg@10"])) for r in history]
+    assert scalars["epoch/train_loss"] == [(r["epoch"], pytest.approx(r["train/loss"])) for r in history]
+    steps = [s for s, _ in scalars["train/loss"]]
+    assert steps == sorted(steps) and steps[0] > 0 and len(steps) == sum(r["train/steps"] for r in history) // 20
+    png = tmp_path / "curves.png"
+    drawn = plot_runs([run_dir], png, labels=["run"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn["run"]["valid/ndcg@10"] == scalars["valid/ndcg@10"]
+    with pytest.raises(DataError, match="no TensorBoard scalar valid/hr@7"):
+        plot_runs([run_dir], tmp_path / "bad.png", tags=["valid/hr@7"])
+    assert not list(tmp_path.glob("*bad.png*"))
 
 
 def test_kill_and_resume_matches_uninterrupted_run(synthetic_mm, tmp_path):
