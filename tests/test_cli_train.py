@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from missrec_torchrec.cli import main
@@ -45,6 +47,13 @@ def test_overrides_and_unknown_keys():
         load_config("ml100k", ["train.epoch=7"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("no-such-preset")
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_every_preset_resolves(preset):
+    # A preset with a misspelt key or a missing base only fails when someone runs it: catch it here.
+    cfg = load_config(preset)
+    assert cfg["experiment"]["name"]
 
 
 def test_unknown_key_is_a_one_line_cli_error(capsys):
