@@ -280,6 +280,25 @@ def _plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _add_summarize(sub) -> None:
+    p = sub.add_parser(
+        "summarize",
+        help="test metrics of finished runs as a Markdown table (mean ± std over seeds)",
+        description="Read each run folder's results.json and print one Markdown row per --group (runs "
+        "sharing a group, e.g. the same model with different seeds, become mean ± sample std).",
+    )
+    p.add_argument("runs", nargs="+", type=Path, help="finished run folders (each with results.json)")
+    p.add_argument("--group", action="append", help="row label per run, in order (default: folder names)")
+    p.add_argument("--metric", action="append", help="test metric per column, repeatable (default: hr/ndcg@10, @50)")
+    p.set_defaults(run=_summarize)
+
+
+def _summarize(args) -> None:
+    from missrec_torchrec import report
+
+    print(report.summarize(args.runs, args.group, args.metric or report.DEFAULT_METRICS))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="missrec",
@@ -295,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     _add_export_items(sub)
     _add_plot(sub)
+    _add_summarize(sub)
     return parser
 
 
