@@ -5,6 +5,10 @@ rules, in order, all vectorised over the whole log:
 
 1. Iterative k-core: drop users and items with fewer than `k_core` interactions, repeated until no
    count falls below `k_core` (k_core <= 1 keeps everything).
+   Optional cold-item hold-out (`cold_items` > 0): a seeded random share of the items that end some
+   user's sequence keeps only those last interactions; every other interaction of theirs is dropped.
+   Those items then occur only as test targets, never in a training sequence or a history, so the
+   users whose test item is one of them measure cold start (`eval.cold_start`).
 2. Users left with fewer than 3 interactions are dropped (leave-one-out needs a training item, a
    validation item and a test item) and counted in ``users_dropped_short``. This runs after the
    k-core, so with ``k_core < 3`` an item may end up below `k_core`.
@@ -51,6 +55,16 @@ def encode_keys(keys) -> Tuple[np.ndarray, pa.Array]:
     return codes.astype(np.int64, copy=False), encoded.chunk(0).dictionary
 
 
+def add_cold_arguments(parser) -> None:
+    """The cold-item hold-out flags shared by the interaction-log sources."""
+    parser.add_argument(
+        "--cold-items", type=float, default=0.0,
+        help="share of the test-target items held out as cold: each keeps only the interactions that "
+        "end a user's sequence, so it never occurs in training (default 0: none)",
+    )
+    parser.add_argument("--cold-seed", type=int, default=0, help="seed of the cold-item draw (default 0)")
+
+
 def k_core_mask(users: np.ndarray, items: np.ndarray, k: int) -> Tuple[np.ndarray, int]:
     """Rows that survive the iterative k-core on users and items, and the number of rounds."""
     keep = np.ones(len(users), dtype=bool)
@@ -65,6 +79,24 @@ def k_core_mask(users: np.ndarray, items: np.ndarray, k: int) -> Tuple[np.ndarra
         if still.sum() == keep.sum():
             return keep, rounds
         keep = still
+
+
+def cold_item_rows(users: np.ndarray, items: np.ndarray, times: np.ndarray, keep: np.ndarray,
+                   share: float, seed: int) -> Tuple[np.ndarray, int]:
+    """Kept rows to drop for the cold-item hold-out, and how many items were held out.
+
+    The held-out items are a seeded `share` of the items that end some user's sequence (by time, then
+    file row), so each stays in the catalogue as at least one test target; all their other
+    interactions are dropped."""
+    rows = np.flatnonzero(keep)
+    order = rows[np.lexsort((rows, times[rows], users[rows]))]
+    is_last = np.zeros(len(users), dtype=bool)
+    is_last[order[np.r_[users[order][1:] != users[order][:-1], True]]] = True
+    targets = np.unique(items[is_last])
+    n_cold = int(round(share * len(targets)))
+    cold = np.zeros(items.max(initial=-1) + 1, dtype=bool)
+    cold[np.random.default_rng(seed).choice(targets, size=n_cold, replace=False)] = True
+    return keep & cold[items] & ~is_last, n_cold
 
 
 def first_appearance_rank(codes_in_order: np.ndarray, size: int) -> np.ndarray:
@@ -94,18 +126,23 @@ def build_sequences(
     item_text: Optional[Mapping[str, str]] = None,
     rows_per_group: int = DEFAULT_USERS_PER_ROW_GROUP,
     origin: Optional[str] = None,
+    cold_items: float = 0.0,
+    cold_seed: int = 0,
 ) -> dict:
     """Write users.parquet and items.parquet into `out`; return the stats that describe them.
 
     `user_keys` / `item_keys` are string arrays (numpy or pyarrow, no nulls), `timestamps` int64
     seconds or None (file order then decides). `item_text` maps item key -> text for items.parquet.
-    `origin` names the input in error messages (default: the domain).
+    `origin` names the input in error messages (default: the domain). `cold_items` is the share of
+    items held out as cold test targets (module docstring), drawn with `cold_seed`.
     """
     origin = origin or domain
     if k_core < 0:
         raise DataError(f"--k-core must be >= 0, got {k_core}")
     if rows_per_group < 1:
         raise DataError(f"--rows-per-group must be >= 1, got {rows_per_group}")
+    if not 0.0 <= cold_items < 1.0:
+        raise DataError(f"--cold-items must be in [0, 1), got {cold_items}")
     users, user_dict = encode_keys(user_keys)
     items, item_dict = encode_keys(item_keys)
     n_raw = len(users)
@@ -120,6 +157,10 @@ def build_sequences(
         raise DataError(f"{origin}: {n_raw} interactions but {len(times)} timestamps")
 
     keep, rounds = k_core_mask(users, items, k_core)
+    n_cold = 0
+    if cold_items > 0:
+        dropped, n_cold = cold_item_rows(users, items, times, keep, cold_items, cold_seed)
+        keep &= ~dropped
     per_user = np.bincount(users[keep], minlength=len(user_dict))
     long_enough = per_user >= MIN_SEQUENCE_LENGTH
     dropped_short = int(((per_user > 0) & ~long_enough).sum())
@@ -181,6 +222,7 @@ def build_sequences(
         "interactions_raw": n_raw,
         "training_rows": writer.training_rows,
         "filter": {"k_core": int(k_core)},
+        "cold_items": {"share": float(cold_items), "seed": int(cold_seed), "items": n_cold},
         "split": "leave-one-out",
         "users_dropped_short": dropped_short,
         "k_core_rounds": rounds,

@@ -163,6 +163,33 @@ def test_ml1m_prepares_all_ratings(tmp_path):
     assert items["Chinatown (1974)"].endswith("Genres: Film-Noir, Mystery, Thriller")
 
 
+def test_ml100k_cold_item_hold_out(tmp_path, ml100k, capsys):
+    _, rows = ml100k
+    out = tmp_path / "cold"
+    prepare("movielens-100k", "--out", out, "--k-core", 0, "--cold-items", 0.2, "--cold-seed", 3)
+    keys = read_item_keys(out)
+    got = {u["user_key"]: [keys[i] for i in u["items"]] for u in read_users(out)}
+    plain = sequences_plain(rows)
+    # No user loses their last (test) item; what is dropped is every other interaction of the cold items.
+    assert {u: s[-1] for u, s in got.items()} == {u: plain[u][-1] for u in got}
+    dropped = Counter(i for u, s in plain.items() for i in s) - Counter(i for s in got.values() for i in s)
+    lasts = Counter(s[-1] for s in got.values())
+    cold = set(dropped)
+    stats = read_stats(out)
+    assert len(cold) <= stats["cold_items"]["items"] == round(0.2 * len({s[-1] for s in plain.values()}))
+    assert all(i in lasts and i not in {x for s in got.values() for x in s[:-1]} for i in cold)
+    assert stats["interactions"] == 100_000 - sum(dropped.values()) and len(keys) == 1682
+    # The users whose test item is held out are exactly the cold-start users the trainer reports.
+    warm = DatasetInfo.open(out).training_items()
+    cold_users = [u for u, s in got.items() if not warm[keys.index(s[-1])]]
+    assert len(cold_users) >= sum(lasts[i] for i in cold) > 100
+    # Seeded: the same seed gives the same dataset.
+    prepare("movielens-100k", "--out", tmp_path / "again", "--k-core", 0, "--cold-items", 0.2, "--cold-seed", 3)
+    assert read_users(tmp_path / "again") == read_users(out)
+    assert main(["prepare", "movielens-100k", "--out", str(tmp_path / "bad"), "--cold-items", "1.5"]) == 2
+    assert "--cold-items must be in [0, 1)" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Generic interaction logs
 

