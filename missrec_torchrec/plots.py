@@ -47,6 +47,7 @@ def plot_runs(
 
     matplotlib.use("Agg")  # files only: no display on training machines
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if labels is not None and len(labels) != len(run_dirs):
         raise DataError(f"--label given {len(labels)} times for {len(run_dirs)} runs")
@@ -66,6 +67,7 @@ def plot_runs(
             ax.plot(steps, values, label=label, marker="o" if len(steps) < 30 else None, markersize=3)
         ax.set_title(tag)
         ax.set_xlabel("epoch" if tag.startswith("valid/") else "step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     if title:
