@@ -104,6 +104,9 @@ class MISSRecHead(nn.Module):
             # Replicated presence flags (one byte per item and modality), set from the dataset.
             self.register_buffer(f"present_{m}", torch.ones(num_items, dtype=torch.bool), persistent=False)
         self.aug_generator: Optional[torch.Generator] = None
+        # train.softmax_items=training: the items the finetune softmax may use (set by the trainer).
+        self.register_buffer("softmax_items", torch.ones(num_items, dtype=torch.bool), persistent=False)
+        self.restrict_softmax = False
 
     def assignments(self) -> Dict[str, torch.Tensor]:
         return {m: getattr(self, f"assign_{m}") for m in self.modalities}
@@ -208,6 +211,9 @@ class MISSRecHead(nn.Module):
     def _finetune_main(self, u, scores, cands, target, tgt_adapted, tgt_id, weight) -> torch.Tensor:
         """Full softmax over the catalogue, or sampled softmax against the candidates (rows of u)."""
         cfg = self.config
+        if self.restrict_softmax:
+            # Items outside the training sequences do not exist yet at training time: no negatives.
+            scores = scores.masked_fill(~self.softmax_items[cands], float("-inf"))
         if self.loss == "full_softmax":
             # Candidates are the catalogue in index order: the target index is the column.
             return losses.full_softmax_ce(scores, target, cfg.temperature, weight)

@@ -25,7 +25,7 @@ from datapipes.schema import DataError, DatasetInfo, atomic_file
 from datapipes.stream import SequenceStream, make_loader
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
-from missrec_torchrec.config import dump_config
+from missrec_torchrec.config import ConfigError, dump_config
 from missrec_torchrec.metrics import RankingMetrics, target_ranks
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import peft_trainable
@@ -160,6 +160,12 @@ class Trainer:
         )
         self.head = self.dmp.module.head if hasattr(self.dmp.module, "head") else self.model.head
         self._load_frozen_tables()
+        softmax_items = self.cfg["train"]["softmax_items"]
+        if softmax_items not in ("all", "training"):
+            raise ConfigError(f"train.softmax_items must be all or training, got {softmax_items!r}")
+        if softmax_items == "training":
+            self.head.softmax_items.copy_(torch.from_numpy(self.info.training_items()))
+            self.head.restrict_softmax = True
         self.optimizer = mdist.build_optimizer(
             self.dmp,
             frozen_tables=self.model.frozen_tables,

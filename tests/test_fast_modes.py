@@ -262,3 +262,28 @@ def test_causal_bucketed_training_learns(synthetic_mm, tmp_path):
     assert losses[-1] < losses[0], losses
     assert result["test"]["count"] == 240
     assert result["test"]["hr@10"] > 0.2, result["test"]
+
+
+def test_softmax_over_training_items_ignores_the_rest():
+    # train.softmax_items=training: items outside the training sequences get no logit and no gradient;
+    # the loss is the cross-entropy over the remaining columns only.
+    head = MISSRecHead(replace(SMALL, use_id=True), {}, NUM_ITEMS)
+    head.softmax_items[30:] = False
+    head.restrict_softmax = True
+    scores = (0.05 * torch.randn(4, NUM_ITEMS, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    target = torch.tensor([0, 7, 29, 3])
+    loss = head._finetune_main(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4))
+    expected = torch.nn.functional.cross_entropy(scores[:, :30].detach() / SMALL.temperature, target)
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert scores.grad[:, 30:].abs().sum() == 0 and scores.grad[:, :30].abs().sum() > 0
+    head.restrict_softmax = False  # the default: the whole catalogue
+    everything = head._finetune_main(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4))
+    assert everything > loss
+
+
+def test_softmax_items_must_be_known(synthetic_mm, tmp_path):
+    from missrec_torchrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.softmax_items must be all or training"):
+        _train(synthetic_mm, tmp_path, **{"train.softmax_items": "new"})
