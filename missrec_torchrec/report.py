@@ -49,7 +49,7 @@ def summarize(
         if missing:
             raise DataError(f"{run}: results.json has no test {', '.join(missing)} (has: {', '.join(sorted(test))})")
         rows.setdefault(group, []).append(test)
-    lines = ["| run | seeds | " + " | ".join(metrics) + " |",
+    lines = ["| run | runs | " + " | ".join(metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for group, tests in rows.items():
         lines.append(f"| {group} | {len(tests)} | " + " | ".join(cell([t[m] for t in tests]) for m in metrics) + " |")

@@ -22,7 +22,7 @@ def test_seeds_are_mean_and_sample_std(tmp_path, capsys):
     runs.append(fake_run(tmp_path / "text", **{"hr@10": 0.25, "ndcg@10": 0.125}))
     table = summarize(runs, ["ID-only"] * 3 + ["text"], ["hr@10", "ndcg@10"])
     lines = table.splitlines()
-    assert lines[0] == "| run | seeds | hr@10 | ndcg@10 |"
+    assert lines[0] == "| run | runs | hr@10 | ndcg@10 |"
     # mean(.2, .3, .4) = .3; sample std = sqrt(((.1)^2 + 0 + (.1)^2) / 2) = .1
     assert lines[2] == "| ID-only | 3 | .3000 ± .1000 | .1000 ± .0000 |"
     assert lines[3] == "| text | 1 | .2500 | .1250 |"
