@@ -141,6 +141,8 @@ class Trainer:
         self.info = ensure_dataset(cfg)
         self.num_items = self.info.num_items
         d, t = cfg["data"], cfg["train"]
+        if t["softmax_items"] not in ("all", "training"):
+            raise ConfigError(f"train.softmax_items must be all or training, got {t['softmax_items']!r}")
         self.model_cfg = ModelConfig.from_dict(cfg["model"])
         # Same seed on every rank: identical dense initialisation (DDP also broadcasts rank 0's).
         self.model = build_model(cfg, self.info)
@@ -160,11 +162,9 @@ class Trainer:
         )
         self.head = self.dmp.module.head if hasattr(self.dmp.module, "head") else self.model.head
         self._load_frozen_tables()
-        softmax_items = self.cfg["train"]["softmax_items"]
-        if softmax_items not in ("all", "training"):
-            raise ConfigError(f"train.softmax_items must be all or training, got {softmax_items!r}")
-        if softmax_items == "training":
-            self.head.softmax_items.copy_(torch.from_numpy(self.info.training_items()))
+        self._warm: Optional[torch.Tensor] = None  # items in some training sequence (cold start)
+        if t["softmax_items"] == "training":
+            self.head.softmax_items.copy_(self._training_items())
             self.head.restrict_softmax = True
         self.optimizer = mdist.build_optimizer(
             self.dmp,
@@ -175,7 +175,6 @@ class Trainer:
         torch.manual_seed(cfg["experiment"]["seed"] * 1000 + self.rank)
         self.kjt_groups = self.model.kjt_groups
         self.all_items = torch.arange(self.num_items, dtype=torch.int64)
-        self._warm: Optional[torch.Tensor] = None  # items in some training sequence (eval.cold_start)
         self.writer = None
         if self.rank == 0 and cfg["log"]["tensorboard"]:
             from torch.utils.tensorboard import SummaryWriter
@@ -402,13 +401,18 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
+    def _training_items(self) -> torch.Tensor:
+        """Whether each item occurs in some training sequence; read once (a pass over users.parquet)."""
+        if self._warm is None:
+            self._warm = torch.from_numpy(self.info.training_items())
+        return self._warm
+
     @torch.no_grad()
     def evaluate(self, split: str) -> Dict[str, float]:
         ev = self.cfg["eval"]
         groups = {"": RankingMetrics(ks=ev["ks"])}
         if ev["cold_start"]:
-            if self._warm is None:
-                self._warm = torch.from_numpy(self.info.training_items())
+            warm = self._training_items()
             groups["cold/"] = RankingMetrics(ks=ev["ks"])
         stream = self._stream(split)
         self.dmp.eval()
@@ -424,7 +428,7 @@ class Trainer:
             for prefix, metrics in groups.items():
                 weight = batch.weight
                 if prefix:  # cold start: only targets that no training sequence contains
-                    weight = weight * (~self._warm[batch.target.cpu()]).to(weight)
+                    weight = weight * (~warm[batch.target.cpu()]).to(weight)
                 metrics.update_ranks(ranks, weight)
         self.dmp.train()
         return {f"{prefix}{k}": v for prefix, metrics in groups.items() for k, v in metrics.compute(self.pg).items()}
