@@ -1,20 +1,29 @@
-"""Training benchmark: steady-state samples/s at the `paper` preset's dims, per mode, 1 and 2 processes.
+"""Training and evaluation benchmark: steady-state samples/s and users/s per mode, side by side.
 
-    .venv/bin/python bench/train.py                      # padded, bucketed, causal; ~10 min on 2 cores
-    .venv/bin/python bench/train.py --mode padded --mode 'wide:model.hidden=600' --steps 8
+    .venv/bin/python bench/train.py                        # reference-shape case, every lever, ~10 min on 2 cores
+    .venv/bin/python bench/train.py --case paper-5k --procs 1,2   # 5,000 items, 1 vs 2 gloo processes
+    .venv/bin/python bench/train.py --mode today --mode 'wide:model.hidden=600' --steps 8
 
-One synthetic dataset with 512-d `text` and `image` features (planted topics, `missrec prepare
-synthetic`) is generated once under --work and reused. Every (mode, processes) cell runs in a fresh
-process group: `Trainer` from `load_config("paper", overrides)`, one re-clustering (so interest
-tokens look like training's), a warm-up epoch of --warmup steps, then a measured epoch of --steps
-steps. Samples/s is that epoch's `train_epoch` statistic: global rows (batch x ranks) per second,
-including data loading, pipeline set-up and the per-step all-to-alls, excluding evaluation.
-Targets/s counts next-item predictions instead: a causal row (a window) trains every real position,
-so rows/s alone would undersell it.
+Cases (one synthetic dataset each, `missrec prepare synthetic`, 512-d `text` and `image` features,
+generated once under --work and reused):
+- `reference-shape`: the data of issue 10's side-by-side run against the reference implementation:
+  3,000 users, 1,000 items, sequences of 5-60 (mean ~17.7), 10% of items without an image.
+- `paper-5k`: 5,000 items, 2e5 interactions (full softmax over a catalogue like the paper's Amazon
+  domains).
+
+Modes: the first is `today`, the padded fp32 path this project had before issue 10 (every history
+padded to 50, torch dropout, history rows adapted again, fp32, evaluation through the sharded
+forward); then each speed lever switched on alone; then `fast` (the defaults: every lever) and
+`causal` (the defaults plus the one-pass causal model). Every (mode, processes) cell runs in fresh
+processes: `Trainer` from `load_config("paper", overrides)`, one re-clustering, a warm-up epoch of
+--warmup steps, then a measured epoch of as many steps as fill --seconds (at least --steps, at most
+--max-steps), then (1 process only) two timed validation passes over every user, unmasked and
+with the history masked. Samples/s: global training rows (batch x ranks) per second, data loading
+included. Targets/s: next-item predictions (one per row; causal: one per real position).
 
 Threads: each cell gets the same cores (--cores): 1 process uses all of them, 2 processes one share
-each, so the 2-process column shows sharding overhead, not extra hardware. A mode whose override
-names a key that configs/defaults.yaml does not have yet is reported as "n/a (unknown key)".
+each. The reference implementation's figures are external (issue 10: official code, CPU, 2 cores,
+same data shape, another run); every other ratio is measured in this run.
 """
 
 from __future__ import annotations
@@ -29,8 +38,32 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODES = ["padded", "bucketed:data.length_buckets=true", "causal:model.causal=true"]
+TODAY = ("data.length_buckets=false model.fast_dropout=false train.precision=fp32 train.gather_history=false "
+         "eval.engine=dmp")
+LEVERS = {
+    "+fast dropout": "model.fast_dropout=true",
+    "+length buckets": "data.length_buckets=true",
+    "+gather history": "train.gather_history=true",
+    "+bf16": "train.precision=bf16",
+    "+catalogue eval": "eval.engine=catalogue",
+}
+
+
+def _lever(flag: str) -> str:
+    key = flag.split("=")[0]
+    return " ".join([o for o in TODAY.split() if not o.startswith(key + "=")] + [flag])
+
+
+DEFAULT_MODES = ([f"today:{TODAY}"] + [f"{name}:{_lever(flag)}" for name, flag in LEVERS.items()]
+                 + ["fast", "causal:model.causal=true"])
 PRESET = "paper"
+# Issue 10: the reference implementation (gimpong/MM23-MISSRec, CPU, 2 cores) on the reference shape.
+REFERENCE = {"samples_per_s": 284.0, "targets_per_s": 284.0, "eval_users_per_s": 750.0}
+CASES = {
+    "reference-shape": ["--users", "3000", "--items", "1000", "--mean-len", "17.7", "--min-len", "5",
+                        "--max-len", "60", "--missing", "0.1"],
+    "paper-5k": ["--items", "5000", "--interactions", "2e5"],
+}
 
 
 def parse_mode(text: str) -> Tuple[str, List[str]]:
@@ -53,8 +86,8 @@ def check_mode(overrides: List[str]) -> Optional[str]:
 
 
 def ensure_dataset(args: argparse.Namespace) -> Path:
-    """The synthetic dataset, generated once per (items, interactions) and reused across runs."""
-    out = args.work / f"paper-{args.items}-{args.interactions:.0e}"
+    """The case's synthetic dataset, generated once and reused across runs."""
+    out = args.work / args.case
     if (out / "stats.json").is_file():
         return out
     sys.path.insert(0, str(ROOT))
@@ -63,10 +96,22 @@ def ensure_dataset(args: argparse.Namespace) -> Path:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path)
     synthetic.add_arguments(p)
-    gen = p.parse_args(["--out", str(out), "--items", str(args.items), "--interactions", str(args.interactions),
-                        "--modalities", "text:512,image:512", "--seed", "0"])
+    gen = p.parse_args(["--out", str(out), *CASES[args.case], "--modalities", "text:512,image:512", "--seed", "0"])
     prepare("synthetic", gen)
     return out
+
+
+def cpu_line() -> str:
+    """The CPU model and whether it has native bf16, from lscpu (machines of one kind differ)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "cpu: lscpu not available"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    model = fields.get("Model name", "?").strip()
+    flags = set(fields.get("Flags", "").split())
+    native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"cpu: {model}; native bf16: {', '.join(native) or 'none'}"
 
 
 def base_overrides(args: argparse.Namespace, data: Path) -> List[str]:
@@ -80,7 +125,8 @@ def base_overrides(args: argparse.Namespace, data: Path) -> List[str]:
 
 
 def measure(overrides: List[str], warmup: int, steps: int, seconds: float, max_steps: int) -> Dict[str, float]:
-    """Runs inside each rank: warm-up epoch, then the measured epoch; rank 0's stats come back."""
+    """Runs inside each rank: warm-up epoch, the measured epoch, then (1 process) two validation
+    passes; rank 0's stats come back."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -101,7 +147,15 @@ def measure(overrides: List[str], warmup: int, steps: int, seconds: float, max_s
     stats = trainer.train_epoch(1, progress)
     if trainer.world > 1:
         torch.distributed.all_reduce(targets, group=trainer.pg)
-    stats.update(world=trainer.world, targets_per_s=float(targets) / stats["seconds"])
+    stats.update(world=trainer.world, targets_per_s=float(targets) / stats["seconds"], precision=trainer.precision)
+    if trainer.world == 1:
+        for masked in (False, True):
+            cfg["eval"]["mask_history"] = masked
+            start = time.perf_counter()
+            metrics = trainer.evaluate("valid")
+            key = "eval_masked" if masked else "eval"
+            stats[key + "_users_per_s"] = metrics["count"] / (time.perf_counter() - start)
+            stats[key + "_ndcg@10"] = metrics["ndcg@10"]
     return stats
 
 
@@ -161,32 +215,53 @@ def run_cell(args: argparse.Namespace, overrides: List[str], procs: int) -> Dict
     return json.loads(lines[-1])
 
 
-def fmt_cell(cell: Dict, key: str, ref: Optional[float], steps: bool = False) -> str:
-    """'rate (ratio to the reference[; steps measured])', or the cell's reason for having no number."""
+def fmt_cell(cell: Dict, key: str, today: Optional[float], external: Optional[float] = None,
+             steps: bool = False) -> str:
+    """'rate (x today[; x reference][; steps measured])', or the cell's reason for having no number."""
     if "error" in cell:
         return cell["error"]
-    notes = [f"{cell[key] / ref:.2f}x"] if ref else []
+    if key not in cell:
+        return ""
+    notes = [f"{cell[key] / today:.2f}x"] if today else []
+    if external:
+        notes.append(f"{cell[key] / external:.1f}x ref")
     if steps:
         notes.append(f"{cell['steps']} steps")
     return f"{cell[key]:.0f}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def print_table(rows: List[Tuple[str, List[str], Dict[int, Dict]]], procs: List[int]) -> None:
+COLUMNS = [("samples/s", "samples_per_s"), ("targets/s", "targets_per_s")]
+EVAL_COLUMNS = [("eval users/s", "eval_users_per_s"), ("eval users/s, masked", "eval_masked_users_per_s")]
+
+
+def print_table(rows: List[Tuple[str, List[str], Dict[int, Dict]]], procs: List[int], external: bool) -> None:
     first = rows[0][2].get(procs[0], {})
-    refs = {k: first.get(k) for k in ("samples_per_s", "targets_per_s")}
-    head = ["mode", "overrides"]
+    head = ["mode", "precision"]
     for p in procs:
-        head += [f"{p} proc samples/s", f"{p} proc targets/s"]
+        head += [f"{p} proc {title}" for title, _ in COLUMNS]
+    head += [title for title, _ in EVAL_COLUMNS] + ["valid NDCG@10 (unmasked / masked)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for name, overrides, cells in rows:
-        line = [name, " ".join(overrides) or "(none)"]
+    for name, _, cells in rows:
+        one = cells[procs[0]]
+        line = [name, one.get("precision", "")]
         for p in procs:
-            line += [fmt_cell(cells[p], "samples_per_s", refs["samples_per_s"], steps=True),
-                     fmt_cell(cells[p], "targets_per_s", refs["targets_per_s"])]
+            for _, key in COLUMNS:
+                ref = REFERENCE.get(key) if external else None
+                line.append(fmt_cell(cells[p], key, first.get(key), ref, steps=key == "samples_per_s"))
+        for _, key in EVAL_COLUMNS:
+            ref = REFERENCE["eval_users_per_s"] if external else None
+            line.append(fmt_cell(one, key, first.get(key), ref))
+        line.append(f"{one['eval_ndcg@10']:.4f} / {one['eval_masked_ndcg@10']:.4f}" if "eval_ndcg@10" in one else "")
         print("| " + " | ".join(line) + " |")
-    print(f"\n(ratio) = against {rows[0][0]} with {procs[0]} process. samples = training rows (batch x ranks); "
-          "targets = next-item predictions in those rows (one per row, except causal: one per real position).")
+    print(f"\n(Nx) = against {rows[0][0]} with {procs[0]} process, measured in this run. samples = training rows "
+          "(batch x ranks); targets = next-item predictions in those rows (one per row, except causal: one per "
+          "real position). Evaluation: every validation user, full ranking, 1 process.")
+    if external:
+        print("(Nx ref) = against the reference implementation's figures from issue 10 (external: official code "
+              f"on a 2-core CPU, same data shape): {REFERENCE['samples_per_s']:.0f} samples/s, "
+              f"{REFERENCE['eval_users_per_s']:.0f} users/s.")
+    print("overrides: " + "; ".join(f"{name}: {' '.join(o) or '(defaults)'}" for name, o, _ in rows))
 
 
 def main() -> None:
@@ -195,8 +270,9 @@ def main() -> None:
     p.add_argument("--mode", action="append", metavar="NAME[:KEY=VALUE ...]",
                    help="a mode: a name and config overrides, space-separated; repeat for several "
                         f"(default: {' / '.join(DEFAULT_MODES)}); the first is the ratio reference")
-    p.add_argument("--procs", default="1,2",
-                   help="process counts, comma-separated (default 1,2; more than 1 runs under torchrun, gloo)")
+    p.add_argument("--case", choices=sorted(CASES), default="reference-shape", help="data set (default reference-shape)")
+    p.add_argument("--procs", default="1",
+                   help="process counts, comma-separated (default 1; more than 1 runs under torchrun, gloo)")
     p.add_argument("--steps", type=int, default=3, help="fewest measured training steps per cell (default 3)")
     p.add_argument("--seconds", type=float, default=30.0,
                    help="measure as many steps as fill this many seconds at the warm-up's pace, at least --steps "
@@ -204,10 +280,6 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=64, help="most measured steps per cell (default 64)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per cell, not measured (default 1)")
     p.add_argument("--batch-size", type=int, default=512, help="rows per rank per step (default 512, the paper's)")
-    p.add_argument("--items", type=int, default=5_000,
-                   help="catalogue size; full softmax scores all of it every step (default 5000, about the "
-                        "paper's Amazon domains)")
-    p.add_argument("--interactions", type=float, default=2e5, help="synthetic interactions (default 2e5)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                    help="torch threads shared by each cell's processes (default: all cores)")
     p.add_argument("--work", type=Path, default=Path("/tmp/missrec-bench-train"),
@@ -223,9 +295,12 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     data = ensure_dataset(args)
     procs = [int(x) for x in args.procs.split(",")]
-    print(f"preset {PRESET} (512-d text+image, hidden 300, full softmax over {args.items:,} items), batch "
-          f"{args.batch_size}/rank, {args.warmup} warm-up step(s), then {args.steps}..{args.max_steps} measured steps "
-          f"(~{args.seconds:.0f}s), {args.cores} cores per cell", flush=True)
+    stats = json.loads((data / "stats.json").read_text())
+    print(f"case {args.case}: {stats['users']:,} users, {stats['items']:,} items, {stats['training_rows']:,} training "
+          f"rows; preset {PRESET} (512-d text+image, hidden 300, full softmax), batch {args.batch_size}/rank, "
+          f"{args.warmup} warm-up step(s), then {args.steps}..{args.max_steps} measured steps (~{args.seconds:.0f}s), "
+          f"{args.cores} cores per cell", flush=True)
+    print(cpu_line(), flush=True)
     rows = []
     for text in args.mode or DEFAULT_MODES:
         name, overrides = parse_mode(text)
@@ -237,7 +312,7 @@ def main() -> None:
             took = time.perf_counter() - start
             print(f"  {name} x{n}: {fmt_cell(cells[n], 'samples_per_s', None)} ({took:.0f}s)", file=sys.stderr, flush=True)
         rows.append((name, overrides, cells))
-    print_table(rows, procs)
+    print_table(rows, procs, external=args.case == "reference-shape")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from datapipes.batch import PAD, SeqBatch, candidates_key, history_key, target_key
+from missrec_torchrec import precision
 from missrec_torchrec.model import losses
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import MISSRecCore
@@ -55,6 +56,18 @@ def _next_items(seq: torch.Tensor, last_target: torch.Tensor, last: torch.Tensor
     nxt = torch.roll(seq, -1, dims=1)
     nxt[torch.arange(seq.shape[0], device=seq.device), last] = last_target.to(seq.dtype)
     return nxt
+
+
+def _fp32(like: torch.Tensor):
+    return torch.autocast(like.device.type, enabled=False)
+
+
+def _float(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.float()
+
+
+def _floats(xs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in xs.items()}
 
 
 def _materialise(outputs) -> Dict[str, JaggedTensor]:
@@ -107,6 +120,9 @@ class MISSRecHead(nn.Module):
         # train.softmax_items=training: the items the finetune softmax may use (set by the trainer).
         self.register_buffer("softmax_items", torch.ones(num_items, dtype=torch.bool), persistent=False)
         self.restrict_softmax = False
+        # Speed levers (set by the trainer from the config; bench/train.py measures each).
+        self.precision = "fp32"  # or "bf16": autocast of adapters and encoder-decoder (precision.py)
+        self.gather_history = True  # history tokens gathered from the adapted catalogue when it is at hand
 
     def assignments(self) -> Dict[str, torch.Tensor]:
         return {m: getattr(self, f"assign_{m}") for m in self.modalities}
@@ -153,20 +169,40 @@ class MISSRecHead(nn.Module):
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         feats = _materialise(feature_outputs)
         ids = _materialise(id_outputs)
+        with precision.autocast(self.precision, batch.history.device):
+            return self._forward(batch, feats, ids)
+
+    def _whole_catalogue(self, batch: SeqBatch) -> bool:
+        """Whether the candidates are every item in index order (full softmax and evaluation)."""
+        sampled = self.training and (self.loss == "sampled_softmax" or self.mode == "pretrain")
+        return not sampled and batch.candidates.numel() == self.num_items
+
+    def _forward(self, batch: SeqBatch, feats, ids) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         cfg = self.config
         max_len = batch.history.shape[1]
-        # Frozen tables: detached, so no backward runs into their kernels at all.
-        hist_raw = {m: dense_history(feats[history_key(m)], max_len).detach() for m in self.modalities}
-        hist_id = dense_history(ids[history_key(ID_TABLE)], max_len) if cfg.use_id else None
-        adapted = self.core.adapt(hist_raw)
+        cands = None
+        if self.gather_history and self._whole_catalogue(batch):
+            # The catalogue is adapted for the candidates anyway: history tokens gather from it
+            # instead of adapting B x L rows again (adapters are linear, so the values are equal).
+            cands = self._catalogue(feats, ids)
+            safe = batch.history.clamp(min=0)
+            hist_raw = None
+            adapted = {m: F.embedding(safe, v) for m, v in cands[0].items()}
+            hist_id = F.embedding(safe, cands[1]) if cfg.use_id else None
+        else:
+            # Frozen tables: detached, so no backward runs into their kernels at all.
+            hist_raw = {m: dense_history(feats[history_key(m)], max_len).detach() for m in self.modalities}
+            hist_id = dense_history(ids[history_key(ID_TABLE)], max_len) if cfg.use_id else None
+            adapted = self.core.adapt(hist_raw)
         if self.training and cfg.causal:
-            return self._causal_forward(batch, feats, ids, adapted, hist_id)
+            return self._causal_forward(batch, feats, ids, adapted, hist_id, cands)
         u, memory, memory_mask = self.encode(batch.history, adapted, hist_id)
+        u, memory = u.float(), memory.float()
         reg = self.core.regulariser(memory, memory_mask)
         out: Dict[str, torch.Tensor] = {"user": u}
 
         if not self.training or self.mode == "finetune":
-            scores = self._candidate_scores(u, batch, feats, ids)
+            scores = self._candidate_scores(u, batch, feats, ids, cands)
             if not self.training:
                 out["scores"] = scores
                 loss = reg.detach() * 0
@@ -179,26 +215,38 @@ class MISSRecHead(nn.Module):
             return loss, out
 
         # Pre-training: in-batch seq->item InfoNCE + lambda seq->augmented-seq + gamma regulariser.
+        if hist_raw is None:
+            hist_raw = {m: dense_history(feats[history_key(m)], max_len).detach() for m in self.modalities}
         tgt_raw = {m: feats[target_key(m)].values().detach() for m in self.modalities}
         tgt_id = ids[target_key(ID_TABLE)].values() if cfg.use_id else None
-        scores = self.core.score(
-            u, self.core.adapt(tgt_raw), tgt_id, present=self._present_at(batch.target), item_index=batch.target
-        )
+        tgt_adapted = self.core.adapt(tgt_raw)
+        with _fp32(u):
+            scores = self.core.score(
+                u, _floats(tgt_adapted), _float(tgt_id), present=self._present_at(batch.target), item_index=batch.target
+            )
         l_si = losses.seq_item_infonce(
             scores, cfg.temperature, batch.target if cfg.mask_duplicate_targets else None, batch.weight
         )
         u_aug, mem_aug, mask_aug = self._augmented(batch, feats, hist_raw, adapted, hist_id)
+        u_aug, mem_aug = u_aug.float(), mem_aug.float()
         l_ss = losses.seq_seq_infonce(u, u_aug, cfg.temperature, batch.weight)
         reg_aug = self.core.regulariser(mem_aug, mask_aug)
         loss = l_si + cfg.lambda_ss * l_ss + cfg.gamma * (reg + reg_aug)
         out.update(loss=loss.detach(), main=l_si.detach(), seq_seq=l_ss.detach(), reg=reg.detach())
         return loss, out
 
-    def _candidate_scores(self, u, batch, feats, ids) -> torch.Tensor:
-        cands = batch.candidates
+    def _catalogue(self, feats, ids):
+        """(adapted candidate vectors per modality, candidate ID embeddings or None)."""
         cand_raw = {m: feats[candidates_key(m)].values().detach() for m in self.modalities}
         cand_id = ids[candidates_key(ID_TABLE)].values() if self.config.use_id else None
-        return self.core.score(u, self.core.adapt(cand_raw), cand_id, present=self._present_at(cands), item_index=cands)
+        return self.core.adapt(cand_raw), cand_id
+
+    def _candidate_scores(self, u, batch, feats, ids, cands=None) -> torch.Tensor:
+        """Scores in fp32 whatever the autocast: bf16 cosines would tie far more often."""
+        adapted, cand_id = cands if cands is not None else self._catalogue(feats, ids)
+        c = batch.candidates
+        with _fp32(u):
+            return self.core.score(u.float(), _floats(adapted), _float(cand_id), present=self._present_at(c), item_index=c)
 
     def _target_items(self, batch, feats, ids):
         """(adapted target vectors per modality, target ID embeddings or None), B x D each."""
@@ -217,29 +265,31 @@ class MISSRecHead(nn.Module):
         if self.loss == "full_softmax":
             # Candidates are the catalogue in index order: the target index is the column.
             return losses.full_softmax_ce(scores, target, cfg.temperature, weight)
-        pos = self.core.score_pairs(
-            u,
-            {m: v.unsqueeze(1) for m, v in tgt_adapted.items()},
-            tgt_id.unsqueeze(1) if tgt_id is not None else None,
-            present={m: p.unsqueeze(1) for m, p in self._present_at(target).items()},
-            item_index=target.unsqueeze(1),
-        ).squeeze(1)
+        with _fp32(u):
+            pos = self.core.score_pairs(
+                u,
+                {m: v.float().unsqueeze(1) for m, v in tgt_adapted.items()},
+                tgt_id.float().unsqueeze(1) if tgt_id is not None else None,
+                present={m: p.unsqueeze(1) for m, p in self._present_at(target).items()},
+                item_index=target.unsqueeze(1),
+            ).squeeze(1)
         neg_logq = losses.expected_logq(cands, cands.numel(), self.num_items)
         return losses.sampled_softmax(pos, scores, target, cands, cfg.temperature, neg_logq=neg_logq, weight=weight)
 
-    def _causal_forward(self, batch, feats, ids, adapted, hist_id):
+    def _causal_forward(self, batch, feats, ids, adapted, hist_id, cands=None):
         """One-pass causal training: every history position predicts the next item (its last
         position the row's target), one loss term per position, as one prefix row each would."""
         y, memory, memory_mask = self.encode(batch.history, adapted, hist_id, all_positions=True)
+        y, memory = y.float(), memory.float()
         valid = batch.history != PAD
         last = valid.sum(1) - 1
         target = _next_items(batch.history, batch.target, last)[valid]
         u = y[valid]
         weight = batch.weight.unsqueeze(1).expand_as(valid)[valid]
-        scores = self._candidate_scores(u, batch, feats, ids)
+        scores = self._candidate_scores(u, batch, feats, ids, cands)
         tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
         if tgt_adapted is not None:
-            tgt_adapted = {m: _next_items(adapted[m], v, last)[valid] for m, v in tgt_adapted.items()}
+            tgt_adapted = {m: _next_items(adapted[m].float(), v.float(), last)[valid] for m, v in tgt_adapted.items()}
             tgt_id = _next_items(hist_id, tgt_id, last)[valid] if tgt_id is not None else None
         main = self._finetune_main(u, scores, batch.candidates, target, tgt_adapted, tgt_id, weight)
         reg = self.core.regulariser(memory, memory_mask)

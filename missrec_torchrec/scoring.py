@@ -41,11 +41,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from datapipes.batch import SeqBatch, add_candidates
+from datapipes.batch import SeqBatch
 from datapipes.schema import DataError, atomic_dir, atomic_file
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec.config import ConfigError, load_config
-from missrec_torchrec.recommender import ID_GROUP, ID_TABLE, candidates_key
+from missrec_torchrec.catalogue import ItemBank, item_ranges, item_tables, item_vector_chunks
+from missrec_torchrec.recommender import ID_TABLE
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -57,7 +58,6 @@ SCORE_SCHEMA = pa.schema(
     ]
 )
 METADATA_KEY = b"missrec.score"
-LOOKUP_CHUNK = 65536  # catalogue rows fetched from the sharded tables per collective lookup
 MERGE_ROWS_PER_GROUP = 8192  # users per row group of the merged output
 CERTIFY_MARGIN = 1e-5  # retrieval and re-scoring round differently; a certificate must survive that
 FAIL_ENV = "MISSREC_SCORE_FAIL_AFTER_BATCHES"  # test hook: crash before committing past N batches
@@ -139,89 +139,6 @@ def open_model(cfg: Dict[str, Any], step_dir: Path, write_config: bool = False):
         raise DataError(f"{step_dir}: cannot load the checkpoint into this model ({reason[:300]})") from None
     trainer.dmp.eval()
     return trainer
-
-
-def _ec_of(trainer, table: str):
-    module = trainer.dmp.module
-    for group, tables in trainer.kjt_groups.items():
-        if table in tables:
-            return module.ids[group] if group == ID_GROUP else module.features[group]
-    raise KeyError(table)
-
-
-def item_tables(trainer) -> List[str]:
-    """What an item is made of: the modalities, then the ID table in transductive mode."""
-    head = trainer.head
-    return list(head.modalities) + ([ID_TABLE] if head.config.use_id else [])
-
-
-@torch.no_grad()
-def item_vector_chunks(trainer, table: str, chunk: int = LOOKUP_CHUNK) -> Iterator[Tuple[int, torch.Tensor]]:
-    """(first item, vectors) over the whole catalogue: adapted modality vectors, or raw ID vectors.
-
-    Collective: every rank must consume the whole iterator (the rows come from the sharded tables).
-    """
-    from missrec_torchrec.distributed import lookup_rows
-
-    ec = _ec_of(trainer, table)
-    n = trainer.num_items
-    for lo in range(0, n, chunk):
-        ids = torch.arange(lo, min(n, lo + chunk), device=trainer.device)
-        rows = lookup_rows(ec, candidates_key(table), ids, pg=trainer.pg)
-        yield lo, rows if table == ID_TABLE else trainer.head.core.adapt({table: rows})[table]
-
-
-@torch.no_grad()
-def user_vectors(trainer, batch: SeqBatch) -> torch.Tensor:
-    """Unit user vectors of a batch from the sharded model's forward. Collective (one call per batch
-    on every rank). With no candidates the head scores nothing and only encodes the histories."""
-    no_items = torch.zeros(0, dtype=torch.int64)
-    _, out = trainer.dmp(add_candidates(batch, trainer.kjt_groups, no_items).to(trainer.device))
-    return out["user"]
-
-
-# ------------------------------------------------------------------------------------------------
-# The catalogue and the top-K
-
-
-class ItemBank:
-    """Every item's unit vectors per table (modalities, then IDs), replicated on each rank, and the
-    model's fusion over their cosines.
-
-    Memory: items x hidden x tables floats per rank (twice that for a one-modality model with IDs,
-    which scores raw summed vectors); catalogues beyond that would shard the bank across ranks and
-    merge per-rank top-Ks.
-    """
-
-    def __init__(self, trainer):
-        self.core = trainer.head.core
-        self.num_items = trainer.num_items
-        self.modalities = list(trainer.head.modalities)
-        self.use_id = trainer.head.config.use_id
-        # One modality with IDs scores normalize(v + id), which no function of cosines gives.
-        self.summed = len(self.modalities) == 1 and self.use_id
-        self.present = {m: p.to(trainer.device) for m, p in trainer.head.presence().items()}
-        raw = {t: torch.cat([v for _, v in item_vector_chunks(trainer, t)]) for t in item_tables(trainer)}
-        self.unit = {t: F.normalize(v, dim=-1) for t, v in raw.items()}
-        self.raw = raw if self.summed else {}
-
-    def cosines(self, u: torch.Tensor, lo: int, hi: int) -> Dict[str, torch.Tensor]:
-        """B x (hi - lo) cosines per table."""
-        return {t: u @ v[lo:hi].T for t, v in self.unit.items()}
-
-    def fused(self, u: torch.Tensor, sims: Dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        """Exact scores of items `idx` (C shared by the rows, or B x S) from their cosines `sims`."""
-        present = {m: p[idx] for m, p in self.present.items()}
-        if self.summed:
-            fn = self.core.score if idx.dim() == 1 else self.core.score_pairs
-            items = {m: self.raw[m][idx] for m in self.modalities}
-            return fn(u, items, self.raw[ID_TABLE][idx], present=present, item_index=idx)
-        modal = {m: sims[m] for m in self.modalities}
-        return self.core.fuse(modal, sims.get(ID_TABLE), present, item_index=idx)
-
-    def chunk_scores(self, u: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        idx = torch.arange(lo, hi, device=u.device)
-        return self.fused(u, {} if self.summed else self.cosines(u, lo, hi), idx)
 
 
 class RunningTopK:
@@ -309,15 +226,10 @@ class Seen:
         return scores
 
 
-def _chunks(n: int, size: int) -> Iterator[Tuple[int, int]]:
-    for lo in range(0, n, size):
-        yield lo, min(n, lo + size)
-
-
 def exact_topk(bank: ItemBank, u: torch.Tensor, k: int, chunk: int, seen: Optional[Seen]):
     """(scores, items) B x k: the whole catalogue scored exactly, chunk by chunk."""
     top = RunningTopK(u.shape[0], k, u.device)
-    for lo, hi in _chunks(bank.num_items, chunk):
+    for lo, hi in item_ranges(bank.num_items, chunk):
         scores = bank.chunk_scores(u, lo, hi)
         top.add(seen.mask(scores, lo, hi) if seen is not None else scores, torch.arange(lo, hi, device=u.device))
     return top.result()
@@ -332,7 +244,7 @@ def approx_topk(bank: ItemBank, u: torch.Tensor, k: int, per_table: int, chunk: 
     """
     b, tables = u.shape[0], list(bank.unit)
     tops = {t: RunningTopK(b, per_table, u.device, payload=len(tables)) for t in tables}
-    for lo, hi in _chunks(bank.num_items, chunk):
+    for lo, hi in item_ranges(bank.num_items, chunk):
         sims = bank.cosines(u, lo, hi)
         if seen is not None:  # a seen item then never enters any list, so its payload never matters
             for plane in sims.values():
@@ -652,11 +564,11 @@ def _run_batches(trainer, stream, parts: RankParts, scorer: BatchScorer, opts: S
     stats: Dict[str, float] = {}
     segment_start, committed = max(done, start), 0
     for i, batch in enumerate(stream, start=start):
-        u = user_vectors(trainer, batch)  # every rank, every batch: the lookups are collectives
         if bar is not None:
             bar.update(1)
         if i < done:
-            continue  # committed before the restart: computed only to keep the collectives matched
+            continue  # committed before the restart
+        u = scorer.bank.encode(batch.history.to(trainer.device))
         users, items, scores, batch_stats = scorer(batch, u)
         pending.append(score_table(users, items, scores, *keys))
         for key, value in batch_stats.items():
@@ -690,7 +602,7 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
         stream = trainer._stream(opts.split)
         plan = _plan(opts, step_dir, trainer.world, cfg["data"]["eval_batch_size"], stream)
         rank_parts = RankParts(_rank_folder(parts, trainer.rank), plan, opts.resume)
-        bank = ItemBank(trainer)
+        bank = ItemBank(trainer, trainer.precision)
         scorer = BatchScorer(bank, opts, stream.num_users)
         keys = (Keys(trainer.info.users_path, "user_index", "user_key"),
                 Keys(trainer.info.items_path, None, "item_key"))

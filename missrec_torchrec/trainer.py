@@ -25,6 +25,8 @@ from datapipes.schema import DataError, DatasetInfo, atomic_file
 from datapipes.stream import SequenceStream, make_loader
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
+from missrec_torchrec import precision
+from missrec_torchrec.catalogue import ItemBank, ec_of
 from missrec_torchrec.config import ConfigError, dump_config
 from missrec_torchrec.metrics import RankingMetrics, target_ranks
 from missrec_torchrec.model.config import ModelConfig
@@ -86,6 +88,7 @@ def run_name(cfg: Dict[str, Any]) -> str:
         f"lr{t['lr']:g}",
         f"b{d['batch_size']}",
         f"s{cfg['experiment']['seed']}",
+        precision.resolve(t["precision"], torch.device("cuda" if torch.cuda.is_available() else "cpu")),
     ]
     if t.get("init_checkpoint"):
         parts.append("peft" if t["peft"] else "ft")
@@ -161,6 +164,9 @@ class Trainer:
             device=self.device,
         )
         self.head = self.dmp.module.head if hasattr(self.dmp.module, "head") else self.model.head
+        self.precision = precision.resolve(t["precision"], self.device)
+        self.head.precision = self.precision
+        self.head.gather_history = bool(t["gather_history"])
         self._load_frozen_tables()
         self._warm: Optional[torch.Tensor] = None  # items in some training sequence (cold start)
         if t["softmax_items"] == "training":
@@ -169,7 +175,8 @@ class Trainer:
         self.optimizer = mdist.build_optimizer(
             self.dmp,
             frozen_tables=self.model.frozen_tables,
-            dense_kwargs={"lr": t["lr"], "weight_decay": t["weight_decay"]},
+            # foreach: one kernel per op over all ~40 dense tensors (off by default on CPU).
+            dense_kwargs={"lr": t["lr"], "weight_decay": t["weight_decay"], "foreach": True},
         )
         # Dropout and augmentation differ per rank; data order comes from the streams' own seeds.
         torch.manual_seed(cfg["experiment"]["seed"] * 1000 + self.rank)
@@ -269,7 +276,7 @@ class Trainer:
         ids = self.all_items[lo:hi].to(self.device)
         points, present = {}, {}
         for m in head.modalities:
-            ec = self._ec_of(m)
+            ec = ec_of(self, m)
             raw = mdist.lookup_rows(ec, candidates_key(m), ids, pg=self.pg)
             points[m] = core.adapt({m: raw})[m].float()
             present[m] = getattr(head, f"present_{m}")[lo:hi]
@@ -293,12 +300,6 @@ class Trainer:
             "seconds": time.time() - t0,
         }
         return stats
-
-    def _ec_of(self, table: str):
-        for g, ec in self.dmp.module.features.items():
-            if table in self.kjt_groups[g]:
-                return ec
-        raise KeyError(table)
 
     def _gather_slices(self, local: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         if self.world == 1:
@@ -416,15 +417,7 @@ class Trainer:
             groups["cold/"] = RankingMetrics(ks=ev["ks"])
         stream = self._stream(split)
         self.dmp.eval()
-        for batch in self._with_candidates(stream, lambda: self.all_items):
-            batch = batch.to(self.device)
-            _, out = self.dmp(batch)
-            ranks = target_ranks(
-                out["scores"],
-                batch.target,
-                batch.seen_offsets if ev["mask_history"] else None,
-                batch.seen_values if ev["mask_history"] else None,
-            )
+        for batch, ranks in self._ranked(stream, ev):
             for prefix, metrics in groups.items():
                 weight = batch.weight
                 if prefix:  # cold start: only targets that no training sequence contains
@@ -432,6 +425,25 @@ class Trainer:
                 metrics.update_ranks(ranks, weight)
         self.dmp.train()
         return {f"{prefix}{k}": v for prefix, metrics in groups.items() for k, v in metrics.compute(self.pg).items()}
+
+    def _ranked(self, stream: SequenceStream, ev: Dict[str, Any]) -> Iterator:
+        """(batch, target ranks) over a split. eval.engine=catalogue: the catalogue adapted once,
+        users encoded in length-sorted sub-batches, items scored in chunks (catalogue.py);
+        dmp: each batch through the sharded model's forward with the catalogue as candidates."""
+        masked = ev["mask_history"]
+        if ev["engine"] == "catalogue":
+            bank = ItemBank(self, self.precision)
+            for batch in stream:
+                batch = batch.to(self.device)
+                u = bank.encode(batch.history)
+                exclude = (batch.seen_offsets, batch.seen_values) if masked else (None, None)
+                yield batch, bank.ranks(u, batch.target, ev["chunk_items"], *exclude)
+            return
+        for batch in self._with_candidates(stream, lambda: self.all_items):
+            batch = batch.to(self.device)
+            _, out = self.dmp(batch)
+            exclude = (batch.seen_offsets, batch.seen_values) if masked else (None, None)
+            yield batch, target_ranks(out["scores"], batch.target, *exclude)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -512,6 +524,7 @@ class Trainer:
                     "mode": t["mode"], "use_id": self.model_cfg.use_id, "hidden": self.model_cfg.hidden,
                     "lr": t["lr"], "batch_size": self.cfg["data"]["batch_size"],
                     "modalities": "+".join(self.modality_dims), "world_size": self.world,
+                    "precision": self.precision,
                 }
                 self.writer.add_hparams(hparams, {f"hparam/test_{k}": v for k, v in test.items()})
                 self.writer.close()
@@ -530,7 +543,7 @@ class Trainer:
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         unchanged = True
         for m in self.model.frozen_tables:
-            rows = mdist.lookup_rows(self._ec_of(m), candidates_key(m), self.all_items.to(self.device), pg=self.pg)
+            rows = mdist.lookup_rows(ec_of(self, m), candidates_key(m), self.all_items.to(self.device), pg=self.pg)
             unchanged &= bool(torch.equal(rows.cpu(), torch.from_numpy(self.info.load_features(m)[0])))
         record = {"rank": self.rank, "dense": digest.hexdigest(), "frozen_tables_unchanged": unchanged}
         (self.run_dir / f"fingerprint.rank{self.rank}.json").write_text(json.dumps(record) + "\n")

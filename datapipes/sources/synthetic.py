@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--items", type=int, default=10_000, help="catalogue size (default 10000)")
     size.add_argument("--mean-len", type=float, default=20.0, help="mean sequence length (default 20)")
     size.add_argument("--min-len", type=int, default=5, help="shortest sequence, >= 3 (default 5)")
+    size.add_argument("--max-len", type=int, default=None,
+                      help="longest sequence: longer draws are cut to it (default: no cap)")
     shape = p.add_argument_group("planted structure")
     shape.add_argument("--topics", type=int, default=50, help="latent topics (default 50)")
     shape.add_argument("--stay", type=float, default=0.7,
@@ -127,6 +129,8 @@ def check_args(args: argparse.Namespace) -> int:
         raise DataError(f"--min-len {args.min_len}: leave-one-out needs at least 3 items per user")
     if args.mean_len < args.min_len:
         raise DataError(f"--mean-len {args.mean_len} is below --min-len {args.min_len}")
+    if args.max_len is not None and args.max_len < max(args.min_len, args.mean_len):
+        raise DataError(f"--max-len {args.max_len} is below --min-len {args.min_len} or --mean-len {args.mean_len}")
     if args.topics < 1 or args.items < args.topics:
         raise DataError(f"--topics {args.topics} must be >= 1 and <= --items {args.items}")
     for flag in ("stay", "prefer", "missing"):
@@ -226,6 +230,8 @@ def generate_users(args, cat: Catalogue, lo: int, hi: int, first_step: int) -> T
     else:
         tail = np.zeros(n_users)
     lengths = args.min_len + tail.astype(np.int64)
+    if args.max_len is not None:
+        np.minimum(lengths, args.max_len, out=lengths)
     # Preferences: 1..MAX_PREFERRED topic slots per user.
     u = uniforms(args.seed, S_USER_PREF, (MAX_PREFERRED + 1) * lo, (MAX_PREFERRED + 1) * n_users)
     u = u.reshape(n_users, MAX_PREFERRED + 1)
@@ -285,6 +291,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
             "seed": args.seed,
             "mean_len": args.mean_len,
             "min_len": args.min_len,
+            "max_len": args.max_len,
             "stay": args.stay,
             "prefer": args.prefer,
             "popularity": args.popularity,
