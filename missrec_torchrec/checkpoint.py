@@ -5,13 +5,16 @@ Layout of `ckpt_dir`:
     step_<N>/            one complete checkpoint: DCP files (model + optimizer, resharded on load,
                          so a checkpoint saved by W ranks loads into any world size),
                          progress.json (rank 0's progress dict + world size), rank_<r>.pt (rank r's
-                         RNG states and data-pipe position)
+                         RNG states and data-pipe position), and the caller's extra files (the
+                         trainer's core.pt)
     step_<N>.tmp/        a save in flight or interrupted: never read, removed by the next save
     latest, best         pointer files naming a step_<N> folder (best also holds its metric)
 
-A save writes everything into `step_<N>.tmp`, waits for every rank, then rank 0 renames the folder
-(atomic), rewrites `latest` (temp file + os.replace) and applies keep-last-K retention, which never
-removes the `best` checkpoint. A crash at any point leaves `latest` on the previous complete one.
+A save writes everything into `step_<N>.tmp` (every rank's files, then rank 0's extra files), waits
+for every rank, then rank 0 renames the folder (atomic), moves `best` (when the metric improved) and
+`latest` (temp file + os.replace each), and applies keep-last-K retention, which never removes the
+`best` checkpoint. A crash at any point leaves `latest` on the previous complete one, and a pointer
+only ever names a folder that already holds every file of its checkpoint.
 
 Learning rates are not saved (torchrec's KeyedOptimizer leaves param groups out): the trainer derives
 them from its config and the restored step.
@@ -39,6 +42,9 @@ from datapipes.schema import atomic_file
 
 LATEST, BEST = "latest", "best"
 PROGRESS_FILE = "progress.json"
+# Test hook: MISSREC_CKPT_FAIL_AT=<phase> simulates a crash right after that phase of a save.
+FAIL_AT_ENV = "MISSREC_CKPT_FAIL_AT"
+SAVE_PHASES = ("files", "extra", "rename", "best", "latest")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -242,11 +248,13 @@ class CheckpointManager:
         progress: Optional[Mapping[str, Any]] = None,
         rank_state: Optional[Mapping[str, Any]] = None,
         metric: Optional[float] = None,
+        extra_files: Optional[Mapping[str, Any]] = None,
     ) -> Path:
         """Checkpoint as `step_<step>`. `progress` (JSON-able, rank 0's copy is kept: epoch, best
         metric, ...) is global; `rank_state` (torch.load-safe: dicts, lists, numbers, tensors) and the
         RNG states are this rank's. `metric` (global; rank 0's value is used) updates `best` when it
-        improves on it."""
+        improves on it. `extra_files` (rank 0's: file name -> object for torch.save) are written into
+        the step folder before it is published, so no pointer ever names a step without them."""
         tmp = self.dir / f"step_{step}.tmp"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -256,9 +264,13 @@ class CheckpointManager:
         self._barrier()
         _write_tmp(tmp, self._state(model, optimizer), self.rank, {
             "rng": capture_rng_state(), "user": dict(rank_state or {})})
+        _phase("files")
         if self.rank == 0:
             payload = {"progress": dict(progress or {}), "step": step, "world_size": self.world_size}
             (tmp / PROGRESS_FILE).write_text(json.dumps(payload))
+            for name, obj in (extra_files or {}).items():
+                torch.save(obj, tmp / name)
+            _phase("extra")
         self._barrier()  # every rank's files are in tmp before it becomes visible
         if self.rank == 0:
             _publish(self, tmp, step, metric)
@@ -327,16 +339,27 @@ def _write_tmp(tmp: Path, state: Dict[str, Any], rank: int, rank_state: Dict[str
 
 def _publish(manager: CheckpointManager, tmp: Path, step: int, metric: Optional[float]) -> None:
     """Rank 0: make the tmp folder the checkpoint, then move the pointers. Order matters: a crash
-    before the rename leaves only a .tmp; after it, `latest` still names a complete checkpoint."""
+    before the rename leaves only a .tmp; after it, every pointer still names a complete checkpoint."""
     final = manager.dir / f"step_{step}"
     if final.exists():  # re-saving a step after a resume: `latest` falls back to a scan meanwhile
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(manager.dir)
-    _write_pointer(manager.dir, LATEST, {"checkpoint": final.name, "step": step})
+    _phase("rename")
+    # `best` first: a crash between the two pointers then only repeats work on resume (from the
+    # previous `latest`) instead of losing this step's `best`.
     if metric is not None and manager._better(metric):
         _write_pointer(manager.dir, BEST, {"checkpoint": final.name, "step": step, "metric": float(metric)})
+    _phase("best")
+    _write_pointer(manager.dir, LATEST, {"checkpoint": final.name, "step": step})
+    _phase("latest")
     manager._retain()
+
+
+def _phase(name: str) -> None:
+    """Test hook: a simulated crash right after save phase `name` when MISSREC_CKPT_FAIL_AT names it."""
+    if os.environ.get(FAIL_AT_ENV) == name:
+        raise SystemExit(f"{FAIL_AT_ENV}={name}: simulated crash")
 
 
 def _fsync_dir(path: Path) -> None:
