@@ -215,6 +215,14 @@ def write_items(path: Path | str, keys, domains, texts=None) -> int:
     return n
 
 
+def check_finite(vectors: np.ndarray, source: object, first_row: int = 0) -> None:
+    """Refuse feature rows holding NaN or inf, naming `source` and the row (= item index)."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        row = first_row + int(np.argmax(bad))
+        raise DataError(f"{source}: row {row} (item {row}) has NaN or inf values")
+
+
 class FeatureWriter:
     """Streams a modality's feature rows (in item order) into `features/<modality>.parquet`."""
 
@@ -232,10 +240,7 @@ class FeatureWriter:
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise DataError(f"{source}: feature rows must be N x {self.dim}, got shape {vectors.shape}")
-        bad = ~np.isfinite(vectors).all(axis=1)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise DataError(f"{source}: row {self.rows + row} (item {self.rows + row}) has NaN or inf values")
+        check_finite(vectors, source, self.rows)
         np_dtype = np.float16 if self.dtype == "float16" else np.float32
         flat = pa.array(np.ascontiguousarray(vectors, dtype=np_dtype).reshape(-1))
         n = vectors.shape[0]
@@ -328,12 +333,51 @@ class DatasetInfo:
         return out
 
     def load_features(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        """The whole feature table as (N x dim float32 array, N bool present mask)."""
+        """The whole feature table as (N x dim float32 array, N bool present mask), refused (naming the
+        file and row) unless it has one finite row of the recorded dim per item, present or not."""
         m = self.modalities[modality]
-        table = pq.read_table(m.path)
+        table = self._read_features(m.path, pq.read_table, m)
         vec = table.column("vector").combine_chunks()
-        values = vec.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        return values.reshape(-1, m.dim), table.column("present").to_numpy()
+        values = vec.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, m.dim)
+        check_finite(values, m.path)
+        self._check_rows(m, len(values))
+        return values, table.column("present").to_numpy()
+
+    def iter_features(self, modality: str, batch_rows: int = 1 << 16) -> Iterator[np.ndarray]:
+        """The feature table's vectors, a (rows x dim) batch at a time in item order, with
+        `load_features`'s checks in flat memory (the row count once the last batch is read)."""
+        m = self.modalities[modality]
+        rows = 0
+        for batch in self._read_features(m.path, pq.ParquetFile, m).iter_batches(columns=["vector"],
+                                                                                  batch_size=batch_rows):
+            values = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, m.dim)
+            check_finite(values, m.path, rows)
+            rows += len(values)
+            yield values
+        self._check_rows(m, rows)
+
+    def check_features(self, modality: str) -> None:
+        for _ in self.iter_features(modality):
+            pass
+
+    @staticmethod
+    def _read_features(path: Path, reader, m: "ModalityInfo"):
+        if not path.is_file():
+            raise DataError(f"{path}: missing (stats.json lists modality {m.name!r})")
+        try:
+            opened = reader(path)
+            schema = opened.schema if reader is pq.read_table else opened.schema_arrow
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        vector = schema.field("vector").type if "vector" in schema.names else None
+        if getattr(vector, "list_size", None) != m.dim or "present" not in schema.names:
+            raise DataError(f"{path}: needs a 'vector' column of {m.dim} values per row (got {vector}) "
+                            f"and a 'present' column")
+        return opened
+
+    def _check_rows(self, m: "ModalityInfo", rows: int) -> None:
+        if rows != self.num_items:
+            raise DataError(f"{m.path}: {rows} feature rows for the dataset's {self.num_items} items")
 
 
     def training_items(self) -> np.ndarray:

@@ -61,6 +61,8 @@ def _inspect(args) -> None:
     from datapipes.schema import DatasetInfo
 
     info = DatasetInfo.open(args.dataset)
+    for name in info.modalities:  # refuse a bad table before printing anything
+        info.check_features(name)
     if args.json:
         print(json.dumps(info.stats, indent=2, sort_keys=True))
         return
@@ -172,7 +174,24 @@ def _train(args) -> None:
     if args.dry_run:
         trainer.dry_run(cfg, args.world_size)
     else:
+        _check_features(cfg)
         trainer.train(cfg)
+
+
+def _check_features(cfg) -> None:
+    """Refuse a bad feature table of an existing dataset (NaN/inf, rows, dim) before the trainer
+    creates its run folder. A dataset the trainer prepares itself is checked as it loads."""
+    from datapipes.schema import STATS_FILE, DatasetInfo
+    from missrec_torchrec.recommender import AUG_TABLE
+
+    root = Path(cfg["data"]["dataset"])
+    if not (root / STATS_FILE).is_file():
+        return
+    info = DatasetInfo.open(root)
+    used = [*cfg["data"]["modalities"], *([AUG_TABLE] if cfg["train"]["mode"] == "pretrain" else [])]
+    for name in used:
+        if name in info.modalities:
+            info.check_features(name)
 
 
 def _evaluate(args) -> None:
