@@ -24,7 +24,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -92,17 +92,62 @@ def feature_path(root: Path | str, modality: str) -> Path:
 # Writing without leaving partial output behind
 
 
-@contextmanager
-def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that becomes `out` only if the block finishes.
-
-    On any exception the temporary folder is removed and `out` is left as it was.
-    """
-    out = Path(out)
+def check_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path | str] = ()) -> None:
+    """Refuse an output folder that replacing would be wrong for: the filesystem root, the working
+    directory or a folder holding it, a plain file, a folder holding one of the command's `inputs`,
+    or (without `overwrite`) any existing path."""
+    target = out.resolve()
+    if target.parent == target:
+        raise DataError(f"{out}: is the filesystem root; choose a folder to create")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise DataError(f"{out}: is the working directory or holds it; choose a folder to create")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not an output folder; refusing to replace it")
+    for given in inputs:
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            raise DataError(f"{out}: holds the input {given}; choose an output folder outside the inputs")
     if out.exists() and not overwrite:
         raise DataError(f"{out}: output folder exists (pass --overwrite to replace it)")
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary siblings of `out` (.NAME.tmp-PID-* / .NAME.old-PID-*) whose process is gone:
+    what a killed run on the same output left behind."""
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for path in out.parent.iterdir():
+            pid = path.name[len(prefix):].split("-")[0]
+            if not path.name.startswith(prefix) or (pid.isdigit() and _alive(int(pid))):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextmanager
+def atomic_dir(out: Path | str, overwrite: bool = False, inputs: Sequence[Path | str] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling folder that becomes `out` only if the block finishes.
+
+    On any exception the temporary folder is removed and `out` is left as it was. `out` is checked
+    first (`check_output_dir`), and temporary siblings left by killed runs are removed.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -110,7 +155,7 @@ def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

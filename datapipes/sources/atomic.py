@@ -444,7 +444,7 @@ def write_atomic(dataset_dir: Path | str, out_folder: Path | str, name: str, *, 
             or info.stats.get("atomic", {}).get("layout") == "pretrain"
         )
     tokens, domain_offsets = _item_tokens(info, domains, pretrain)
-    with atomic_dir(Path(out_folder), overwrite=overwrite) as tmp:
+    with atomic_dir(Path(out_folder), overwrite=overwrite, inputs=[info.root]) as tmp:
         _write_inter_files(info, tokens, tmp, name)
         for modality, suffix in MODALITY_SUFFIX.items():
             if modality in info.modalities:
