@@ -117,8 +117,10 @@ def _remove_stale(out: Path) -> None:
     for kind in ("tmp", "old"):
         prefix = f".{out.name}.{kind}-"
         for path in out.parent.iterdir():
+            if not path.name.startswith(prefix):
+                continue
             pid = path.name[len(prefix):].split("-")[0]
-            if not path.name.startswith(prefix) or (pid.isdigit() and _alive(int(pid))):
+            if pid.isdigit() and _alive(int(pid)):
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

@@ -5,8 +5,8 @@ Layout of `ckpt_dir`:
     step_<N>/            one complete checkpoint: DCP files (model + optimizer, resharded on load,
                          so a checkpoint saved by W ranks loads into any world size),
                          progress.json (rank 0's progress dict + world size), rank_<r>.pt (rank r's
-                         RNG states and data-pipe position), and the caller's extra files (the
-                         trainer's core.pt), and manifest.json (size and sha256 of each of those
+                         RNG states and data-pipe position), the caller's extra files (the
+                         trainer's core.pt) and manifest.json (size and sha256 of each of those
                          files, written last; every load verifies it)
     step_<N>.tmp/        a save in flight or interrupted: never read, removed by the next save
     latest, best         pointer files naming a step_<N> folder (best also holds its metric)
@@ -225,7 +225,7 @@ def verify_checkpoint(path: Path | str) -> None:
 
 def newest_intact(ckpt_dir: Path | str, exclude: Sequence[Path] = ()) -> Optional[Path]:
     """The highest complete step under `ckpt_dir` that verifies, other than `exclude`."""
-    for step, path in sorted(complete_checkpoints(ckpt_dir).items(), reverse=True):
+    for path in reversed(list(complete_checkpoints(ckpt_dir).values())):
         if path in exclude:
             continue
         try:

@@ -86,3 +86,12 @@ def test_every_default_key_has_a_rule():
     assert set(RULES) <= keys
     unchecked = {k for k in keys - set(RULES) if not isinstance(defaults[k.split(".")[0]][k.split(".")[1]], bool)}
     assert unchecked == set()
+
+
+def test_allowed_names_match_the_code_that_uses_them():
+    from missrec_torchrec.distributed import FUSED_OPTIMIZERS, SHARDING_TYPES
+    from missrec_torchrec.model.config import ACTIVATIONS, FUSIONS
+
+    for key, names in [("train.sharding", SHARDING_TYPES), ("train.sparse_optimizer", tuple(FUSED_OPTIMIZERS)),
+                       ("model.fusion", FUSIONS), ("model.activation", ACTIVATIONS)]:
+        assert RULES[key][0].startswith(f"one of {', '.join(names)}"), key
