@@ -562,17 +562,24 @@ def compute_features(
     encoder = make_encoder(encoder_spec, items, options)
 
     cache = parts_dir(info.root, modality)
+    made = [p for p in (cache.parent, cache) if not p.exists()]
     cache.mkdir(parents=True, exist_ok=True)
     key = _cache_key(encoder, len(items))
     starts = range(0, len(items), chunk_size)
     parts = [cache / f"{key}-{chunk_size}-{i:06d}.parquet" for i in range(len(starts))]
-    with tqdm(total=len(items), unit="item", desc=f"{modality} [{encoder_spec}]", disable=None if progress else True) as bar:
-        for start, part in zip(starts, parts):
-            stop = min(start + chunk_size, len(items))
-            if part.is_file():
-                bar.update(stop - start)
-                continue
-            _write_part(part, start, *_encode_chunk(encoder, start, stop, options.batch_size, bar))
+    try:
+        with tqdm(total=len(items), unit="item", desc=f"{modality} [{encoder_spec}]", disable=None if progress else True) as bar:
+            for start, part in zip(starts, parts):
+                stop = min(start + chunk_size, len(items))
+                if part.is_file():
+                    bar.update(stop - start)
+                    continue
+                _write_part(part, start, *_encode_chunk(encoder, start, stop, options.batch_size, bar))
+    except BaseException:
+        for folder in reversed(made):  # nothing to resume from: leave no empty folder behind
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
     dim, present = _merge(parts, out, dtype, normalize)
     encoder_record = encoder_spec + (" +l2norm" if normalize else "")

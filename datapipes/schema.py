@@ -24,7 +24,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -92,17 +92,64 @@ def feature_path(root: Path | str, modality: str) -> Path:
 # Writing without leaving partial output behind
 
 
-@contextmanager
-def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that becomes `out` only if the block finishes.
-
-    On any exception the temporary folder is removed and `out` is left as it was.
-    """
-    out = Path(out)
+def check_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path | str] = ()) -> None:
+    """Refuse an output folder that replacing would be wrong for: the filesystem root, the working
+    directory or a folder holding it, a plain file, a folder holding one of the command's `inputs`,
+    or (without `overwrite`) any existing path."""
+    target = out.resolve()
+    if target.parent == target:
+        raise DataError(f"{out}: is the filesystem root; choose a folder to create")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise DataError(f"{out}: is the working directory or holds it; choose a folder to create")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not an output folder; refusing to replace it")
+    for given in inputs:
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            raise DataError(f"{out}: holds the input {given}; choose an output folder outside the inputs")
     if out.exists() and not overwrite:
         raise DataError(f"{out}: output folder exists (pass --overwrite to replace it)")
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary siblings of `out` (.NAME.tmp-PID-* / .NAME.old-PID-*) whose process is gone:
+    what a killed run on the same output left behind."""
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for path in out.parent.iterdir():
+            if not path.name.startswith(prefix):
+                continue
+            pid = path.name[len(prefix):].split("-")[0]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextmanager
+def atomic_dir(out: Path | str, overwrite: bool = False, inputs: Sequence[Path | str] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling folder that becomes `out` only if the block finishes.
+
+    On any exception the temporary folder is removed and `out` is left as it was. `out` is checked
+    first (`check_output_dir`), and temporary siblings left by killed runs are removed.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -110,7 +157,7 @@ def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -215,6 +262,14 @@ def write_items(path: Path | str, keys, domains, texts=None) -> int:
     return n
 
 
+def check_finite(vectors: np.ndarray, source: object, first_row: int = 0) -> None:
+    """Refuse feature rows holding NaN or inf, naming `source` and the row (= item index)."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        row = first_row + int(np.argmax(bad))
+        raise DataError(f"{source}: row {row} (item {row}) has NaN or inf values")
+
+
 class FeatureWriter:
     """Streams a modality's feature rows (in item order) into `features/<modality>.parquet`."""
 
@@ -232,10 +287,7 @@ class FeatureWriter:
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise DataError(f"{source}: feature rows must be N x {self.dim}, got shape {vectors.shape}")
-        bad = ~np.isfinite(vectors).all(axis=1)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise DataError(f"{source}: row {self.rows + row} (item {self.rows + row}) has NaN or inf values")
+        check_finite(vectors, source, self.rows)
         np_dtype = np.float16 if self.dtype == "float16" else np.float32
         flat = pa.array(np.ascontiguousarray(vectors, dtype=np_dtype).reshape(-1))
         n = vectors.shape[0]
@@ -328,12 +380,51 @@ class DatasetInfo:
         return out
 
     def load_features(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        """The whole feature table as (N x dim float32 array, N bool present mask)."""
+        """The whole feature table as (N x dim float32 array, N bool present mask), refused (naming the
+        file and row) unless it has one finite row of the recorded dim per item, present or not."""
         m = self.modalities[modality]
-        table = pq.read_table(m.path)
+        table = self._read_features(m.path, pq.read_table, m)
         vec = table.column("vector").combine_chunks()
-        values = vec.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        return values.reshape(-1, m.dim), table.column("present").to_numpy()
+        values = vec.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, m.dim)
+        check_finite(values, m.path)
+        self._check_rows(m, len(values))
+        return values, table.column("present").to_numpy()
+
+    def iter_features(self, modality: str, batch_rows: int = 1 << 16) -> Iterator[np.ndarray]:
+        """The feature table's vectors, a (rows x dim) batch at a time in item order, with
+        `load_features`'s checks in flat memory (the row count once the last batch is read)."""
+        m = self.modalities[modality]
+        rows = 0
+        for batch in self._read_features(m.path, pq.ParquetFile, m).iter_batches(columns=["vector"],
+                                                                                  batch_size=batch_rows):
+            values = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, m.dim)
+            check_finite(values, m.path, rows)
+            rows += len(values)
+            yield values
+        self._check_rows(m, rows)
+
+    def check_features(self, modality: str) -> None:
+        for _ in self.iter_features(modality):
+            pass
+
+    @staticmethod
+    def _read_features(path: Path, reader, m: "ModalityInfo"):
+        if not path.is_file():
+            raise DataError(f"{path}: missing (stats.json lists modality {m.name!r})")
+        try:
+            opened = reader(path)
+            schema = opened.schema if reader is pq.read_table else opened.schema_arrow
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        vector = schema.field("vector").type if "vector" in schema.names else None
+        if getattr(vector, "list_size", None) != m.dim or "present" not in schema.names:
+            raise DataError(f"{path}: needs a 'vector' column of {m.dim} values per row (got {vector}) "
+                            f"and a 'present' column")
+        return opened
+
+    def _check_rows(self, m: "ModalityInfo", rows: int) -> None:
+        if rows != self.num_items:
+            raise DataError(f"{m.path}: {rows} feature rows for the dataset's {self.num_items} items")
 
 
     def training_items(self) -> np.ndarray:

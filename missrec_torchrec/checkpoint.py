@@ -5,13 +5,19 @@ Layout of `ckpt_dir`:
     step_<N>/            one complete checkpoint: DCP files (model + optimizer, resharded on load,
                          so a checkpoint saved by W ranks loads into any world size),
                          progress.json (rank 0's progress dict + world size), rank_<r>.pt (rank r's
-                         RNG states and data-pipe position)
+                         RNG states and data-pipe position), the caller's extra files (the
+                         trainer's core.pt) and manifest.json (size and sha256 of each of those
+                         files, written last; every load verifies it)
     step_<N>.tmp/        a save in flight or interrupted: never read, removed by the next save
     latest, best         pointer files naming a step_<N> folder (best also holds its metric)
 
-A save writes everything into `step_<N>.tmp`, waits for every rank, then rank 0 renames the folder
-(atomic), rewrites `latest` (temp file + os.replace) and applies keep-last-K retention, which never
-removes the `best` checkpoint. A crash at any point leaves `latest` on the previous complete one.
+A save writes everything into `step_<N>.tmp` (every rank's files, then rank 0's extra files), waits
+for every rank, then rank 0 renames the folder (atomic), moves `best` (when the metric improved) and
+`latest` (temp file + os.replace each), and applies keep-last-K retention, which never removes the
+`best` checkpoint. A crash at any point leaves `latest` on the previous complete one, and a pointer
+only ever names a folder that already holds every file of its checkpoint. A load that finds a file
+missing, truncated or altered since the save stops with one line naming the file and the newest intact
+checkpoint (checkpoints from before manifests existed load unchecked).
 
 Learning rates are not saved (torchrec's KeyedOptimizer leaves param groups out): the trainer derives
 them from its config and the restored step.
@@ -19,6 +25,7 @@ them from its config and the restored step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -35,15 +42,19 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from datapipes.schema import atomic_file
+from datapipes.schema import DataError, atomic_file
 
 LATEST, BEST = "latest", "best"
 PROGRESS_FILE = "progress.json"
+MANIFEST_FILE = "manifest.json"
+# Test hook: MISSREC_CKPT_FAIL_AT=<phase> simulates a crash right after that phase of a save.
+FAIL_AT_ENV = "MISSREC_CKPT_FAIL_AT"
+SAVE_PHASES = ("files", "extra", "manifest", "rename", "best", "latest")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(DataError, RuntimeError):
+    """A missing, incomplete or damaged checkpoint; a DataError, so the CLI reports it in one line."""
 
 
 # -- RNG -----------------------------------------------------------------------------------------
@@ -142,7 +153,99 @@ def resolve_checkpoint(path: Path | str) -> Path:
         found = best_checkpoint(path) or latest_checkpoint(path)
     if found is None:
         raise CheckpointError(f"{path}: no complete checkpoint there")
-    return found
+    return check_intact(found)
+
+
+# -- manifest ------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_digest(files: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and sha256 of every file in `folder` (the manifest also checksums itself)."""
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    with open(folder / MANIFEST_FILE, "w") as f:
+        json.dump({"files": files, "sha256": _files_digest(files)}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# Checkpoints verified by this process, with the (size, mtime) of each file then: evaluation and
+# scoring resolve a checkpoint and then load it, and need not hash it twice.
+_verified: Dict[Path, Tuple] = {}
+
+
+def _stats(path: Path, names) -> Tuple:
+    stats = [(path / name).stat() for name in names]
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in zip(names, stats))
+
+
+def verify_checkpoint(path: Path | str) -> None:
+    """Raise CheckpointError naming the first file of checkpoint `path` that is missing, truncated or
+    altered since its manifest was written. A checkpoint without a manifest (older code) passes."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        return
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+        intact = manifest["sha256"] == _files_digest(files)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        intact = False
+    if not intact:
+        raise CheckpointError(f"{manifest_file}: damaged (its own checksum does not match)")
+    for name in sorted(files):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing from the checkpoint")
+    key = path.resolve()
+    stats = _stats(path, sorted(files))
+    if _verified.get(key) == stats:
+        return
+    for name, entry in sorted(files.items()):
+        size = (path / name).stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{path / name}: truncated or extended ({size:,} bytes, "
+                                  f"the manifest says {entry['bytes']:,})")
+        if _sha256(path / name) != entry["sha256"]:
+            raise CheckpointError(f"{path / name}: damaged (sha256 differs from the manifest)")
+    _verified[key] = stats
+
+
+def newest_intact(ckpt_dir: Path | str, exclude: Sequence[Path] = ()) -> Optional[Path]:
+    """The highest complete step under `ckpt_dir` that verifies, other than `exclude`."""
+    for path in reversed(list(complete_checkpoints(ckpt_dir).values())):
+        if path in exclude:
+            continue
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def check_intact(path: Path) -> Path:
+    """`path` once verified; a damaged one is refused naming the file and the newest intact step."""
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        fallback = newest_intact(path.parent, exclude=[path])
+        hint = (f"newest intact checkpoint: {fallback} (remove {path} to fall back to it)" if fallback
+                else f"no intact checkpoint in {path.parent}")
+        raise CheckpointError(f"{e}; {hint}") from None
+    return path
 
 
 # -- optimizer state -----------------------------------------------------------------------------
@@ -242,11 +345,13 @@ class CheckpointManager:
         progress: Optional[Mapping[str, Any]] = None,
         rank_state: Optional[Mapping[str, Any]] = None,
         metric: Optional[float] = None,
+        extra_files: Optional[Mapping[str, Any]] = None,
     ) -> Path:
         """Checkpoint as `step_<step>`. `progress` (JSON-able, rank 0's copy is kept: epoch, best
         metric, ...) is global; `rank_state` (torch.load-safe: dicts, lists, numbers, tensors) and the
         RNG states are this rank's. `metric` (global; rank 0's value is used) updates `best` when it
-        improves on it."""
+        improves on it. `extra_files` (rank 0's: file name -> object for torch.save) are written into
+        the step folder before it is published, so no pointer ever names a step without them."""
         tmp = self.dir / f"step_{step}.tmp"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -256,11 +361,17 @@ class CheckpointManager:
         self._barrier()
         _write_tmp(tmp, self._state(model, optimizer), self.rank, {
             "rng": capture_rng_state(), "user": dict(rank_state or {})})
+        _phase("files")
         if self.rank == 0:
             payload = {"progress": dict(progress or {}), "step": step, "world_size": self.world_size}
             (tmp / PROGRESS_FILE).write_text(json.dumps(payload))
+            for name, obj in (extra_files or {}).items():
+                torch.save(obj, tmp / name)
+            _phase("extra")
         self._barrier()  # every rank's files are in tmp before it becomes visible
         if self.rank == 0:
+            write_manifest(tmp)  # last: it covers every other file
+            _phase("manifest")
             _publish(self, tmp, step, metric)
         self._barrier()
         return self.dir / f"step_{step}"
@@ -297,6 +408,7 @@ class CheckpointManager:
                 raise CheckpointError(f"{path}: not a complete checkpoint (no {PROGRESS_FILE})")
         if path is None:
             return None
+        check_intact(path)
         saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         if optimizer is not None:
             _init_lazy_state(optimizer, saved_keys)
@@ -312,7 +424,10 @@ class CheckpointManager:
         rank_state = None
         rank_file = path / f"rank_{self.rank}.pt"
         if payload["world_size"] == self.world_size and rank_file.exists():
-            saved = torch.load(rank_file, weights_only=True)
+            try:
+                saved = torch.load(rank_file, weights_only=True)
+            except Exception as e:  # a checkpoint without a manifest can still be damaged
+                raise CheckpointError(f"{rank_file}: unreadable ({str(e).splitlines()[0]})") from None
             if restore_rng:
                 restore_rng_state(saved["rng"])
             rank_state = saved["user"]
@@ -327,16 +442,27 @@ def _write_tmp(tmp: Path, state: Dict[str, Any], rank: int, rank_state: Dict[str
 
 def _publish(manager: CheckpointManager, tmp: Path, step: int, metric: Optional[float]) -> None:
     """Rank 0: make the tmp folder the checkpoint, then move the pointers. Order matters: a crash
-    before the rename leaves only a .tmp; after it, `latest` still names a complete checkpoint."""
+    before the rename leaves only a .tmp; after it, every pointer still names a complete checkpoint."""
     final = manager.dir / f"step_{step}"
     if final.exists():  # re-saving a step after a resume: `latest` falls back to a scan meanwhile
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(manager.dir)
-    _write_pointer(manager.dir, LATEST, {"checkpoint": final.name, "step": step})
+    _phase("rename")
+    # `best` first: a crash between the two pointers then only repeats work on resume (from the
+    # previous `latest`) instead of losing this step's `best`.
     if metric is not None and manager._better(metric):
         _write_pointer(manager.dir, BEST, {"checkpoint": final.name, "step": step, "metric": float(metric)})
+    _phase("best")
+    _write_pointer(manager.dir, LATEST, {"checkpoint": final.name, "step": step})
+    _phase("latest")
     manager._retain()
+
+
+def _phase(name: str) -> None:
+    """Test hook: a simulated crash right after save phase `name` when MISSREC_CKPT_FAIL_AT names it."""
+    if os.environ.get(FAIL_AT_ENV) == name:
+        raise SystemExit(f"{FAIL_AT_ENV}={name}: simulated crash")
 
 
 def _fsync_dir(path: Path) -> None:

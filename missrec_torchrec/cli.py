@@ -61,6 +61,8 @@ def _inspect(args) -> None:
     from datapipes.schema import DatasetInfo
 
     info = DatasetInfo.open(args.dataset)
+    for name in info.modalities:  # refuse a bad table before printing anything
+        info.check_features(name)
     if args.json:
         print(json.dumps(info.stats, indent=2, sort_keys=True))
         return
@@ -172,7 +174,37 @@ def _train(args) -> None:
     if args.dry_run:
         trainer.dry_run(cfg, args.world_size)
     else:
+        _check_features(cfg)
+        _announce_run_dir(cfg)
         trainer.train(cfg)
+
+
+def _announce_run_dir(cfg) -> None:
+    """Fix the run folder's name (rank 0's, for every rank) and print it before anything else."""
+    from missrec_torchrec.distributed import init_distributed
+    from missrec_torchrec.trainer import _broadcast, log0, run_name
+
+    init_distributed()  # the trainer joins the same process group
+    c = cfg["checkpoint"]
+    if not c["run_dir"]:
+        c["run_dir"] = _broadcast(str(Path(cfg["experiment"]["out_dir"]) / run_name(cfg)))
+    log0(f"run folder {c['run_dir']}")
+
+
+def _check_features(cfg) -> None:
+    """Refuse a bad feature table of an existing dataset (NaN/inf, rows, dim) before the trainer
+    creates its run folder. A dataset the trainer prepares itself is checked as it loads."""
+    from datapipes.schema import STATS_FILE, DatasetInfo
+    from missrec_torchrec.recommender import AUG_TABLE
+
+    root = Path(cfg["data"]["dataset"])
+    if not (root / STATS_FILE).is_file():
+        return
+    info = DatasetInfo.open(root)
+    used = [*cfg["data"]["modalities"], *([AUG_TABLE] if cfg["train"]["mode"] == "pretrain" else [])]
+    for name in used:
+        if name in info.modalities:
+            info.check_features(name)
 
 
 def _evaluate(args) -> None:
@@ -318,7 +350,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_known_warnings() -> None:
+    """Silence the library warnings known to be harmless here, each for the reason given; any other
+    warning still shows."""
+    import logging
+    import warnings
+
+    known = [
+        # torchrec's DistributedModelParallel passes this DDP argument itself: nothing of ours to change.
+        (FutureWarning, r"`broadcast_buffers` is deprecated"),
+        # torchrec's sharded state_dict hands out ShardedTensors; we read them as it gives them.
+        (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+        # The planner's default storage reservation over-estimates dense tensors only in dry runs; it
+        # can only make a plan more cautious, and our plans are checked by tests and --dry-run.
+        (FutureWarning, r"HeuristicalStorageReservation is known to cause issues"),
+        # load_table_rows only reads the (Arrow-backed, read-only) feature rows, copying them into the
+        # table; nothing writes through that tensor.
+        (UserWarning, r"The given NumPy array is not writable"),
+        # torchdata's StatefulDataLoader calls a deprecated torch function internally.
+        (UserWarning, r"'set_vital' is deprecated"),
+    ]
+    for category, message in known:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    logged = {
+        # We build the planner's Topology directly (CPU/gloo or the local GPUs) and planning works with
+        # it; the factory would add validation against fleet hardware configs, which we do not use,
+        # so the message's "otherwise, the job will fail" does not apply.
+        "torchrec.distributed.planner.types": "The topology was constructed directly",
+        # The same dry-run estimate as HeuristicalStorageReservation above, logged once more.
+        "torchrec.distributed.planner.storage_reservations": "There is a known issue with TorchRec's dense",
+        # TrainPipelineSparseDist asks torch.fx whether it is tracing; the API note is for its authors.
+        "torch.fx._symbolic_trace": "is_fx_tracing will return true",
+    }
+    for name, prefix in logged.items():
+        logging.getLogger(name).addFilter(lambda record, prefix=prefix: not record.getMessage().startswith(prefix))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -682,7 +682,8 @@ def export_items(checkpoint: Path | str, out: Path | str, overwrite: bool = Fals
     if out.exists() and not overwrite:
         raise DataError(f"{out}: output folder exists (pass --overwrite to replace it)")
     # Only rank 0 writes; the others take part in the collective lookups.
-    with atomic_dir(out, overwrite=True) if _rank() == 0 else nullcontext(None) as tmp:
+    inputs = [step_dir, Path(cfg["data"]["dataset"])]
+    with atomic_dir(out, overwrite=True, inputs=inputs) if _rank() == 0 else nullcontext(None) as tmp:
         # Serving reads the model settings next to the vectors: config.yaml goes into the export.
         trainer = open_model(_inference_config(cfg, tmp), step_dir, write_config=True)
         item_keys = Keys(trainer.info.items_path, None, "item_key")

@@ -448,16 +448,12 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self, progress: Dict[str, Any], metric: Optional[float] = None) -> Path:
-        path = self.ckpt.save(progress["step"], self.dmp, self.optimizer, progress=progress, metric=metric)
-        if self.rank == 0:
-            # The dense core alone, to initialise a run on another catalogue (train.init_checkpoint).
-            core = {"core": self.head.core.state_dict(), "modality_dims": self.modality_dims,
-                    "model": self.model_cfg.to_dict()}
-            with atomic_file(path / CORE_FILE) as tmp:
-                torch.save(core, tmp)
-        if dist.is_initialized():
-            dist.barrier(group=self.pg)
-        return path
+        # The dense core alone, to initialise a run on another catalogue (train.init_checkpoint). It is
+        # written into the step folder before the folder is published and the pointers move.
+        core = {"core": self.head.core.state_dict(), "modality_dims": self.modality_dims,
+                "model": self.model_cfg.to_dict()}
+        return self.ckpt.save(progress["step"], self.dmp, self.optimizer, progress=progress, metric=metric,
+                              extra_files={CORE_FILE: core})
 
     def load(self, which: Any = "latest", optimizer: bool = True) -> Optional[Dict[str, Any]]:
         restored = self.ckpt.load(self.dmp, self.optimizer if optimizer else None, which=which)

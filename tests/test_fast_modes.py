@@ -285,5 +285,5 @@ def test_softmax_over_training_items_ignores_the_rest():
 def test_softmax_items_must_be_known(synthetic_mm, tmp_path):
     from missrec_torchrec.config import ConfigError
 
-    with pytest.raises(ConfigError, match="train.softmax_items must be all or training"):
+    with pytest.raises(ConfigError, match="config key train.softmax_items: must be one of all, training"):
         _train(synthetic_mm, tmp_path, **{"train.softmax_items": "new"})

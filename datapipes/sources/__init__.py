@@ -35,7 +35,10 @@ def source_module(name: str):
 def prepare(name: str, args: argparse.Namespace) -> dict:
     """Run source `name` into `args.out` atomically and write its stats.json."""
     module = source_module(name)
-    with atomic_dir(Path(args.out), overwrite=getattr(args, "overwrite", False)) as tmp:
+    # Every path flag (--path, --item-text, --inputs ...) is an input that --out must not hold.
+    inputs = [v for value in vars(args).values() for v in (value if isinstance(value, list) else [value])
+              if isinstance(v, Path) and v is not args.out]
+    with atomic_dir(Path(args.out), overwrite=getattr(args, "overwrite", False), inputs=inputs) as tmp:
         stats = module.run(args, tmp)
         write_stats(tmp, stats)
     return stats

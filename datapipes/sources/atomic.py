@@ -444,7 +444,7 @@ def write_atomic(dataset_dir: Path | str, out_folder: Path | str, name: str, *, 
             or info.stats.get("atomic", {}).get("layout") == "pretrain"
         )
     tokens, domain_offsets = _item_tokens(info, domains, pretrain)
-    with atomic_dir(Path(out_folder), overwrite=overwrite) as tmp:
+    with atomic_dir(Path(out_folder), overwrite=overwrite, inputs=[info.root]) as tmp:
         _write_inter_files(info, tokens, tmp, name)
         for modality, suffix in MODALITY_SUFFIX.items():
             if modality in info.modalities:
@@ -529,13 +529,12 @@ def _write_inter_files(info: DatasetInfo, tokens: pa.Array, folder: Path, name: 
 
 
 def _write_feature_files(info: DatasetInfo, modality: str, paths: List[Path], domain_offsets: np.ndarray) -> None:
-    """Rows of features/<modality>.parquet as raw float32, split at domain_offsets into `paths`."""
-    dim = info.modalities[modality].dim
+    """Rows of features/<modality>.parquet (checked) as raw float32, split at domain_offsets into `paths`."""
     files = [open(p, "wb") for p in paths]
     try:
         row = 0
-        for batch in pq.ParquetFile(info.modalities[modality].path).iter_batches(columns=["vector"], batch_size=FEATURE_CHUNK_ROWS):
-            matrix = batch.column(0).flatten().to_numpy(zero_copy_only=False).astype("<f4").reshape(-1, dim)
+        for matrix in info.iter_features(modality, FEATURE_CHUNK_ROWS):
+            matrix = matrix.astype("<f4")
             for d, f in enumerate(files):
                 lo = max(domain_offsets[d], row) - row
                 hi = min(domain_offsets[d + 1], row + len(matrix)) - row

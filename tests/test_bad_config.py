@@ -1,0 +1,97 @@
+"""Bad configuration values: refused before anything is prepared or written, with exit code 2 and one
+line naming the key (unknown keys are covered in test_cli_train.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from missrec_torchrec.cli import main
+from missrec_torchrec.config import DEFAULTS, RULES, _load_yaml, load_config
+
+BAD = [
+    # (overrides, key named in the error, fragment of the error)
+    (["data.batch_size=0"], "data.batch_size", "positive integer, got 0"),
+    (["data.batch_size=-1"], "data.batch_size", "got -1"),
+    (["data.batch_size=abc"], "data.batch_size", "got 'abc'"),
+    (["data.batch_size=1.5"], "data.batch_size", "got 1.5"),
+    (["data.batch_size=true"], "data.batch_size", "got True"),
+    (["data.eval_batch_size=0"], "data.eval_batch_size", "positive integer"),
+    (["data.num_workers=-2"], "data.num_workers", "non-negative integer"),
+    (["data.prefix_sample=0"], "data.prefix_sample", "(0, 1]"),
+    (["data.modalities=text"], "data.modalities", "list"),
+    (["data.length_buckets=maybe"], "data.length_buckets", "true or false"),
+    (["train.lr=-1"], "train.lr", "> 0, got -1"),
+    (["train.lr=0"], "train.lr", "> 0"),
+    (["train.lr=fast"], "train.lr", "got 'fast'"),
+    (["train.lr=.nan"], "train.lr", "got nan"),
+    (["train.epochs=two"], "train.epochs", "non-negative integer, got 'two'"),
+    (["train.epochs=-1"], "train.epochs", "got -1"),
+    (["train.mode=finetuning"], "train.mode", "finetune, pretrain"),
+    (["train.loss=bpr"], "train.loss", "full_softmax, sampled_softmax"),
+    (["train.sparse_optimizer=adam"], "train.sparse_optimizer", "rowwise_adagrad"),
+    (["train.sharding=diagonal"], "train.sharding", "table_wise, row_wise, column_wise"),
+    (["train.sharding={text: diagonal}"], "train.sharding", "mapping"),
+    (["train.num_negatives=0"], "train.num_negatives", "positive integer"),
+    (["train.max_steps_per_epoch=0"], "train.max_steps_per_epoch", "positive integer or null"),
+    (["model.dropout=1.5"], "model.dropout", "[0, 1), got 1.5"),
+    (["model.dropout=1"], "model.dropout", "[0, 1)"),
+    (["model.dropout=-0.1"], "model.dropout", "[0, 1)"),
+    (["model.hidden=30", "model.heads=4"], "model.hidden", "not divisible by model.heads 4"),
+    (["model.heads=0"], "model.heads", "positive integer"),
+    (["model.temperature=0"], "model.temperature", "> 0"),
+    (["model.interest_ratio=0"], "model.interest_ratio", "(0, 1]"),
+    (["model.fusion=mean"], "model.fusion", "dynamic_shared"),
+    (["model.use_id=maybe"], "model.use_id", "true or false"),
+    (["model.kmeans_single_pass=2"], "model.kmeans_single_pass", "true or false"),
+    (["eval.metric=ndcg@20"], "eval.metric", "'ndcg@20' is not one of the metrics eval.ks [10, 50]"),
+    (["eval.metric=recall@10"], "eval.metric", "hr@10, ndcg@10"),
+    (["eval.metric=cold/ndcg@10"], "eval.metric", "cold/ndcg@10"),
+    (["eval.ks=[]"], "eval.ks", "non-empty list"),
+    (["eval.ks=[0, 10]"], "eval.ks", "positive integer"),
+    (["eval.patience=0"], "eval.patience", "positive integer"),
+    (["checkpoint.keep=0"], "checkpoint.keep", "positive integer"),
+    (["checkpoint.every_steps=-5"], "checkpoint.every_steps", "non-negative integer"),
+    (["log.every=0"], "log.every", "positive integer"),
+    (["experiment.seed=x"], "experiment.seed", "non-negative integer"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,fragment", BAD, ids=[" ".join(o) for o, _, _ in BAD])
+@pytest.mark.parametrize("command", ["train", "train --dry-run"])
+def test_bad_value_is_one_line_naming_the_key_and_writes_nothing(tmp_path, monkeypatch, capsys, command,
+                                                                 overrides, key, fragment):
+    monkeypatch.chdir(tmp_path)  # the defaults' relative runs/ and data/ folders would land here
+    argv = [*command.split(), "--config", "ml100k", *overrides]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
+    assert f"config key {key}" in captured.err and fragment in captured.err, captured.err
+    assert captured.out == ""
+    assert os.listdir(tmp_path) == []  # no run folder, no dataset prepared
+
+
+def test_good_values_are_accepted_and_normalised():
+    cfg = load_config("ml100k", ["train.lr=1e-3", "train.sharding=row_wise", "eval.metric=mrr", "model.dropout=0"])
+    assert cfg["train"]["lr"] == 0.001 and isinstance(cfg["train"]["lr"], float)
+    cfg = load_config("ml100k", ["eval.cold_start=true", "eval.metric=cold/ndcg@50", "eval.ks=[5, 50]",
+                                 "train.sharding={text: table_wise}", "model.hidden=32", "model.heads=4"])
+    assert cfg["eval"]["metric"] == "cold/ndcg@50"
+
+
+def test_every_default_key_has_a_rule():
+    defaults = _load_yaml(DEFAULTS)
+    keys = {f"{s}.{k}" for s, v in defaults.items() if isinstance(v, dict) for k in v}
+    assert set(RULES) <= keys
+    unchecked = {k for k in keys - set(RULES) if not isinstance(defaults[k.split(".")[0]][k.split(".")[1]], bool)}
+    assert unchecked == set()
+
+
+def test_allowed_names_match_the_code_that_uses_them():
+    from missrec_torchrec.distributed import FUSED_OPTIMIZERS, SHARDING_TYPES
+    from missrec_torchrec.model.config import ACTIVATIONS, FUSIONS
+
+    for key, names in [("train.sharding", SHARDING_TYPES), ("train.sparse_optimizer", tuple(FUSED_OPTIMIZERS)),
+                       ("model.fusion", FUSIONS), ("model.activation", ACTIVATIONS)]:
+        assert RULES[key][0].startswith(f"one of {', '.join(names)}"), key
