@@ -1,0 +1,219 @@
+"""The fast paths of issue 10 against their reference paths: fast dropout, pairwise fusion, history
+tokens gathered from the adapted catalogue, the catalogue evaluation engine, bf16 autocast."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datapipes.batch import add_candidates
+from datapipes.stream import SequenceStream
+from missrec_torchrec import precision
+from missrec_torchrec.catalogue import ItemBank
+from missrec_torchrec.model import ModelConfig
+from missrec_torchrec.model.dropout import fast_dropout, quantised
+from test_fast_modes import SMALL, _batch, _model, _rows
+from test_train import small_overrides
+
+# ---- fast dropout --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.3, 0.25])
+def test_fast_dropout_keeps_one_minus_p_and_scales_by_its_inverse(p):
+    bits, threshold, keep = quantised(p)
+    assert abs(keep - (1 - p)) <= 2**-16
+    torch.manual_seed(0)
+    x = torch.ones(1_000_003)
+    y = fast_dropout(x, p)
+    kept = y != 0
+    n = x.numel()
+    sigma = (keep * (1 - keep) / n) ** 0.5
+    assert abs(kept.float().mean().item() - keep) < 5 * sigma
+    assert torch.all(y[kept] == torch.tensor(1 / keep))  # every kept element scaled exactly
+    assert abs(y.mean().item() - 1.0) < 5 * sigma / keep  # E[output] = input
+
+
+def test_fast_dropout_is_exact_for_multiples_of_a_256th():
+    assert quantised(0.5) == (8, 128, 0.5)
+    assert quantised(0.25) == (8, 64, 0.75)
+    assert quantised(0.1) == (16, 6554, 1 - 6554 / 65536)
+
+
+def test_fast_dropout_backward_uses_the_forward_mask():
+    torch.manual_seed(1)
+    x = torch.randn(64, 7, 30, requires_grad=True)
+    y = fast_dropout(x, 0.5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    mask = (y != 0) | (x == 0)
+    torch.testing.assert_close(x.grad, g * mask * 2.0)
+    torch.testing.assert_close(y, x.detach() * mask * 2.0)
+
+
+def test_fast_dropout_is_seeded_and_off_outside_training():
+    x = torch.randn(1000)
+    torch.manual_seed(3)
+    a = fast_dropout(x, 0.5)
+    torch.manual_seed(3)
+    b = fast_dropout(x, 0.5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, fast_dropout(x, 0.5))  # the generator advanced
+    assert fast_dropout(x, 0.5, training=False) is x
+    assert fast_dropout(x, 0.0) is x
+    assert torch.equal(fast_dropout(x, 1.0), torch.zeros_like(x))
+
+
+# ---- pairwise fusion -----------------------------------------------------------------------------
+
+
+def _softmax_fusion(s1, s2, p1, p2, alpha):
+    """The paper's formula written out: softmax over modalities of alpha * s, missing ones masked."""
+    s = torch.stack([s1, s2], -1)
+    p = torch.stack(torch.broadcast_tensors(p1, p2), -1).expand_as(s)
+    logits = (s * alpha.unsqueeze(-1)).masked_fill(~p & p.any(-1, keepdim=True), float("-inf"))
+    return (F.softmax(logits, -1) * s * p).sum(-1)
+
+
+@pytest.mark.parametrize("fusion", ["dynamic_shared", "dynamic_instance"])
+def test_pair_fusion_equals_the_softmax_over_modalities_with_gradients(fusion):
+    from missrec_torchrec.model.core import MISSRecCore
+
+    torch.manual_seed(2)
+    core = MISSRecCore(replace(SMALL, fusion=fusion), {"text": 12, "image": 8}, num_items=9).double()
+    with torch.no_grad():
+        core.fusion_alpha.copy_(torch.randn(core.fusion_alpha.shape, dtype=torch.float64))
+    u = F.normalize(torch.randn(6, 16, dtype=torch.float64), dim=-1)
+    items = {m: torch.randn(9, 16, dtype=torch.float64, requires_grad=True) for m in ("text", "image")}
+    present = {"text": torch.tensor([1, 1, 0, 0, 1, 1, 0, 1, 1], dtype=torch.bool),  # item 3: neither
+               "image": torch.tensor([1, 0, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)}
+    fast = core.score(u, items, present=present)
+    alpha = core.fusion_alpha
+    cos = {m: u @ F.normalize(v, dim=-1).T for m, v in items.items()}
+    ref = _softmax_fusion(cos["text"], cos["image"], present["text"], present["image"], alpha)
+    torch.testing.assert_close(fast, ref)
+    leaves = (items["text"], items["image"], alpha)
+    for a, b in zip(torch.autograd.grad(fast.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
+        torch.testing.assert_close(a, b)
+
+
+# ---- history tokens gathered from the adapted catalogue ------------------------------------------
+
+CONFIGS = [SMALL, replace(SMALL, use_id=True),
+           ModelConfig.paper("transductive_ft", **{k: getattr(SMALL, k) for k in
+                                                   ("hidden", "heads", "ffn", "max_len", "dropout", "interest_ratio")})]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["inductive", "transductive", "paper"])
+def test_gathered_history_gives_the_adapted_history_loss_gradients_and_scores(config):
+    model = _model(config)
+    rows = _rows(24, config.max_len)
+    padded, trimmed = _batch(model, rows, config.max_len), _batch(model, rows, int(rows[1].max()))
+    model.train()  # dropout 0: deterministic
+
+    def loss_and_grads(batch, gather):
+        model.head.gather_history = gather
+        model.zero_grad()
+        loss, _ = model(batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.head.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads(padded, False)
+    fast_loss, fast_grads = loss_and_grads(trimmed, True)
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert set(fast_grads) == set(ref_grads)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.eval()
+    with torch.no_grad():
+        model.head.gather_history = False
+        ref = model(padded)[1]
+        model.head.gather_history = True
+        fast = model(trimmed)[1]
+    torch.testing.assert_close(fast["user"], ref["user"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast["scores"], ref["scores"], rtol=1e-5, atol=1e-5)
+
+
+# ---- the catalogue engine on a real batch, and bf16 ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer(synthetic_mm, tmp_path_factory):
+    """A small paper-like transductive model on real (synthetic) data, fp32, dropout off."""
+    from missrec_torchrec.config import load_config
+    from missrec_torchrec.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("speed")
+    cfg = load_config("paper", small_overrides(synthetic_mm, out, **{
+        "model.dropout": 0.0, "train.precision": "fp32", "log.tensorboard": "false", "model.max_len": 20,
+        "data.eval_batch_size": 64}))
+    t = Trainer(cfg)
+    t.recluster(0)
+    t.dmp.eval()
+    return t
+
+
+def _padded_batch(trainer, split="valid"):
+    stream = SequenceStream(trainer.info.root, split=split, batch_size=64, max_len=20, kjt_groups=trainer.kjt_groups,
+                            length_buckets=False, with_seen=True)
+    return next(iter(stream))
+
+
+def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(trainer):
+    batch = _padded_batch(trainer)
+    assert batch.history.shape[1] == 20 and int(batch.lengths.min()) < 20
+    trainer.head.gather_history = False
+    with torch.no_grad():
+        _, ref = trainer.dmp(add_candidates(batch, trainer.kjt_groups, trainer.all_items))
+    trainer.head.gather_history = True
+    bank = ItemBank(trainer, "fp32")
+    u = bank.encode(batch.history, sub_batch=16)  # length-sorted sub-batches, each trimmed
+    torch.testing.assert_close(u, ref["user"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bank.chunk_scores(u, 0, trainer.num_items), ref["scores"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_chunks(trainer, masked):
+    ev = trainer.cfg["eval"]
+    ev["mask_history"] = masked
+    results = {}
+    for engine, chunk in [("dmp", 8192), ("catalogue", 8192), ("catalogue", 7)]:
+        ev["engine"], ev["chunk_items"] = engine, chunk
+        results[engine, chunk] = trainer.evaluate("valid")
+    ev.update(engine="catalogue", chunk_items=8192, mask_history=False)
+    assert results["catalogue", 7] == results["catalogue", 8192]  # chunking changes nothing
+    ref = results["dmp", 8192]
+    assert ref["count"] == 240
+    for key, value in results["catalogue", 8192].items():
+        assert value == pytest.approx(ref[key], abs=1e-9), key
+
+
+# bf16 tolerance (stated in README): unit user vectors within 0.02 per coordinate and 0.99 cosine of
+# fp32's, fused scores within 0.02 (cosines in [-1, 1]).
+BF16_ATOL = 0.02
+
+
+def test_bf16_stays_within_the_stated_tolerance_of_fp32(trainer):
+    batch = _padded_batch(trainer)
+    fp32 = ItemBank(trainer, "fp32")
+    bf16 = ItemBank(trainer, "bf16")
+    u32, u16 = fp32.encode(batch.history), bf16.encode(batch.history)
+    assert u16.dtype == torch.float32
+    assert not torch.equal(u16, u32)  # autocast really ran in bf16
+    torch.testing.assert_close(u16, u32, rtol=0, atol=BF16_ATOL)
+    assert float((u16 * u32).sum(-1).min()) > 0.99
+    s32, s16 = fp32.chunk_scores(u32, 0, trainer.num_items), bf16.chunk_scores(u16, 0, trainer.num_items)
+    torch.testing.assert_close(s16, s32, rtol=0, atol=BF16_ATOL)
+
+
+def test_precision_auto_follows_the_cpu_flags(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert precision.resolve("auto", cpu) == "bf16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx2"})
+    assert precision.resolve("auto", cpu) == "fp32"
+    assert precision.resolve("bf16", cpu) == "bf16" and precision.resolve("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="train.precision"):
+        precision.resolve("fp16", cpu)
