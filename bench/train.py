@@ -38,10 +38,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
-TODAY = ("data.length_buckets=false model.fast_dropout=false train.precision=fp32 train.gather_history=false "
-         "eval.engine=dmp")
+TODAY = ("data.length_buckets=false model.fast_dropout=false model.attention=sdpa model.last_query_only=false "
+         "train.precision=fp32 train.gather_history=false eval.engine=dmp")
 LEVERS = {
     "+fast dropout": "model.fast_dropout=true",
+    "+math attention": "model.attention=math",
+    "+last query only": "model.last_query_only=true",
     "+length buckets": "data.length_buckets=true",
     "+gather history": "train.gather_history=true",
     "+bf16": "train.precision=bf16",

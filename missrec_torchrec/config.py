@@ -194,6 +194,7 @@ RULES: Dict[str, Check] = {
     "model.n_enc_layers": _integer(1),
     "model.n_dec_layers": _integer(1),
     "model.activation": _choice("gelu", "relu"),
+    "model.attention": _choice("auto", "math", "sdpa"),  # as model.config.ATTENTION_KERNELS
     "model.temperature": _number(0, low_open=True),
     "model.fusion": _choice("dynamic_shared", "dynamic_instance", "static"),
     "model.interest_ratio": _number(0, 1, low_open=True, high_open=False),

@@ -197,7 +197,6 @@ class MISSRecHead(nn.Module):
         if self.training and cfg.causal:
             return self._causal_forward(batch, feats, ids, adapted, hist_id, cands)
         u, memory, memory_mask = self.encode(batch.history, adapted, hist_id)
-        u, memory = u.float(), memory.float()
         reg = self.core.regulariser(memory, memory_mask)
         out: Dict[str, torch.Tensor] = {"user": u}
 
@@ -228,7 +227,6 @@ class MISSRecHead(nn.Module):
             scores, cfg.temperature, batch.target if cfg.mask_duplicate_targets else None, batch.weight
         )
         u_aug, mem_aug, mask_aug = self._augmented(batch, feats, hist_raw, adapted, hist_id)
-        u_aug, mem_aug = u_aug.float(), mem_aug.float()
         l_ss = losses.seq_seq_infonce(u, u_aug, cfg.temperature, batch.weight)
         reg_aug = self.core.regulariser(mem_aug, mask_aug)
         loss = l_si + cfg.lambda_ss * l_ss + cfg.gamma * (reg + reg_aug)
@@ -280,7 +278,6 @@ class MISSRecHead(nn.Module):
         """One-pass causal training: every history position predicts the next item (its last
         position the row's target), one loss term per position, as one prefix row each would."""
         y, memory, memory_mask = self.encode(batch.history, adapted, hist_id, all_positions=True)
-        y, memory = y.float(), memory.float()
         valid = batch.history != PAD
         last = valid.sum(1) - 1
         target = _next_items(batch.history, batch.target, last)[valid]

@@ -90,10 +90,10 @@ def test_every_default_key_has_a_rule():
 
 def test_allowed_names_match_the_code_that_uses_them():
     from missrec_torchrec.distributed import FUSED_OPTIMIZERS, SHARDING_TYPES
-    from missrec_torchrec.model.config import ACTIVATIONS, FUSIONS
+    from missrec_torchrec.model.config import ACTIVATIONS, ATTENTION_KERNELS, FUSIONS
     from missrec_torchrec.precision import PRECISIONS
 
     for key, names in [("train.sharding", SHARDING_TYPES), ("train.sparse_optimizer", tuple(FUSED_OPTIMIZERS)),
                        ("model.fusion", FUSIONS), ("model.activation", ACTIVATIONS),
-                       ("train.precision", PRECISIONS)]:
+                       ("train.precision", PRECISIONS), ("model.attention", ATTENTION_KERNELS)]:
         assert RULES[key][0].startswith(f"one of {', '.join(names)}"), key

@@ -217,3 +217,23 @@ def test_precision_auto_follows_the_cpu_flags(monkeypatch):
     assert precision.resolve("bf16", cpu) == "bf16" and precision.resolve("fp32", cpu) == "fp32"
     with pytest.raises(ValueError, match="train.precision"):
         precision.resolve("fp16", cpu)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_last_query_only_gives_every_position_s_user_vectors_and_gradients(layers):
+    config = replace(CONFIGS[2], n_dec_layers=layers)
+    model = _model(config)
+    batch = _batch(model, _rows(24, config.max_len), config.max_len)
+    model.train()  # dropout 0
+
+    def run(last_only):
+        model.head.core.config = replace(config, last_query_only=last_only)
+        model.zero_grad()
+        loss, out = model(batch)
+        loss.backward()
+        return out["user"].detach(), {n: p.grad.clone() for n, p in model.head.named_parameters() if p.grad is not None}
+
+    (u_ref, g_ref), (u_fast, g_fast) = run(False), run(True)
+    torch.testing.assert_close(u_fast, u_ref, rtol=1e-5, atol=1e-6)
+    for name, grad in g_ref.items():
+        torch.testing.assert_close(g_fast[name], grad, rtol=1e-4, atol=1e-6, msg=name)

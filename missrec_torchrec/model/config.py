@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping, Optional
 
 FUSIONS = ("dynamic_shared", "dynamic_instance", "static")
 ACTIVATIONS = ("gelu", "relu")
+ATTENTION_KERNELS = ("auto", "math", "sdpa")
 # The reference's `train_stage` names: pre-training, fine-tuning without and with item IDs.
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
 
@@ -22,6 +23,10 @@ class ModelConfig:
     ffn: int = 256
     dropout: float = 0.5
     fast_dropout: bool = True  # model/dropout.py: 8x fewer random draws, same keep probability
+    # The user vector reads the last position only: the decoder's last layer computes that query
+    # alone (keys and values still from every position). Same values, ~1/3 less compute.
+    last_query_only: bool = True
+    attention: str = "auto"  # math | sdpa | auto (math on CPU, SDPA's fused kernels elsewhere)
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
     max_len: int = 50
@@ -53,6 +58,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"ModelConfig.fusion {self.fusion!r} is not one of {FUSIONS}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"ModelConfig.activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.hidden % self.heads:

@@ -20,17 +20,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .dropout import Dropout, fast_dropout
+from .dropout import Dropout
 
 
 class Attention(nn.Module):
-    """Multi-head attention with `nn.MultiheadAttention`'s parameters, computed by SDPA."""
+    """Multi-head attention with `nn.MultiheadAttention`'s parameters (math path or SDPA)."""
 
-    def __init__(self, hidden: int, heads: int, dropout: float, fast_dropout: bool = False) -> None:
+    def __init__(self, hidden: int, heads: int, dropout: float, fast_dropout: bool = False,
+                 kernel: str = "sdpa") -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
-        self.fast_dropout = fast_dropout
+        self.kernel = kernel
+        self.drop = Dropout(dropout, fast_dropout)
         self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden, hidden))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * hidden))
         self.out_proj = nn.Linear(hidden, hidden)
@@ -54,15 +56,16 @@ class Attention(nn.Module):
         mask = key_mask.view(b, 1, s) if allowed is None else key_mask.view(b, 1, s) & allowed.view(-1, t, s)
         has_key = mask.any(dim=-1, keepdim=True)  # B x (1 or T) x 1
         mask = (mask | ~has_key).unsqueeze(1)
-        p = self.dropout if self.training else 0.0
-        if p and self.fast_dropout:
-            # SDPA's CPU dropout draws a Bernoulli per probability; its math path is this one.
+        if self.kernel == "math" or (self.kernel == "auto" and q.device.type == "cpu"):
+            # SDPA's math path, written out: at MISSRec's lengths (<= 50) two batched matmuls beat
+            # SDPA's CPU kernels, and the dropout on the probabilities can be the fast one.
             logits = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).masked_fill_(~mask, float("-inf"))
-            out = fast_dropout(logits.softmax(-1), p) @ v
+            out = self.drop(logits.softmax(-1)) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(b, t, d))
-        return out * has_key.to(out.dtype)
+        # A pass over B x T x D only when some query has no key (rare: causal starts, empty memory).
+        return out if bool(has_key.all()) else out * has_key.to(out.dtype)
 
 
 def _activation(name: str):
@@ -74,7 +77,7 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.self_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout)
+        self.self_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention)
         self.linear1 = nn.Linear(c.hidden, c.ffn)
         self.linear2 = nn.Linear(c.ffn, c.hidden)
         self.norm1 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
@@ -95,7 +98,7 @@ class DecoderLayer(EncoderLayer):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__(c)
-        self.multihead_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout)
+        self.multihead_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention)
         self.norm3 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
 
     def forward(
@@ -106,10 +109,13 @@ class DecoderLayer(EncoderLayer):
         memory_mask: Tensor,
         allowed: Optional[Tensor] = None,
         memory_allowed: Optional[Tensor] = None,
+        query: Optional[Tensor] = None,
     ) -> Tensor:
-        x = self.norm1(x + self.drop(self.self_attn(x, x, mask, allowed)))
-        x = self.norm2(x + self.drop(self.multihead_attn(x, memory, memory_mask, memory_allowed)))
-        return self.norm3(x + self.feed_forward(x))
+        """`query` (B x Q x D, default x): the positions to compute; they attend to all of x."""
+        q = x if query is None else query
+        q = self.norm1(q + self.drop(self.self_attn(q, x, mask, allowed)))
+        q = self.norm2(q + self.drop(self.multihead_attn(q, memory, memory_mask, memory_allowed)))
+        return self.norm3(q + self.feed_forward(q))
 
 
 class InterestEncoder(nn.Module):
@@ -142,9 +148,15 @@ class InterestDecoder(nn.Module):
         memory_mask: Tensor,
         allowed: Optional[Tensor] = None,
         memory_allowed: Optional[Tensor] = None,
+        last: Optional[Tensor] = None,
     ) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, mask, memory, memory_mask, allowed, memory_allowed)
+        """B x L x D, or with `last` (B positions, no `allowed` masks) B x 1 x D: the last layer then
+        computes only those positions' queries, all that a user vector reads (same values)."""
+        for i, layer in enumerate(self.layers):
+            query = None
+            if last is not None and i == len(self.layers) - 1:
+                query = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
+            x = layer(x, mask, memory, memory_mask, allowed, memory_allowed, query)
         return self.norm(x)
 
 
@@ -154,11 +166,12 @@ def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = 
     reference: p_b = (real_b / M) * sum over all M slots (pads included), R = sum_b |p_b|^2 / D.
     Otherwise (quirk 5 fixed): p_b = mean of the real slots, R = mean_b |p_b|^2 / D.
     """
-    real = memory_mask.to(memory.dtype)
+    # Pooled in fp32 whatever the memory's dtype (bf16 under autocast): the sums are what rounds.
+    real = memory_mask.to(torch.float32)
     if reference:
-        pooled = memory.sum(1) * real.mean(1, keepdim=True)
+        pooled = memory.sum(1, dtype=torch.float32) * real.mean(1, keepdim=True)
         return pooled.pow(2).sum() / memory.shape[-1]
-    pooled = (memory * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+    pooled = torch.einsum("bmd,bm->bd", memory, real.to(memory.dtype)).float() / real.sum(1, keepdim=True).clamp(min=1)
     return pooled.pow(2).sum(-1).mean() / memory.shape[-1]
 
 
@@ -229,17 +242,25 @@ class MISSRecCore(nn.Module):
         mask_missing = self.config.mask_missing_modality and present is not None
         if self.config.use_id and id_emb is None:
             raise ValueError("config.use_id is set but no id_emb was given")
+        device = self.positions.weight.device.type
+        # Under autocast the whole residual stream runs in its dtype: otherwise every residual add
+        # promotes back to fp32 and each linear casts down again (a copy per op).
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         x = None
         for m in self.modalities:
-            v = hist_adapted[m]
+            v = hist_adapted[m] if dtype is None else hist_adapted[m].to(dtype)
             if mask_missing and m in present:
                 v = v * present[m].unsqueeze(-1).to(v.dtype)
             x = v if x is None else x + v
         length = (x if x is not None else id_emb).shape[1]
         if length > self.config.max_len:
             raise ValueError(f"history length {length} exceeds max_len {self.config.max_len}")
-        x = self.positions.weight[:length] if x is None else x + self.positions.weight[:length]
-        return x + id_emb if self.config.use_id else x
+        pos = self.positions.weight[:length]
+        pos = pos if dtype is None else pos.to(dtype)
+        x = pos if x is None else x + pos
+        if self.config.use_id:
+            x = x + (id_emb if dtype is None else id_emb.to(dtype))
+        return x
 
     def encode(
         self,
@@ -260,11 +281,16 @@ class MISSRecCore(nn.Module):
         `config.causal`). Returns (u: B x D unit vectors read at each row's last real item,
         memory: B x M x D, memory_mask: B x M, True = real token).
         """
-        y, memory, memory_mask = self.encode_positions(
+        last = hist_mask.sum(1) - 1
+        if self.config.last_query_only and not self.config.causal:
+            y, memory, memory_mask = self._decode(
+                hist_adapted, hist_mask, interest_tokens, centroids, id_emb, present, interest_first, last
+            )
+            return F.normalize(y[:, 0].float(), dim=-1), memory, memory_mask
+        y, memory, memory_mask = self._decode(
             hist_adapted, hist_mask, interest_tokens, centroids, id_emb, present, interest_first
         )
-        last = hist_mask.sum(1) - 1
-        return y[torch.arange(y.shape[0], device=y.device), last], memory, memory_mask
+        return F.normalize(y[torch.arange(y.shape[0], device=y.device), last].float(), dim=-1), memory, memory_mask
 
     def encode_positions(
         self,
@@ -286,19 +312,21 @@ class MISSRecCore(nn.Module):
         the user vector of every prefix. Without `causal` this is the paper's bidirectional model,
         whose position p sees the whole history.
         """
+        y, memory, memory_mask = self._decode(
+            hist_adapted, hist_mask, interest_tokens, centroids, id_emb, present, interest_first
+        )
+        return F.normalize(y.float(), dim=-1), memory, memory_mask
+
+    def _decode(self, hist_adapted, hist_mask, interest_tokens, centroids, id_emb, present, interest_first,
+                last=None):
+        """(decoder output B x L x D before normalisation, or B x 1 x D at `last`; memory; memory mask)."""
         if self.config.causal and self.modalities and interest_first is None:
             raise ValueError("config.causal needs interest_first (interest_tokens(..., first=True))")
-        h = self.input_norm(self.tokens(hist_adapted, id_emb, present))
-        device = h.device.type
-        if torch.is_autocast_enabled(device):
-            # The residual stream in the autocast dtype too: otherwise every residual add promotes
-            # back to fp32 and each linear casts down again (a copy per op, a fifth of a CPU step).
-            h = h.to(torch.get_autocast_dtype(device))
-        h = self.input_dropout(h)
+        h = self.input_dropout(self.input_norm(self.tokens(hist_adapted, id_emb, present)))
         masks = self._causal_masks(hist_mask.shape[1], interest_first) if self.config.causal else (None,) * 3
         memory, memory_mask = self._memory(interest_tokens, centroids.to(h.dtype), masks[0])
-        y = self.decoder(h, hist_mask, memory, memory_mask, masks[1], masks[2])
-        return F.normalize(y.float(), dim=-1), memory, memory_mask
+        y = self.decoder(h, hist_mask, memory, memory_mask, masks[1], masks[2], last)
+        return y, memory, memory_mask
 
     def _memory(self, tokens: Tensor, centroids: Tensor, allowed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         if not self.modalities:  # ID-only: no interests; one masked slot, nothing to encode
