@@ -73,6 +73,8 @@ def _inspect(args) -> None:
     print(f"items     {s['items']:,}")
     raw, kept = s.get("interactions_raw"), s.get("interactions")
     print(f"interactions  {kept:,} kept of {raw:,} raw" if raw is not None else f"interactions  {kept:,}")
+    if s.get("duplicates_dropped"):
+        print(f"duplicates    {s['duplicates_dropped']:,} exact (user, item, timestamp) repeats dropped")
     print(f"training rows {s.get('training_rows', 0):,}")
     if s.get("filter"):
         print(f"filter    {json.dumps(s['filter'], sort_keys=True)}")

