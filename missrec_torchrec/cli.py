@@ -27,7 +27,8 @@ def _add_prepare(sub) -> None:
     srcs = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
     for name in SOURCES:
         module = source_module(name)
-        sp = srcs.add_parser(name, help=module.HELP, description=module.HELP)
+        text = getattr(module, "HELPS", {}).get(name, module.HELP)  # one module may serve several names
+        sp = srcs.add_parser(name, help=text, description=text)
         sp.add_argument("--out", required=True, type=Path, help="output dataset folder (created atomically)")
         sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         module.add_arguments(sp)
