@@ -334,8 +334,16 @@ def _summarize(args) -> None:
     print(report.summarize(args.runs, args.group, args.metric or report.DEFAULT_METRICS))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line, like every other error (the usage is in --help).
+    Sub-command parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="missrec",
         description="MISSRec multi-modal sequential recommendation on TorchRec.",
     )
