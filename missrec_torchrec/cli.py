@@ -183,7 +183,9 @@ def _train(args) -> None:
 
 
 def _announce_run_dir(cfg) -> None:
-    """Fix the run folder's name (rank 0's, for every rank) and print it before anything else."""
+    """Fix the run folder's name (rank 0's, for every rank), refuse it if it cannot be written, and
+    print it before anything else."""
+    from datapipes.schema import check_writable
     from missrec_torchrec.distributed import init_distributed
     from missrec_torchrec.trainer import _broadcast, log0, run_name
 
@@ -191,6 +193,7 @@ def _announce_run_dir(cfg) -> None:
     c = cfg["checkpoint"]
     if not c["run_dir"]:
         c["run_dir"] = _broadcast(str(Path(cfg["experiment"]["out_dir"]) / run_name(cfg)))
+    check_writable(c["run_dir"], c["run_dir"])
     log0(f"run folder {c['run_dir']}")
 
 

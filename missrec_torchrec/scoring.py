@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from datapipes.batch import SeqBatch
-from datapipes.schema import DataError, atomic_dir, atomic_file
+from datapipes.schema import DataError, atomic_dir, atomic_file, check_writable, creating
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec.config import ConfigError, load_config
 from missrec_torchrec.catalogue import ItemBank, item_ranges, item_tables, item_vector_chunks
@@ -372,7 +372,8 @@ class RankParts:
             self.segments = saved["segments"]
         elif folder.exists():
             shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        with creating(folder):
+            folder.mkdir(parents=True, exist_ok=True)
         keep = {seg["file"] for seg in self.segments} | {self.MANIFEST}
         for stray in folder.iterdir():  # unlisted segments and half-written temporary files
             if stray.name not in keep:
@@ -466,6 +467,7 @@ def _check_outputs(opts: ScoreOptions) -> None:
     out, parts = Path(opts.out), parts_folder(Path(opts.out))
     if out.is_dir():
         raise DataError(f"{out}: is a folder; --out names the Parquet file to write")
+    check_writable(out.parent, out)
     if out.exists() and not opts.overwrite:
         raise DataError(f"{out}: exists (pass --overwrite to replace it)")
     if parts.exists() and not (opts.resume or opts.overwrite):

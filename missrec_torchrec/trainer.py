@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from datapipes.batch import SeqBatch, add_candidates
-from datapipes.schema import DataError, DatasetInfo, atomic_file
+from datapipes.schema import DataError, DatasetInfo, atomic_file, creating
 from datapipes.stream import SequenceStream, make_loader
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
@@ -201,8 +201,9 @@ class Trainer:
         name = c["run_dir"] or str(Path(self.cfg["experiment"]["out_dir"]) / run_name(self.cfg))
         run_dir = Path(_broadcast(name))
         if self.rank == 0 and write_config:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            with creating(run_dir):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.yaml").write_text(dump_config(self.cfg))
         return run_dir
 
     def _load_core(self, path: Path) -> None:
