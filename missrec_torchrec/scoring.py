@@ -134,6 +134,8 @@ def open_model(cfg: Dict[str, Any], step_dir: Path, write_config: bool = False):
     trainer = Trainer(cfg, write_config=write_config)
     try:
         trainer.load(step_dir, optimizer=False)  # inference needs no optimizer state
+    except DataError:  # already one line naming the checkpoint (and the dataset it does not match)
+        raise
     except Exception as e:  # DCP and load_state_dict raise many types; for the user it is one bad input
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{step_dir}: cannot load the checkpoint into this model ({reason[:300]})") from None

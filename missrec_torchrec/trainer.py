@@ -213,8 +213,13 @@ class Trainer:
         saved = torch.load(core_file, map_location="cpu", weights_only=True)
         dims = saved["modality_dims"]
         if dims != self.modality_dims:
-            raise DataError(f"{core_file}: checkpoint modalities {dims} differ from this run's {self.modality_dims}")
-        missing, unexpected = self.model.head.core.load_state_dict(saved["core"], strict=False)
+            raise DataError(f"{core_file}: checkpoint modalities {dims} differ from dataset {self.info.root}'s "
+                            f"{self.modality_dims}")
+        try:
+            missing, unexpected = self.model.head.core.load_state_dict(saved["core"], strict=False)
+        except RuntimeError as e:  # "size mismatch for ...": other model settings
+            reason = next((l.strip() for l in str(e).splitlines() if "mismatch" in l), str(e).splitlines()[0])
+            raise DataError(f"{core_file}: core weights do not fit this model ({reason[:300]})") from None
         bad = [k for k in missing + unexpected if not k.startswith("fusion_alpha")]
         if bad:
             raise DataError(f"{core_file}: core weights do not match this model ({bad[:4]} ...)")
@@ -457,7 +462,10 @@ class Trainer:
                               extra_files={CORE_FILE: core})
 
     def load(self, which: Any = "latest", optimizer: bool = True) -> Optional[Dict[str, Any]]:
-        restored = self.ckpt.load(self.dmp, self.optimizer if optimizer else None, which=which)
+        try:
+            restored = self.ckpt.load(self.dmp, self.optimizer if optimizer else None, which=which)
+        except ckpt.CheckpointMismatch as e:
+            raise DataError(ckpt.describe_mismatch(e, self.info.root, self.num_items, self.modality_dims)) from None
         if restored is None:
             return None
         return dict(restored.progress, path=str(restored.path))
