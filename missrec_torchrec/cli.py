@@ -109,7 +109,12 @@ def _add_train(sub) -> None:
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: plan for this many ranks (default: $WORLD_SIZE or 1)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the latest checkpoint of checkpoint.run_dir (set it with checkpoint.run_dir=DIR)")
+                   help="continue the latest checkpoint of checkpoint.run_dir (set it with checkpoint.run_dir=DIR), "
+                   "with the same --config and overrides as the run: a setting that differs from the run "
+                   "folder's config.yaml is refused unless --allow-change names it")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY]",
+                   help="with --resume: config keys that may differ from the run's config.yaml, e.g. "
+                   "train.epochs (repeatable; adds to checkpoint.allow_change)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(run=_train)
 
@@ -172,6 +177,7 @@ def _train(args) -> None:
     if args.resume:
         overrides.append("checkpoint.resume=true")
     cfg = load_config(args.config, overrides)
+    cfg["checkpoint"]["allow_change"] += [k.strip() for given in args.allow_change for k in given.split(",") if k.strip()]
     if args.resume and not cfg["checkpoint"]["run_dir"]:
         raise ConfigError("--resume needs checkpoint.run_dir=DIR (the run folder to continue)")
     if args.dry_run:
