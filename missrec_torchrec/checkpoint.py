@@ -96,7 +96,7 @@ def describe_mismatch(error: CheckpointMismatch, dataset: Path | str, num_items:
     saved_dims = torch.load(core_file, map_location="cpu", weights_only=True).get("modality_dims", {}) \
         if core_file.is_file() else {}
     if saved_dims and set(saved_dims) != set(modality_dims):
-        found.append(f"modalities {sorted(saved_dims)} in the checkpoint, {sorted(modality_dims)} in the dataset's run")
+        found.append(f"modalities {sorted(saved_dims)} in the checkpoint, {sorted(modality_dims)} in this run")
     for name in sorted(set(saved_dims) & set(modality_dims)):
         if saved_dims[name] != modality_dims[name]:
             found.append(f"'{name}' features are {saved_dims[name]}-d in the checkpoint, {modality_dims[name]}-d "

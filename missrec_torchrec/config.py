@@ -285,7 +285,7 @@ def _flat(cfg: Dict[str, Any]) -> Dict[str, Any]:
 def check_resume_config(cfg: Dict[str, Any]) -> List[str]:
     """With checkpoint.resume, refuse a config that differs from the run folder's config.yaml on a
     key not in checkpoint.allow_change (nor RESUME_FREE): one line naming every such key, its saved
-    and its new value. Returns the allowed changes ("key: old -> new") to report. No config.yaml
+    and its new value. Returns the allowed changes ("key old -> new") to report. No config.yaml
     (nothing saved yet) means nothing to compare."""
     c = cfg["checkpoint"]
     if not c["resume"] or not c["run_dir"]:

@@ -147,6 +147,10 @@ CASES = [
      ["does not match dataset", "'text' features are 32-d in the checkpoint, 24-d in the dataset"]),
     ("evaluate: other model size", lambda w: ["evaluate", "--checkpoint", w.run, "model.hidden=64"],
      ["is [109, 32] in the checkpoint, [109, 64] here"]),
+    ("evaluate: other modalities", lambda w: ["evaluate", "--checkpoint", w.run, "data.modalities=[text]"],
+     ["modalities ['image', 'text'] in the checkpoint, ['text'] in this run"]),
+    ("evaluate: an ID table the run did not train", lambda w: ["evaluate", "--checkpoint", w.run, "model.use_id=true"],
+     ["item_id.weight is not in the checkpoint"]),
     # -- export-atomic
     ("export-atomic: not a dataset", lambda w: ["export-atomic", w.notds, "--out", "x", "--name", "A"],
      ["notds/stats.json: not valid JSON"]),
