@@ -103,12 +103,35 @@ def check_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path |
         raise DataError(f"{out}: is the working directory or holds it; choose a folder to create")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: is a file, not an output folder; refusing to replace it")
+    check_writable(out.parent, out)
     for given in inputs:
         source = Path(given).resolve()
         if source == target or target in source.parents:
             raise DataError(f"{out}: holds the input {given}; choose an output folder outside the inputs")
     if out.exists() and not overwrite:
         raise DataError(f"{out}: output folder exists (pass --overwrite to replace it)")
+
+
+def check_writable(folder: Path | str, out: Path | str) -> None:
+    """Refuse output `out` when `folder` (where it is written) cannot be created or written: a plain
+    file on its way, or the nearest existing folder read-only (a read-only mount, or permissions)."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"{out}: cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{out}: cannot be written: {existing} is read-only")
+
+
+@contextmanager
+def creating(out: Path) -> Iterator[None]:
+    """What creating `out`'s folders raises (a location the checks above cannot see is read-only,
+    e.g. a kernel file system) as one line naming `out`."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"{out}: cannot be written: {e.strerror or e}") from None
 
 
 def _remove_stale(out: Path) -> None:
@@ -147,10 +170,11 @@ def atomic_dir(out: Path | str, overwrite: bool = False, inputs: Sequence[Path |
     """
     out = Path(out)
     check_output_dir(out, overwrite, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with creating(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        tmp.mkdir()
     try:
         yield tmp
     except BaseException:
@@ -169,7 +193,9 @@ def atomic_dir(out: Path | str, overwrite: bool = False, inputs: Sequence[Path |
 def atomic_file(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path in the same folder; it replaces `path` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path.parent, path)
+    with creating(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp

@@ -3,6 +3,9 @@
 Shared by the sources that start from an interaction log (MovieLens, generic CSV/Parquet). The
 rules, in order, all vectorised over the whole log:
 
+0. Exact duplicates, rows repeating an earlier row's (user, item, timestamp), are dropped (the first
+   one stays) and counted in ``duplicates_dropped``; `keep_duplicates` keeps them. The same item at
+   another time is a new interaction and always stays.
 1. Iterative k-core: drop users and items with fewer than `k_core` interactions, repeated until no
    count falls below `k_core` (k_core <= 1 keeps everything).
    Optional cold-item hold-out (`cold_items` > 0): a seeded random share of the items that end some
@@ -65,9 +68,30 @@ def add_cold_arguments(parser) -> None:
     parser.add_argument("--cold-seed", type=int, default=0, help="seed of the cold-item draw (default 0)")
 
 
-def k_core_mask(users: np.ndarray, items: np.ndarray, k: int) -> Tuple[np.ndarray, int]:
-    """Rows that survive the iterative k-core on users and items, and the number of rounds."""
-    keep = np.ones(len(users), dtype=bool)
+def add_duplicate_arguments(parser) -> None:
+    """The duplicate-interaction flag shared by the interaction-log sources."""
+    parser.add_argument(
+        "--keep-duplicates", action="store_true",
+        help="keep rows that repeat an earlier row's (user, item, timestamp); by default they are dropped "
+        "(the first stays) and counted in stats.json as duplicates_dropped",
+    )
+
+
+def duplicate_rows(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Rows repeating an earlier row's (user, item, timestamp); the first of each group is not one."""
+    order = np.lexsort((times, items, users))  # stable: equal rows stay in file order
+    same = ((users[order][1:] == users[order][:-1]) & (items[order][1:] == items[order][:-1])
+            & (times[order][1:] == times[order][:-1]))
+    repeated = np.zeros(len(users), dtype=bool)
+    repeated[order[1:][same]] = True
+    return repeated
+
+
+def k_core_mask(users: np.ndarray, items: np.ndarray, k: int,
+                start: Optional[np.ndarray] = None) -> Tuple[np.ndarray, int]:
+    """Rows (of `start`, default all) that survive the iterative k-core on users and items, and the
+    number of rounds."""
+    keep = np.ones(len(users), dtype=bool) if start is None else start.copy()
     if k <= 1:
         return keep, 0
     rounds = 0
@@ -128,13 +152,15 @@ def build_sequences(
     origin: Optional[str] = None,
     cold_items: float = 0.0,
     cold_seed: int = 0,
+    keep_duplicates: bool = False,
 ) -> dict:
     """Write users.parquet and items.parquet into `out`; return the stats that describe them.
 
     `user_keys` / `item_keys` are string arrays (numpy or pyarrow, no nulls), `timestamps` int64
     seconds or None (file order then decides). `item_text` maps item key -> text for items.parquet.
     `origin` names the input in error messages (default: the domain). `cold_items` is the share of
-    items held out as cold test targets (module docstring), drawn with `cold_seed`.
+    items held out as cold test targets (module docstring), drawn with `cold_seed`. Exact duplicate
+    rows are dropped unless `keep_duplicates` (rule 0).
     """
     origin = origin or domain
     if k_core < 0:
@@ -156,7 +182,8 @@ def build_sequences(
     if len(times) != n_raw:
         raise DataError(f"{origin}: {n_raw} interactions but {len(times)} timestamps")
 
-    keep, rounds = k_core_mask(users, items, k_core)
+    duplicates = np.zeros(n_raw, dtype=bool) if keep_duplicates else duplicate_rows(users, items, times)
+    keep, rounds = k_core_mask(users, items, k_core, ~duplicates)
     n_cold = 0
     if cold_items > 0:
         dropped, n_cold = cold_item_rows(users, items, times, keep, cold_items, cold_seed)
@@ -222,6 +249,8 @@ def build_sequences(
         "interactions_raw": n_raw,
         "training_rows": writer.training_rows,
         "filter": {"k_core": int(k_core)},
+        "duplicates": "kept" if keep_duplicates else "dropped",
+        "duplicates_dropped": int(duplicates.sum()),
         "cold_items": {"share": float(cold_items), "seed": int(cold_seed), "items": n_cold},
         "split": "leave-one-out",
         "users_dropped_short": dropped_short,

@@ -57,6 +57,59 @@ class CheckpointError(DataError, RuntimeError):
     """A missing, incomplete or damaged checkpoint; a DataError, so the CLI reports it in one line."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint whose tensors do not fit the model it is loaded into (another dataset, or
+    other model settings). `mismatches`: (key, shape in the checkpoint or None if absent, shape here)."""
+
+    def __init__(self, path: Path, mismatches: Sequence[Tuple[str, Optional[Tuple[int, ...]], Tuple[int, ...]]]):
+        self.path, self.mismatches = Path(path), list(mismatches)
+        super().__init__(f"{path}: does not fit this model: {_describe_tensor(*self.mismatches[0])}"
+                         + (f" (and {len(self.mismatches) - 1} more)" if len(self.mismatches) > 1 else ""))
+
+
+def _describe_tensor(key: str, saved: Optional[Tuple[int, ...]], here: Tuple[int, ...]) -> str:
+    if saved is None:
+        return f"{key} is not in the checkpoint"
+    return f"{key} is {list(saved)} in the checkpoint, {list(here)} here"
+
+
+def shape_mismatches(metadata: Mapping[str, Any], model_state: Mapping[str, Any]) -> list:
+    """(key, saved shape or None, model shape) for each model tensor the checkpoint cannot fill."""
+    found = []
+    for key, value in model_state.items():
+        if not hasattr(value, "size"):
+            continue
+        saved = metadata.get(f"model.{key}")  # DCP flattens {"model": {...}} to "model.<key>"
+        if saved is None:
+            found.append((key, None, tuple(value.size())))
+        elif hasattr(saved, "size") and tuple(saved.size) != tuple(value.size()):
+            found.append((key, tuple(saved.size), tuple(value.size())))
+    return found
+
+
+def describe_mismatch(error: CheckpointMismatch, dataset: Path | str, num_items: int,
+                      modality_dims: Mapping[str, int]) -> str:
+    """One line naming the checkpoint and the dataset and what disagrees: the item count, a modality's
+    feature dim, the modalities; otherwise the first tensor that differs (other model settings)."""
+    found = []
+    core_file = error.path / "core.pt"  # the trainer's dense core, with the modality dims it was built for
+    saved_dims = torch.load(core_file, map_location="cpu", weights_only=True).get("modality_dims", {}) \
+        if core_file.is_file() else {}
+    if saved_dims and set(saved_dims) != set(modality_dims):
+        found.append(f"modalities {sorted(saved_dims)} in the checkpoint, {sorted(modality_dims)} in this run")
+    for name in sorted(set(saved_dims) & set(modality_dims)):
+        if saved_dims[name] != modality_dims[name]:
+            found.append(f"'{name}' features are {saved_dims[name]}-d in the checkpoint, {modality_dims[name]}-d "
+                         f"in the dataset")
+    items = sorted({saved[0] for _, saved, here in error.mismatches
+                    if saved and here and here[0] == num_items and saved[0] != here[0]})
+    if items:
+        found.append(f"{items[0]:,} items in the checkpoint, {num_items:,} in the dataset")
+    if not found:
+        found.append(_describe_tensor(*error.mismatches[0]) + " (other model settings?)")
+    return f"checkpoint {error.path} does not match dataset {dataset}: {'; '.join(found)}"
+
+
 # -- RNG -----------------------------------------------------------------------------------------
 
 
@@ -409,11 +462,19 @@ class CheckpointManager:
         if path is None:
             return None
         check_intact(path)
-        saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        state = self._state(model, None)
+        mismatches = shape_mismatches(metadata, state["model"])
+        if mismatches:
+            raise CheckpointMismatch(path, mismatches)
         if optimizer is not None:
-            _init_lazy_state(optimizer, saved_keys)
-        state = self._state(model, optimizer)
-        dcp.load(state, checkpoint_id=str(path))
+            _init_lazy_state(optimizer, set(metadata))
+            state = self._state(model, optimizer)
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except dcp.api.CheckpointException as e:  # a BaseException: would escape every handler
+            reason = [line for line in str(e).splitlines() if line.strip()][-1].strip()
+            raise CheckpointError(f"{path}: cannot be loaded into this model ({reason[:300]})") from None
         if self.skip_prefixes:
             # Sharded collections insist on every key: the skipped ones keep their current values.
             state["model"] = {**model.state_dict(), **state["model"]}

@@ -27,7 +27,8 @@ def _add_prepare(sub) -> None:
     srcs = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
     for name in SOURCES:
         module = source_module(name)
-        sp = srcs.add_parser(name, help=module.HELP, description=module.HELP)
+        text = getattr(module, "HELPS", {}).get(name, module.HELP)  # one module may serve several names
+        sp = srcs.add_parser(name, help=text, description=text)
         sp.add_argument("--out", required=True, type=Path, help="output dataset folder (created atomically)")
         sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         module.add_arguments(sp)
@@ -73,6 +74,8 @@ def _inspect(args) -> None:
     print(f"items     {s['items']:,}")
     raw, kept = s.get("interactions_raw"), s.get("interactions")
     print(f"interactions  {kept:,} kept of {raw:,} raw" if raw is not None else f"interactions  {kept:,}")
+    if s.get("duplicates_dropped"):
+        print(f"duplicates    {s['duplicates_dropped']:,} exact (user, item, timestamp) repeats dropped")
     print(f"training rows {s.get('training_rows', 0):,}")
     if s.get("filter"):
         print(f"filter    {json.dumps(s['filter'], sort_keys=True)}")
@@ -106,7 +109,12 @@ def _add_train(sub) -> None:
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: plan for this many ranks (default: $WORLD_SIZE or 1)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the latest checkpoint of checkpoint.run_dir (set it with checkpoint.run_dir=DIR)")
+                   help="continue the latest checkpoint of checkpoint.run_dir (set it with checkpoint.run_dir=DIR), "
+                   "with the same --config and overrides as the run: a setting that differs from the run "
+                   "folder's config.yaml is refused unless --allow-change names it")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY[,KEY]",
+                   help="with --resume: config keys that may differ from the run's config.yaml, e.g. "
+                   "train.epochs (repeatable; adds to checkpoint.allow_change)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(run=_train)
 
@@ -169,6 +177,7 @@ def _train(args) -> None:
     if args.resume:
         overrides.append("checkpoint.resume=true")
     cfg = load_config(args.config, overrides)
+    cfg["checkpoint"]["allow_change"] += [k.strip() for given in args.allow_change for k in given.split(",") if k.strip()]
     if args.resume and not cfg["checkpoint"]["run_dir"]:
         raise ConfigError("--resume needs checkpoint.run_dir=DIR (the run folder to continue)")
     if args.dry_run:
@@ -180,7 +189,9 @@ def _train(args) -> None:
 
 
 def _announce_run_dir(cfg) -> None:
-    """Fix the run folder's name (rank 0's, for every rank) and print it before anything else."""
+    """Fix the run folder's name (rank 0's, for every rank), refuse it if it cannot be written, and
+    print it before anything else."""
+    from datapipes.schema import check_writable
     from missrec_torchrec.distributed import init_distributed
     from missrec_torchrec.trainer import _broadcast, log0, run_name
 
@@ -188,6 +199,7 @@ def _announce_run_dir(cfg) -> None:
     c = cfg["checkpoint"]
     if not c["run_dir"]:
         c["run_dir"] = _broadcast(str(Path(cfg["experiment"]["out_dir"]) / run_name(cfg)))
+    check_writable(c["run_dir"], c["run_dir"])
     log0(f"run folder {c['run_dir']}")
 
 
@@ -331,8 +343,16 @@ def _summarize(args) -> None:
     print(report.summarize(args.runs, args.group, args.metric or report.DEFAULT_METRICS))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line, like every other error (the usage is in --help).
+    Sub-command parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="missrec",
         description="MISSRec multi-modal sequential recommendation on TorchRec.",
     )

@@ -233,6 +233,7 @@ RULES: Dict[str, Check] = {
     "checkpoint.resume": _BOOL,
     "checkpoint.run_dir": _text(nullable=True),
     "checkpoint.every_steps": _integer(0, nullable=True),
+    "checkpoint.allow_change": _list_of(_text()),
     "log.tensorboard": _BOOL,
     "log.every": _integer(1),
     "log.progress": _BOOL,
@@ -270,6 +271,43 @@ def validate_config(cfg: Dict[str, Any]) -> None:
     if ev["metric"] not in metrics:
         raise ConfigError(f"config key eval.metric: {ev['metric']!r} is not one of the metrics eval.ks "
                           f"{ev['ks']} gives ({', '.join(metrics)})")
+
+
+# Keys a resumed run may always change: they change no trained weight, data order or selection
+# (experiment.name and out_dir only name a new run folder; a resumed run has checkpoint.run_dir).
+RESUME_FREE = ("log.", "checkpoint.resume", "checkpoint.run_dir", "checkpoint.allow_change", "checkpoint.keep",
+               "experiment.name", "experiment.out_dir")
+
+
+def _flat(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    return {f"{s}.{k}": v for s, section in cfg.items() if isinstance(section, dict) for k, v in section.items()}
+
+
+def check_resume_config(cfg: Dict[str, Any]) -> List[str]:
+    """With checkpoint.resume, refuse a config that differs from the run folder's config.yaml on a
+    key not in checkpoint.allow_change (nor RESUME_FREE): one line naming every such key, its saved
+    and its new value. Returns the allowed changes ("key old -> new") to report. No config.yaml
+    (nothing saved yet) means nothing to compare."""
+    c = cfg["checkpoint"]
+    if not c["resume"] or not c["run_dir"]:
+        return []
+    saved_file = Path(c["run_dir"]) / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    saved, now = _flat(_load_yaml(saved_file)), _flat(cfg)
+    allowed = set(c["allow_change"] or [])
+    unknown = sorted(allowed - set(now))
+    if unknown:
+        raise ConfigError(f"config key checkpoint.allow_change: unknown key {unknown[0]!r}")
+    changed = [k for k in sorted(set(saved) | set(now))
+               if not k.startswith(RESUME_FREE) and saved.get(k, "(absent)") != now.get(k, "(absent)")]
+    shown = {k: f"{k} {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed}
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        raise ConfigError(
+            f"{saved_file}: --resume with a changed config: {', '.join(shown[k] for k in refused)}; resume with "
+            f"the run's settings, or name the keys that may change: --allow-change {','.join(refused)}")
+    return [shown[k] for k in changed]
 
 
 def dump_config(cfg: Dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from datapipes.schema import DataError, atomic_file
+from datapipes.schema import DataError, atomic_file, check_writable
 
 DEFAULT_TAGS = ("train/loss", "valid/ndcg@10")
 Series = List[Tuple[int, float]]
@@ -43,6 +43,7 @@ def plot_runs(
     title: Optional[str] = None,
 ) -> Dict[str, Dict[str, Series]]:
     """Write one PNG with a panel per tag and a line per run; returns {label: {tag: series}} as drawn."""
+    check_writable(Path(out).parent, out)  # before reading every run
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on training machines

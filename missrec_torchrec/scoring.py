@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from datapipes.batch import SeqBatch
-from datapipes.schema import DataError, atomic_dir, atomic_file
+from datapipes.schema import DataError, atomic_dir, atomic_file, check_writable, creating
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec.config import ConfigError, load_config
 from missrec_torchrec.catalogue import ItemBank, item_ranges, item_tables, item_vector_chunks
@@ -134,6 +134,8 @@ def open_model(cfg: Dict[str, Any], step_dir: Path, write_config: bool = False):
     trainer = Trainer(cfg, write_config=write_config)
     try:
         trainer.load(step_dir, optimizer=False)  # inference needs no optimizer state
+    except DataError:  # already one line naming the checkpoint (and the dataset it does not match)
+        raise
     except Exception as e:  # DCP and load_state_dict raise many types; for the user it is one bad input
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{step_dir}: cannot load the checkpoint into this model ({reason[:300]})") from None
@@ -372,7 +374,8 @@ class RankParts:
             self.segments = saved["segments"]
         elif folder.exists():
             shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        with creating(folder):
+            folder.mkdir(parents=True, exist_ok=True)
         keep = {seg["file"] for seg in self.segments} | {self.MANIFEST}
         for stray in folder.iterdir():  # unlisted segments and half-written temporary files
             if stray.name not in keep:
@@ -466,6 +469,7 @@ def _check_outputs(opts: ScoreOptions) -> None:
     out, parts = Path(opts.out), parts_folder(Path(opts.out))
     if out.is_dir():
         raise DataError(f"{out}: is a folder; --out names the Parquet file to write")
+    check_writable(out.parent, out)
     if out.exists() and not opts.overwrite:
         raise DataError(f"{out}: exists (pass --overwrite to replace it)")
     if parts.exists() and not (opts.resume or opts.overwrite):

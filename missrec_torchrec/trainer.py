@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 
 from datapipes.batch import SeqBatch, add_candidates
-from datapipes.schema import DataError, DatasetInfo, atomic_file
+from datapipes.schema import DataError, DatasetInfo, atomic_file, creating
 from datapipes.stream import SequenceStream, make_loader
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ItemBank, ec_of
-from missrec_torchrec.config import ConfigError, dump_config
+from missrec_torchrec.config import ConfigError, check_resume_config, dump_config
 from missrec_torchrec.metrics import RankingMetrics, target_ranks
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import peft_trainable
@@ -139,7 +139,12 @@ def build_model(cfg: Dict[str, Any], info: DatasetInfo) -> MISSRecModel:
 class Trainer:
     def __init__(self, cfg: Dict[str, Any], write_config: bool = True):
         self.cfg = cfg
+        # Before anything is prepared or written (config.yaml is rewritten below): a resumed run's
+        # config must match the saved one, apart from the keys the user allowed to change.
+        changes = check_resume_config(cfg) if write_config else []
         self.rank, self.world, self.device, self.pg = mdist.init_distributed()
+        for change in changes:
+            log0(f"resuming with a changed {change}")
         seed_everything(cfg["experiment"]["seed"])
         self.info = ensure_dataset(cfg)
         self.num_items = self.info.num_items
@@ -200,9 +205,15 @@ class Trainer:
         c = self.cfg["checkpoint"]
         name = c["run_dir"] or str(Path(self.cfg["experiment"]["out_dir"]) / run_name(self.cfg))
         run_dir = Path(_broadcast(name))
+        # A resumed run's config.yaml is replaced only once its checkpoint has loaded (`load`), so a
+        # refused resume leaves the run folder as it was.
+        self._config_pending = False
         if self.rank == 0 and write_config:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            with creating(run_dir):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                self._config_pending = bool(c["resume"]) and (run_dir / "config.yaml").is_file()
+                if not self._config_pending:
+                    (run_dir / "config.yaml").write_text(dump_config(self.cfg))
         return run_dir
 
     def _load_core(self, path: Path) -> None:
@@ -212,8 +223,13 @@ class Trainer:
         saved = torch.load(core_file, map_location="cpu", weights_only=True)
         dims = saved["modality_dims"]
         if dims != self.modality_dims:
-            raise DataError(f"{core_file}: checkpoint modalities {dims} differ from this run's {self.modality_dims}")
-        missing, unexpected = self.model.head.core.load_state_dict(saved["core"], strict=False)
+            raise DataError(f"{core_file}: checkpoint modalities {dims} differ from dataset {self.info.root}'s "
+                            f"{self.modality_dims}")
+        try:
+            missing, unexpected = self.model.head.core.load_state_dict(saved["core"], strict=False)
+        except RuntimeError as e:  # "size mismatch for ...": other model settings
+            reason = next((l.strip() for l in str(e).splitlines() if "mismatch" in l), str(e).splitlines()[0])
+            raise DataError(f"{core_file}: core weights do not fit this model ({reason[:300]})") from None
         bad = [k for k in missing + unexpected if not k.startswith("fusion_alpha")]
         if bad:
             raise DataError(f"{core_file}: core weights do not match this model ({bad[:4]} ...)")
@@ -456,7 +472,13 @@ class Trainer:
                               extra_files={CORE_FILE: core})
 
     def load(self, which: Any = "latest", optimizer: bool = True) -> Optional[Dict[str, Any]]:
-        restored = self.ckpt.load(self.dmp, self.optimizer if optimizer else None, which=which)
+        try:
+            restored = self.ckpt.load(self.dmp, self.optimizer if optimizer else None, which=which)
+        except ckpt.CheckpointMismatch as e:
+            raise DataError(ckpt.describe_mismatch(e, self.info.root, self.num_items, self.modality_dims)) from None
+        if self._config_pending:  # the resumed checkpoint fits: the run's config.yaml may now change
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            self._config_pending = False
         if restored is None:
             return None
         return dict(restored.progress, path=str(restored.path))

