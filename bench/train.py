@@ -12,13 +12,14 @@ generated once under --work and reused):
   domains).
 
 Modes: the first is `today`, the padded fp32 path this project had before issue 10 (every history
-padded to 50, torch dropout, history rows adapted again, fp32, evaluation through the sharded
-forward); then each speed lever switched on alone; then `fast` (the defaults: every lever) and
-`causal` (the defaults plus the one-pass causal model). Every (mode, processes) cell runs in fresh
+padded to 50, torch dropout, SDPA, every decoder position computed, history rows adapted again,
+fp32, evaluation through the sharded forward); then each speed lever switched on alone; then
+`fast` (the defaults: every lever), `fast` with each lever switched off alone, and `causal` (the
+defaults plus the one-pass causal model). Every (mode, processes) cell runs in fresh
 processes: `Trainer` from `load_config("paper", overrides)`, one re-clustering, a warm-up epoch of
 --warmup steps, then a measured epoch of as many steps as fill --seconds (at least --steps, at most
---max-steps), then (1 process only) two timed validation passes over every user, unmasked and
-with the history masked. Samples/s: global training rows (batch x ranks) per second, data loading
+--max-steps), then (1 process only) one untimed validation pass and two timed ones over every
+user, unmasked and with the history masked. Samples/s: global training rows (batch x ranks) per second, data loading
 included. Targets/s: next-item predictions (one per row; causal: one per real position).
 
 Threads: each cell gets the same cores (--cores): 1 process uses all of them, 2 processes one share
@@ -56,8 +57,13 @@ def _lever(flag: str) -> str:
     return " ".join([o for o in TODAY.split() if not o.startswith(key + "=")] + [flag])
 
 
-DEFAULT_MODES = ([f"today:{TODAY}"] + [f"{name}:{_lever(flag)}" for name, flag in LEVERS.items()]
-                 + ["fast", "causal:model.causal=true"])
+def _without(flag: str) -> str:
+    return next(o for o in TODAY.split() if o.startswith(flag.split("=")[0] + "="))
+
+
+DEFAULT_MODES = ([f"today:{TODAY}"] + [f"{name}:{_lever(flag)}" for name, flag in LEVERS.items()] + ["fast"]
+                 + [f"fast -{name[1:]}:{_without(flag)}" for name, flag in LEVERS.items()]
+                 + ["causal:model.causal=true"])
 PRESET = "paper"
 # Issue 10: the reference implementation (gimpong/MM23-MISSRec, CPU, 2 cores) on the reference shape.
 REFERENCE = {"samples_per_s": 284.0, "targets_per_s": 284.0, "eval_users_per_s": 750.0}
@@ -151,6 +157,7 @@ def measure(overrides: List[str], warmup: int, steps: int, seconds: float, max_s
         torch.distributed.all_reduce(targets, group=trainer.pg)
     stats.update(world=trainer.world, targets_per_s=float(targets) / stats["seconds"], precision=trainer.precision)
     if trainer.world == 1:
+        trainer.evaluate("valid")  # warm-up: first-call allocations and weight casts, not measured
         for masked in (False, True):
             cfg["eval"]["mask_history"] = masked
             start = time.perf_counter()
