@@ -377,12 +377,14 @@ class Trainer:
                 done += 1
                 progress["step"] += 1
                 step = progress["step"]
+                # Sums stay tensors: the host reads values only at the logging cadence (a GPU never waits).
                 for k in totals:
                     if k in out:
-                        totals[k] += float(out[k])
+                        totals[k] = totals[k] + out[k].detach()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(out['loss']):.4f}")
+                    if step % every == 0:
+                        bar.set_postfix(loss=f"{float(out['loss']):.4f}")
                 if self.writer is not None and step % every == 0:
                     self.writer.add_scalar("train/loss", float(out["loss"]), step)
                     self.writer.add_scalar("train/main", float(out.get("main", out["loss"])), step)
@@ -406,7 +408,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.time() - t0
-        stats = {k: v / max(done, 1) for k, v in totals.items()}
+        stats = {k: float(v) / max(done, 1) for k, v in totals.items()}
         stats.update(steps=done, seconds=seconds, samples_per_s=done * rows / max(seconds, 1e-9))
         return stats
 

@@ -26,7 +26,7 @@ class ModelConfig:
     # The user vector reads the last position only: the decoder's last layer computes that query
     # alone (keys and values still from every position). Same values, ~1/3 less compute.
     last_query_only: bool = True
-    attention: str = "auto"  # math | sdpa | auto (math on CPU, SDPA's fused kernels elsewhere)
+    attention: str = "auto"  # math | sdpa | auto (math when training with dropout on CPU, else SDPA)
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
     max_len: int = 50
