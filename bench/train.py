@@ -136,26 +136,20 @@ def measure(overrides: List[str], warmup: int, steps: int, seconds: float, max_s
     """Runs inside each rank: warm-up epoch, the measured epoch, then (1 process) two validation
     passes; rank 0's stats come back."""
     sys.path.insert(0, str(ROOT))
-    import torch
-
     from missrec_torchrec.config import load_config
     from missrec_torchrec.trainer import Trainer
 
     cfg = load_config(PRESET, overrides)
     trainer = Trainer(cfg)
-    targets = count_targets(trainer, bool(cfg["model"].get("causal")))
     trainer.recluster(0)
     progress = {"step": 0, "skip_batches": 0}
     # The stream reads the step cap from the live config each epoch, so one Trainer does both epochs
-    # and the measured one starts with compiled kernels, warm allocator and a filled shuffle buffer path.
+    # and the measured one starts with a warm allocator and autocast cache.
     cfg["train"]["max_steps_per_epoch"] = warmup
     warm = trainer.train_epoch(0, progress)
     cfg["train"]["max_steps_per_epoch"] = measured_steps(trainer, warm, steps, seconds, max_steps)
-    targets.zero_()
     stats = trainer.train_epoch(1, progress)
-    if trainer.world > 1:
-        torch.distributed.all_reduce(targets, group=trainer.pg)
-    stats.update(world=trainer.world, targets_per_s=float(targets) / stats["seconds"], precision=trainer.precision)
+    stats.update(world=trainer.world, precision=trainer.precision)
     if trainer.world == 1:
         trainer.evaluate("valid")  # warm-up: first-call allocations and weight casts, not measured
         for masked in (False, True):
@@ -182,27 +176,6 @@ def measured_steps(trainer, warm: Dict[str, float], steps: int, seconds: float, 
     if trainer.world > 1:
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX, group=trainer.pg)
     return int(n)
-
-
-def count_targets(trainer, causal: bool) -> "torch.Tensor":
-    """Next-item predictions fed to this rank, counted as batches enter the pipeline.
-
-    A causal row is a window whose every real position is a training target, so rows/s alone would
-    undersell it; the trainer reports rows only, hence this wrapper around its batch generator (it
-    sees exactly the batches the epoch trains on, since each segment islices its step count).
-    """
-    import torch
-
-    box = torch.zeros(1, dtype=torch.float64)
-    inner = trainer._with_candidates
-
-    def counted(batches, candidates_fn):
-        for batch in inner(batches, candidates_fn):
-            box.add_(float(batch.lengths.sum()) if causal else batch.batch_size)
-            yield batch
-
-    trainer._with_candidates = counted
-    return box
 
 
 def run_cell(args: argparse.Namespace, overrides: List[str], procs: int) -> Dict[str, float]:

@@ -292,7 +292,8 @@ class MISSRecHead(nn.Module):
         reg = self.core.regulariser(memory, memory_mask)
         loss = main + self.config.gamma * reg
         out = {"user": y[torch.arange(y.shape[0], device=y.device), last]}
-        out.update(loss=loss.detach(), main=main.detach(), reg=reg.detach())
+        # Every real position is a next-item target (bench/train.py reports targets/s from this).
+        out.update(loss=loss.detach(), main=main.detach(), reg=reg.detach(), targets=valid.sum().to(loss.dtype))
         return loss, out
 
     def _augmented(self, batch, feats, hist_raw, adapted, hist_id):

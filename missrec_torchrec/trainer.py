@@ -356,7 +356,7 @@ class Trainer:
         every = max(1, int(self.cfg["log"]["every"]))
         ckpt_every = int(self.cfg["checkpoint"]["every_steps"] or 0)
         recluster_every = int(self.cfg["train"]["recluster_every"] or 0)
-        totals = {"loss": 0.0, "main": 0.0, "reg": 0.0}
+        totals = {"loss": 0.0, "main": 0.0, "reg": 0.0, "targets": 0.0}
         done = 0
         t0 = time.time()
         rows = self.cfg["data"]["batch_size"] * self.world
@@ -408,8 +408,13 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.time() - t0
+        # Next-item predictions trained on, all ranks: one per row, or (causal) one per real position.
+        targets = torch.tensor([float(totals.pop("targets")) or float(done * self.cfg["data"]["batch_size"])])
+        if self.world > 1:
+            dist.all_reduce(targets, group=self.pg)
         stats = {k: float(v) / max(done, 1) for k, v in totals.items()}
-        stats.update(steps=done, seconds=seconds, samples_per_s=done * rows / max(seconds, 1e-9))
+        stats.update(steps=done, seconds=seconds, samples_per_s=done * rows / max(seconds, 1e-9),
+                     targets_per_s=float(targets) / max(seconds, 1e-9))
         return stats
 
     def _maybe_fail(self, step: int) -> None:

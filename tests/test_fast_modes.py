@@ -251,6 +251,8 @@ def test_id_only_training_learns(synthetic_mm, tmp_path):
     result = _train(synthetic_mm, tmp_path, **{"data.modalities": "[]", "model.use_id": "true"})
     losses = [row["train/loss"] for row in result["history"]]
     assert losses[-1] < losses[0], losses
+    first = result["history"][0]  # one next-item target per row
+    assert first["train/targets_per_s"] == pytest.approx(first["train/samples_per_s"])
     assert result["test"]["count"] == 240
     assert result["test"]["hr@10"] > 10 / 120, result["test"]  # above chance
     assert "idonly" in result["run_dir"]
@@ -260,6 +262,9 @@ def test_causal_bucketed_training_learns(synthetic_mm, tmp_path):
     result = _train(synthetic_mm, tmp_path, **{"model.causal": "true", "data.length_buckets": "true"})
     losses = [row["train/loss"] for row in result["history"]]
     assert losses[-1] < losses[0], losses
+    # A window trains every real position: between 1 and max_len (20) targets per row, on average.
+    first = result["history"][0]
+    assert 1 < first["train/targets_per_s"] / first["train/samples_per_s"] <= 20
     assert result["test"]["count"] == 240
     assert result["test"]["hr@10"] > 0.2, result["test"]
 
