@@ -1,10 +1,10 @@
 """`missrec score` (offline top-K recommendation for every user) and `missrec export-items`.
 
-Scoring reuses the trainer end to end: `Trainer` builds the sharded model (DMP) from the run's
-config and loads the checkpoint; the evaluation stream hands each rank a contiguous range of users,
-padded so every rank runs the same number of batches (the sharded lookups inside each forward are
-collectives and must be matched). A batch's forward gives the user vectors; the catalogue is then
-scored locally in item chunks with the model's dynamic fusion (`MISSRecCore.fuse`: the values of
+Scoring reuses the trainer's set-up: `Trainer` builds the sharded model (DMP) from the run's
+config and loads the checkpoint; the evaluation stream hands each rank a contiguous range of users.
+The catalogue is looked up from the sharded tables once (collectively) into a `catalogue.ItemBank`;
+after that each rank works alone: users are encoded from the adapted catalogue and the catalogue is
+scored in item chunks with the model's dynamic fusion (`MISSRecCore.fuse`: the values of
 `MISSRecCore.score`, computed from per-table cosines against unit item vectors prepared once),
 keeping a running top-K per user, so no B x N matrix is ever built for all N items at once.
 
@@ -17,10 +17,10 @@ K'-th retrieved cosines; a user whose K-th re-scored item beats that bound got t
 Output and resuming. Each rank commits its results in segments: a Parquet file per segment
 (temporary name, then rename) followed by the rank's manifest `progress.json` listing the committed
 segments. A killed job restarted with `resume` keeps what its manifests list, removes anything else,
-and every rank restarts at the lowest committed batch count of all ranks (the collectives stay
-matched; batches a rank had already committed run their forward but are not written twice). When
-all ranks are done rank 0 checks that every user appears exactly once, writes OUT (temporary name,
-then rename) sorted by user_index, and removes OUT.parts.
+and every rank restarts at the lowest committed batch count of all ranks (batches a rank had
+already committed are skipped, not written twice). When all ranks are done rank 0 checks that every
+user appears exactly once, writes OUT (temporary name, then rename) sorted by user_index, and
+removes OUT.parts.
 """
 
 from __future__ import annotations
@@ -32,20 +32,20 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from datapipes.batch import SeqBatch
 from datapipes.schema import DataError, atomic_dir, atomic_file, check_writable, creating
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec.config import ConfigError, load_config
 from missrec_torchrec.catalogue import ItemBank, item_ranges, item_tables, item_vector_chunks
+from missrec_torchrec.model import fusion
 from missrec_torchrec.recommender import ID_TABLE
 
 SCORE_SCHEMA = pa.schema(
@@ -273,21 +273,16 @@ def approx_topk(bank: ItemBank, u: torch.Tensor, k: int, per_table: int, chunk: 
 def _certified(bank: ItemBank, scores: torch.Tensor, kth: Dict[str, torch.Tensor], k: int) -> torch.Tensor:
     """Rows whose k-th re-scored item beats every item outside the retrieved union.
 
-    Outside the union each table's cosine is at most its k'-th retrieved one. A fused score is a
-    convex combination of the present modalities' cosines (0 when none is present), so it is at
-    most max_m max(kth_m, 0); with IDs the score is (cos_id + 2 fused) / 3, without modalities
-    cos_id. A table that retrieved every candidate (kth = -inf) leaves nothing outside the union.
+    Outside the union each table's cosine is at most its k'-th retrieved one, so every item there
+    scores at most `fusion.upper_bound` of those. A table that retrieved every candidate
+    (kth = -inf) leaves nothing outside the union.
     The one-modality model with IDs scores a summed vector, which has no such bound.
     """
     b, device = scores.shape[0], scores.device
     if bank.summed:
         return torch.zeros(b, dtype=torch.bool, device=device)
     everything = torch.stack([v == float("-inf") for v in kth.values()]).any(0)
-    if bank.modalities:
-        fused = torch.stack([kth[m].clamp(min=0) for m in bank.modalities]).amax(0)
-        bound = (kth[ID_TABLE] + 2 * fused) / 3 if bank.use_id else fused
-    else:
-        bound = kth[ID_TABLE]
+    bound = fusion.upper_bound([kth[m] for m in bank.modalities], kth.get(ID_TABLE))
     kth_score = scores[:, k - 1] if scores.shape[1] >= k else torch.full((b,), float("-inf"), device=device)
     return everything | (kth_score > bound + CERTIFY_MARGIN)
 
@@ -672,9 +667,7 @@ def _fusion_record(trainer, files: Dict[str, str]) -> Dict[str, Any]:
         "fusion_alpha": None if alpha is None else alpha.detach().cpu().reshape(-1).tolist(),
         "mask_missing_modality": c.mask_missing_modality,
         "temperature": c.temperature,
-        "scoring": "s_m = u . v_m/|v_m| per modality; fused = sum_m softmax(alpha * s)_m s_m over present "
-                   "modalities (0 if none); transductive: (u . id/|id| + 2 fused) / 3. One modality: "
-                   "u . w/|w| with w = v (x present) (+ id). u = the model's unit user vector.",
+        "scoring": fusion.DESCRIPTION,
     }
 
 

@@ -13,12 +13,13 @@ in_proj_weight`, ...), so the reference's `trm_model.*` weights load unchanged (
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fusion
 from .config import ModelConfig
 from .dropout import Dropout
 
@@ -356,29 +357,6 @@ class MISSRecCore(nn.Module):
             return self.fusion_alpha
         return self.fusion_alpha if item_index is None else self.fusion_alpha[item_index]
 
-    def _fuse(
-        self,
-        sims: List[Tensor],
-        present: Optional[List[Tensor]],
-        alpha: Optional[Tensor],
-        id_sim: Optional[Tensor],
-    ) -> Tensor:
-        if len(sims) == 2:
-            fused = _fuse_pair(sims, present, alpha)
-            return fused if id_sim is None else (id_sim + 2 * fused) / 3
-        s = torch.stack(sims, dim=-1)  # ... x n_modalities
-        # static fusion is the softmax with alpha = 0: a plain mean over the (present) modalities.
-        logits = s * alpha.unsqueeze(-1) if alpha is not None else torch.zeros_like(s)
-        if present is not None:
-            p = torch.stack(present, dim=-1).expand_as(s)
-            anything = p.any(-1, keepdim=True)
-            # Missing modalities get weight 0; an item with none keeps finite logits and scores 0.
-            logits = logits.masked_fill(~p & anything, float("-inf"))
-            s = s * p.to(s.dtype)
-        fused = (F.softmax(logits, dim=-1) * s).sum(-1)
-        if id_sim is not None:
-            fused = (id_sim + 2 * fused) / 3
-        return fused
 
     def _score(self, u, items, item_id, present, item_index, sim) -> Tensor:
         if self.config.use_id and item_id is None:
@@ -395,7 +373,7 @@ class MISSRecCore(nn.Module):
         sims = [sim(u, items[m]) for m in self.modalities]
         pres = [present[m] for m in self.modalities] if use_present else None
         id_sim = sim(u, item_id) if item_id is not None else None
-        return self._fuse(sims, pres, self._alpha(item_index), id_sim)
+        return fusion.fuse(sims, pres, self._alpha(item_index), id_sim)
 
     def score(
         self,
@@ -452,23 +430,8 @@ class MISSRecCore(nn.Module):
             if self.config.use_id:
                 raise ValueError("one modality with IDs scores a summed vector: use score()")
             return planes[0] * pres[0] if pres else planes[0].clone()
-        fused = _fuse_planes(planes, pres, self._alpha(item_index))
+        fused = fusion.fuse_planes(planes, pres, self._alpha(item_index))
         return fused.mul_(2).add_(id_sim).div_(3) if self.config.use_id else fused
-
-
-def _fuse_pair(sims: List[Tensor], present: Optional[List[Tensor]], alpha: Optional[Tensor]) -> Tensor:
-    """`_fuse` of two modalities, differentiable: the softmax weight of the first is sigmoid(l1 - l2),
-    so fused = s2 + (s1 - s2) * w1: a few elementwise passes instead of a softmax over a last dim
-    of 2 (which is ~5x slower on CPU). A missing modality makes l1 - l2 = -inf or +inf."""
-    first, second = sims
-    diff = first - second
-    z = diff * alpha if alpha is not None else torch.zeros_like(diff)
-    if present is not None:
-        p1, p2 = present
-        z = z.masked_fill(p1 & ~p2, float("inf")).masked_fill(~p1 & p2, float("-inf"))
-        first, second = first * p1.to(first.dtype), second * p2.to(second.dtype)
-        diff = first - second
-    return second + diff * torch.sigmoid(z)
 
 
 def _cosine_all(u: Tensor, v: Tensor) -> Tensor:
@@ -477,48 +440,6 @@ def _cosine_all(u: Tensor, v: Tensor) -> Tensor:
 
 def _cosine_pairs(u: Tensor, v: Tensor) -> Tensor:
     return torch.einsum("bd,bsd->bs", u, F.normalize(v, dim=-1))
-
-
-def _fuse_planes(planes: List[Tensor], present: Optional[List[Tensor]], alpha: Optional[Tensor]) -> Tensor:
-    """`_fuse` without IDs on one tensor per modality (see `MISSRecCore.fuse`): each step is one
-    elementwise pass, and a missing modality enters as a per-item logit bias of -inf."""
-    alpha = alpha if alpha is not None else planes[0].new_zeros(())  # static fusion: alpha = 0
-    bias, anything = None, None
-    if present is not None:
-        anything = torch.stack(torch.broadcast_tensors(*present)).any(0)
-        bias = [torch.where(~p & anything, float("-inf"), 0.0) for p in present]
-    fused = _fuse_two(planes, bias, alpha) if len(planes) == 2 else _fuse_many(planes, bias, alpha)
-    # An item with no modality scores 0, as in `_fuse` (its finite logits give a mean of zeros).
-    if anything is not None and not bool(anything.all()):
-        fused.masked_fill_(~anything, 0.0)
-    return fused
-
-
-def _fuse_two(planes: List[Tensor], bias: Optional[List[Tensor]], alpha: Tensor) -> Tensor:
-    # Two modalities: the softmax weight of the first is sigmoid(l1 - l2), so fused = s2 + (s1 - s2) w1.
-    # A missing modality makes l1 - l2 = -inf or +inf (never both missing: then neither is masked).
-    first, second = planes
-    diff = first - second
-    shift = bias[0] - bias[1] if bias is not None else diff.new_zeros(())
-    weight = torch.addcmul(shift, diff, alpha).sigmoid_()
-    return diff.mul_(weight).add_(second)
-
-
-def _fuse_many(planes: List[Tensor], bias: Optional[List[Tensor]], alpha: Tensor) -> Tensor:
-    zero = planes[0].new_zeros(())
-    logits = [torch.addcmul(bias[i] if bias is not None else zero, s, alpha) for i, s in enumerate(planes)]
-    # Cosines lie in [-1, 1]: exp(alpha * s) stays finite without the max shift unless |alpha| is huge.
-    if float(alpha.abs().max()) > 80:
-        top = logits[0]
-        for logit in logits[1:]:
-            top = torch.maximum(top, logit)
-        logits = [logit - top for logit in logits]
-    num = den = None
-    for s, logit in zip(planes, logits):
-        e = logit.exp_()
-        num = e * s if num is None else num.addcmul_(e, s)
-        den = e if den is None else den.add_(e)
-    return num.div_(den)
 
 
 def peft_trainable(core: MISSRecCore) -> int:
