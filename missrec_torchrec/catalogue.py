@@ -7,7 +7,9 @@ looked-up history rows), users are encoded in length-sorted sub-batches padded o
 longest history (padding is key-masked, so the vectors do not change), and candidates are scored
 in item chunks with the model's fusion, so no users x items matrix is larger than one chunk.
 
-Memory: items x hidden x tables floats per rank, twice (adapted and unit vectors).
+Memory: items x hidden x tables floats per rank, twice (adapted and unit vectors), plus a bf16 copy
+of the adapted vectors (the history tokens) under bf16. Replicated on every rank: sharding it is open
+work for catalogues beyond a rank's memory.
 """
 
 from __future__ import annotations
