@@ -408,8 +408,10 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.time() - t0
-        # Next-item predictions trained on, all ranks: one per row, or (causal) one per real position.
-        targets = torch.tensor([float(totals.pop("targets")) or float(done * self.cfg["data"]["batch_size"])])
+        # Next-item predictions trained on, all ranks: one per row, or (causal) one per real position,
+        # which the causal forward counts.
+        counted = float(totals.pop("targets"))
+        targets = torch.tensor([counted if self.model_cfg.causal else float(done * self.cfg["data"]["batch_size"])])
         if self.world > 1:
             dist.all_reduce(targets, group=self.pg)
         stats = {k: float(v) / max(done, 1) for k, v in totals.items()}
@@ -453,20 +455,15 @@ class Trainer:
         """(batch, target ranks) over a split. eval.engine=catalogue: the catalogue adapted once,
         users encoded in length-sorted sub-batches, items scored in chunks (catalogue.py);
         dmp: each batch through the sharded model's forward with the catalogue as candidates."""
-        masked = ev["mask_history"]
-        if ev["engine"] == "catalogue":
-            bank = ItemBank(self, self.precision)
-            for batch in stream:
-                batch = batch.to(self.device)
-                u = bank.encode(batch.history)
-                exclude = (batch.seen_offsets, batch.seen_values) if masked else (None, None)
-                yield batch, bank.ranks(u, batch.target, ev["chunk_items"], *exclude)
-            return
-        for batch in self._with_candidates(stream, lambda: self.all_items):
+        bank = ItemBank(self, self.precision) if ev["engine"] == "catalogue" else None
+        batches = stream if bank is not None else self._with_candidates(stream, lambda: self.all_items)
+        for batch in batches:
             batch = batch.to(self.device)
-            _, out = self.dmp(batch)
-            exclude = (batch.seen_offsets, batch.seen_values) if masked else (None, None)
-            yield batch, target_ranks(out["scores"], batch.target, *exclude)
+            exclude = (batch.seen_offsets, batch.seen_values) if ev["mask_history"] else (None, None)
+            if bank is not None:
+                yield batch, bank.ranks(bank.encode(batch.history), batch.target, ev["chunk_items"], *exclude)
+            else:
+                yield batch, target_ranks(self.dmp(batch)[1]["scores"], batch.target, *exclude)
 
     # -- checkpoints ---------------------------------------------------------------------------
 

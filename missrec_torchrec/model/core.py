@@ -60,7 +60,7 @@ class Attention(nn.Module):
         dropping = self.training and self.dropout > 0
         if self.kernel == "math" or (self.kernel == "auto" and dropping and q.device.type == "cpu"):
             # SDPA's math path, written out: SDPA's CPU dropout draws a Bernoulli per probability,
-            # here it is the fast one (bench/train.py: 1.17x a training step; without dropout SDPA wins).
+            # here it is the fast one (bench/train.py measures both; without dropout SDPA wins).
             logits = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).masked_fill_(~mask, float("-inf"))
             out = self.drop(logits.softmax(-1)) @ v
         else:
@@ -168,7 +168,8 @@ def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = 
     reference: p_b = (real_b / M) * sum over all M slots (pads included), R = sum_b |p_b|^2 / D.
     Otherwise (quirk 5 fixed): p_b = mean of the real slots, R = mean_b |p_b|^2 / D.
     """
-    # Pooled in fp32 whatever the memory's dtype (bf16 under autocast): the sums are what rounds.
+    # The pooled vectors are fp32 whatever the memory's dtype (bf16 under autocast), without an fp32
+    # copy of the memory: a dtype-ed sum, or one matmul (fp32 accumulation) for the masked mean.
     real = memory_mask.to(torch.float32)
     if reference:
         pooled = memory.sum(1, dtype=torch.float32) * real.mean(1, keepdim=True)
