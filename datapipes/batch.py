@@ -130,17 +130,22 @@ def candidates_key(table: str) -> str:
     return f"{table}.candidates"
 
 
-def add_candidates(batch: SeqBatch, kjt_groups: Mapping[str, Sequence[str]], candidates: torch.Tensor) -> SeqBatch:
+def add_candidates(
+    batch: SeqBatch, kjt_groups: Mapping[str, Sequence[str]], candidates: torch.Tensor, sequence_rows: bool = True
+) -> SeqBatch:
     """Add a `<table>.candidates` feature holding `candidates` (item ids) to every table's KJT.
 
     The ids sit in row 0 of the jagged feature (lengths [C, 0, ..., 0]), so the sharded lookup
     fetches the candidate rows once per batch (the full catalogue for full-softmax training and
     evaluation, a sample for sampled softmax) and gradients reach trainable tables through the same
-    all-to-all as the history rows.
+    all-to-all as the history rows. `sequence_rows=False` empties the history and target features
+    (the keys stay: a sharded collection expects all of its features) for a model that takes those
+    vectors from the candidate rows, so their lookups and backward cost nothing.
     """
     b = batch.batch_size
     cand_lengths = torch.zeros(b, dtype=torch.int64)
     cand_lengths[0] = candidates.numel()
+    empty = torch.zeros(b, dtype=torch.int64)
     sparse: Dict[str, KeyedJaggedTensor] = {}
     for group, tables in kjt_groups.items():
         kjt = batch.sparse[group]
@@ -151,8 +156,8 @@ def add_candidates(batch: SeqBatch, kjt_groups: Mapping[str, Sequence[str]], can
         for t in tables:
             for key in (history_key(t), target_key(t)):
                 keys.append(key)
-                vals.append(jts[key].values())
-                lens.append(jts[key].lengths())
+                vals.append(jts[key].values() if sequence_rows else empty[:0])
+                lens.append(jts[key].lengths() if sequence_rows else empty)
             keys.append(candidates_key(t))
             vals.append(candidates.to(torch.int64))
             lens.append(cand_lengths)

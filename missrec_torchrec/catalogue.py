@@ -26,7 +26,7 @@ from missrec_torchrec.metrics import RankCounter
 from missrec_torchrec.recommender import ID_GROUP, ID_TABLE, candidates_key
 
 LOOKUP_CHUNK = 65536  # catalogue rows fetched from the sharded tables per collective lookup
-SUB_BATCH = 256  # users encoded at once, sorted by history length
+SUB_BATCH_TOKENS = 4096  # history slots (users x their longest history) encoded at once
 
 
 def ec_of(session, table: str):
@@ -56,6 +56,19 @@ def item_vector_chunks(session, table: str, chunk: int = LOOKUP_CHUNK) -> Iterat
         ids = torch.arange(lo, min(n, lo + chunk), device=session.device)
         rows = lookup_rows(ec, candidates_key(table), ids, pg=session.pg)
         yield lo, rows if table == ID_TABLE else session.head.core.adapt({table: rows})[table]
+
+
+def length_groups(sorted_lengths: List[int], tokens: int) -> Iterator[Tuple[int, int, int]]:
+    """(lo, hi, width) runs of ascending lengths, each padded to its own longest (at least 1) and
+    holding at most `tokens` slots: short histories go in large groups, long ones in small ones,
+    so the padded work follows the real work and each group's tensors stay cache-sized."""
+    lo, n = 0, len(sorted_lengths)
+    while lo < n:
+        hi = lo + 1
+        while hi < n and (hi + 1 - lo) * max(1, sorted_lengths[hi]) <= tokens:
+            hi += 1
+        yield lo, hi, max(1, sorted_lengths[hi - 1])
+        lo = hi
 
 
 def item_ranges(n: int, size: int) -> Iterator[Tuple[int, int]]:
@@ -92,16 +105,15 @@ class ItemBank:
     # -- users ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, history: torch.Tensor, sub_batch: int = SUB_BATCH) -> torch.Tensor:
+    def encode(self, history: torch.Tensor, tokens: int = SUB_BATCH_TOKENS) -> torch.Tensor:
         """Unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded)."""
         lengths = (history != PAD).sum(1)
         order = torch.argsort(lengths, stable=True)
         out = torch.empty(history.shape[0], self.core.config.hidden, device=history.device)
         # One autocast region for all sub-batches: the weights are cast once, not once per sub-batch.
         with precision.autocast(self.precision, history.device):
-            for lo, hi in item_ranges(history.shape[0], sub_batch):
+            for lo, hi, width in length_groups(lengths[order].tolist(), tokens):
                 rows = order[lo:hi]
-                width = max(1, int(lengths[rows].max()))
                 out[rows] = self._encode(history[rows, :width])
         return out
 

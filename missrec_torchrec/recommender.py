@@ -172,16 +172,21 @@ class MISSRecHead(nn.Module):
         with precision.autocast(self.precision, batch.history.device):
             return self._forward(batch, feats, ids)
 
-    def _whole_catalogue(self, batch: SeqBatch) -> bool:
-        """Whether the candidates are every item in index order (full softmax and evaluation)."""
+    def _catalogue_candidates(self, count: int) -> bool:
+        """Whether `count` candidates are every item in index order (full softmax and evaluation)."""
         sampled = self.training and (self.loss == "sampled_softmax" or self.mode == "pretrain")
-        return not sampled and batch.candidates.numel() == self.num_items
+        return not sampled and count == self.num_items
+
+    def gathers_rows(self, candidates: int) -> bool:
+        """Whether a forward with `candidates` candidates takes every history and target vector
+        from the catalogue rows, so the batch's own history and target lookups can be left empty."""
+        return self.gather_history and self._catalogue_candidates(candidates)
 
     def _forward(self, batch: SeqBatch, feats, ids) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         cfg = self.config
         max_len = batch.history.shape[1]
         cands = None
-        if self.gather_history and self._whole_catalogue(batch):
+        if self.gathers_rows(batch.candidates.numel()):
             # The catalogue is adapted for the candidates anyway: history tokens gather from it
             # instead of adapting B x L rows again (adapters are linear, so the values are equal).
             cands = self._catalogue(feats, ids)

@@ -180,8 +180,8 @@ class Trainer:
         self.optimizer = mdist.build_optimizer(
             self.dmp,
             frozen_tables=self.model.frozen_tables,
-            # foreach: one kernel per op over all ~40 dense tensors (off by default on CPU).
-            dense_kwargs={"lr": t["lr"], "weight_decay": t["weight_decay"], "foreach": True},
+            # fused: one pass over each tensor for the whole update (foreach makes ~10; 5x slower here).
+            dense_kwargs={"lr": t["lr"], "weight_decay": t["weight_decay"], "fused": True},
         )
         # Dropout and augmentation differ per rank; data order comes from the streams' own seeds.
         torch.manual_seed(cfg["experiment"]["seed"] * 1000 + self.rank)
@@ -274,7 +274,9 @@ class Trainer:
 
     def _with_candidates(self, batches, candidates_fn) -> Iterator[SeqBatch]:
         for batch in batches:
-            yield add_candidates(batch, self.kjt_groups, candidates_fn())
+            candidates = candidates_fn()
+            rows = not self.head.gathers_rows(candidates.numel())
+            yield add_candidates(batch, self.kjt_groups, candidates, sequence_rows=rows)
 
     # -- interest discovery --------------------------------------------------------------------
 

@@ -169,9 +169,41 @@ def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(trainer)
         _, ref = trainer.dmp(add_candidates(batch, trainer.kjt_groups, trainer.all_items))
     trainer.head.gather_history = True
     bank = ItemBank(trainer, "fp32")
-    u = bank.encode(batch.history, sub_batch=16)  # length-sorted sub-batches, each trimmed
+    u = bank.encode(batch.history, tokens=16 * 8)  # length-sorted sub-batches, each trimmed
     torch.testing.assert_close(u, ref["user"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bank.chunk_scores(u, 0, trainer.num_items), ref["scores"], rtol=1e-5, atol=1e-5)
+
+
+def test_gathering_models_skip_the_history_lookups_with_the_same_loss_and_gradients(trainer):
+    batch = next(iter(SequenceStream(trainer.info.root, split="train", batch_size=64, max_len=20,
+                                     kjt_groups=trainer.kjt_groups)))
+    assert trainer.head.gathers_rows(trainer.num_items)
+    # The ID table's fused optimizer steps inside backward: both runs start from the same rows.
+    state = trainer.dmp.state_dict()
+    ids = state[next(k for k in state if k.endswith("embeddings.item_id.weight"))]
+    ids = ids.local_shards()[0].tensor if hasattr(ids, "local_shards") else ids
+    start = ids.detach().clone()
+    results = []
+    trainer.dmp.train()
+    try:
+        for rows in (True, False):
+            ids.detach().copy_(start)
+            full = add_candidates(batch, trainer.kjt_groups, trainer.all_items, sequence_rows=rows)
+            history = full.sparse[next(iter(trainer.kjt_groups))].to_dict()
+            assert (history[next(k for k in history if k.endswith(".history"))].values().numel() > 0) == rows
+            trainer.dmp.zero_grad(set_to_none=True)
+            loss, _ = trainer.dmp(full)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in trainer.dmp.named_parameters() if p.grad is not None}
+            results.append((loss.detach(), grads))
+    finally:
+        trainer.dmp.eval()
+        trainer.dmp.zero_grad(set_to_none=True)
+        ids.detach().copy_(start)
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("masked", [False, True])
