@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loss_check import loss_before_and_after
 from missrec_torchrec.model import (
     MISSRecCore,
     ModelConfig,
@@ -320,15 +321,5 @@ def test_training_reduces_the_loss_on_planted_structure():
         ce = full_softmax_ce(core.score(u, items), target, config.temperature)
         return ce + config.gamma * core.regulariser(memory, memory_mask)
 
-    core.eval()
-    with torch.no_grad():
-        before = float(loss_fn())
-    core.train()
-    for _ in range(40):
-        opt.zero_grad()
-        loss_fn().backward()
-        opt.step()
-    core.eval()
-    with torch.no_grad():
-        after = float(loss_fn())
+    before, after = loss_before_and_after(core, opt, loss_fn, steps=40)
     assert after < 0.8 * before, (before, after)
