@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 TODAY = ("data.length_buckets=false model.fast_dropout=false model.attention=sdpa model.last_query_only=false "
-         "train.precision=fp32 train.gather_history=false eval.engine=dmp")
+         "train.precision=fp32 train.gather_history=false eval.engine=dmp model.project_centroids=false")
 LEVERS = {
     "+fast dropout": "model.fast_dropout=true",
     "+math attention": "model.attention=math",
@@ -49,6 +49,7 @@ LEVERS = {
     "+gather history": "train.gather_history=true",
     "+bf16": "train.precision=bf16",
     "+catalogue eval": "eval.engine=catalogue",
+    "+projected centroids": "model.project_centroids=true",
 }
 
 

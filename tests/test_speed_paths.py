@@ -206,6 +206,18 @@ def test_gathering_models_skip_the_history_lookups_with_the_same_loss_and_gradie
         torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0, msg=name)
 
 
+def test_projected_centroids_give_the_same_user_vectors_at_inference(trainer):
+    batch = _padded_batch(trainer)
+    core = trainer.head.core
+    bank = ItemBank(trainer, "fp32")
+    users = []
+    for project in (False, True):
+        core.config = replace(core.config, project_centroids=project)
+        users.append(bank.encode(batch.history))
+    assert core.config.project_centroids and trainer.head.centroids.shape[0] < batch.history.numel()
+    torch.testing.assert_close(users[1], users[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_chunks(trainer, masked):
     ev = trainer.cfg["eval"]

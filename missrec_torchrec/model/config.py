@@ -27,6 +27,9 @@ class ModelConfig:
     # alone (keys and values still from every position). Same values, ~1/3 less compute.
     last_query_only: bool = True
     attention: str = "auto"  # math | sdpa | auto (math when training with dropout on CPU, else SDPA)
+    # Inference: the interest encoder's first projections are computed per centroid (K + 1 rows)
+    # and gathered per token, when that is fewer rows. Same values.
+    project_centroids: bool = True
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
     max_len: int = 50

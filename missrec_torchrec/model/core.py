@@ -39,15 +39,19 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(hidden, hidden)
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention; the reference keeps it
 
-    def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
+    def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor, allowed: Optional[Tensor] = None,
+                qkv: Optional[Tensor] = None) -> Tensor:
         """query B x T x D attends to memory B x S x D where key_mask (B x S, True = real) allows.
 
         `allowed` (T x S or B x T x S, True = may attend) further restricts each query, e.g. a
         causal mask. A query with no allowed key gets 0: attending to nothing adds nothing (SDPA
-        backends disagree on fully masked rows, some give NaN).
+        backends disagree on fully masked rows, some give NaN). `qkv` (B x T x 3D, self-attention
+        only): the input projections, already computed.
         """
         d = query.shape[-1]
-        if query is memory:
+        if qkv is not None:
+            q, k, v = qkv.chunk(3, dim=-1)
+        elif query is memory:
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
             q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d])
@@ -90,8 +94,8 @@ class EncoderLayer(nn.Module):
     def feed_forward(self, x: Tensor) -> Tensor:
         return self.drop(self.linear2(self.drop(self.act(self.linear1(x)))))
 
-    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
-        x = self.norm1(x + self.drop(self.self_attn(x, x, mask, allowed)))
+    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None, qkv: Optional[Tensor] = None) -> Tensor:
+        x = self.norm1(x + self.drop(self.self_attn(x, x, mask, allowed, qkv)))
         return self.norm2(x + self.feed_forward(x))
 
 
@@ -128,9 +132,10 @@ class InterestEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_enc_layers))
         self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
 
-    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, mask, allowed)
+    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None, qkv: Optional[Tensor] = None) -> Tensor:
+        """`qkv`: the first layer's self-attention input projections of x, if already computed."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, allowed, qkv if i == 0 else None)
         return self.norm(x)
 
 
@@ -336,7 +341,13 @@ class MISSRecCore(nn.Module):
             empty = tokens.new_zeros(tokens.shape[0], 1, dtype=torch.bool)
             return centroids.new_zeros(tokens.shape[0], 1, centroids.shape[1]), empty
         mask = tokens != 0
-        return self.encoder(F.embedding(tokens, centroids), mask, allowed), mask
+        qkv = None
+        if self.config.project_centroids and not torch.is_grad_enabled() and centroids.shape[0] < tokens.numel():
+            # Inference: the first layer projects centroids, not tokens, so it projects the K + 1
+            # centroids once and gathers (fewer rows than the B x M slots; same values).
+            attn = self.encoder.layers[0].self_attn
+            qkv = F.embedding(tokens, F.linear(centroids, attn.in_proj_weight, attn.in_proj_bias))
+        return self.encoder(F.embedding(tokens, centroids), mask, allowed, qkv), mask
 
     @staticmethod
     def _causal_masks(length: int, first: Optional[Tensor]) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
