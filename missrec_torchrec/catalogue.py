@@ -3,8 +3,9 @@
 Evaluation and batch scoring both look the whole catalogue up once (collective lookups into the
 sharded tables), adapt it once, and then never touch the sharded tables again: a user's history
 tokens are rows of the adapted catalogue (the adapters are linear, so this equals adapting the
-looked-up history rows), users are encoded in length-sorted sub-batches padded only to their own
-longest history (padding is key-masked, so the vectors do not change), and candidates are scored
+looked-up history rows), users are encoded in sub-batches sorted by history length plus interest
+tokens, each padded only to its own longest history and token list (padding is key-masked, so the
+vectors do not change), and candidates are scored
 in item chunks with the model's fusion, so no users x items matrix is larger than one chunk.
 
 Memory: items x hidden x tables floats per rank, twice (adapted and unit vectors), plus a bf16 copy
@@ -26,7 +27,7 @@ from missrec_torchrec.metrics import RankCounter
 from missrec_torchrec.recommender import ID_GROUP, ID_TABLE, candidates_key
 
 LOOKUP_CHUNK = 65536  # catalogue rows fetched from the sharded tables per collective lookup
-SUB_BATCH_TOKENS = 4096  # history slots (users x their longest history) encoded at once
+SUB_BATCH_SLOTS = 9216  # users x (longest history + most interest tokens) encoded at once
 
 
 def ec_of(session, table: str):
@@ -58,16 +59,16 @@ def item_vector_chunks(session, table: str, chunk: int = LOOKUP_CHUNK) -> Iterat
         yield lo, rows if table == ID_TABLE else session.head.core.adapt({table: rows})[table]
 
 
-def length_groups(sorted_lengths: List[int], tokens: int) -> Iterator[Tuple[int, int, int]]:
-    """(lo, hi, width) runs of ascending lengths, each padded to its own longest (at least 1) and
-    holding at most `tokens` slots: short histories go in large groups, long ones in small ones,
-    so the padded work follows the real work and each group's tensors stay cache-sized."""
-    lo, n = 0, len(sorted_lengths)
+def cost_groups(sorted_costs: List[int], slots: int) -> Iterator[Tuple[int, int]]:
+    """(lo, hi) runs of ascending per-user costs (slots each user needs), each holding at most
+    `slots` once padded to its own costliest user: cheap users go in large groups, costly ones in
+    small ones, so the padded work follows the real work and each group's tensors stay cache-sized."""
+    lo, n = 0, len(sorted_costs)
     while lo < n:
         hi = lo + 1
-        while hi < n and (hi + 1 - lo) * max(1, sorted_lengths[hi]) <= tokens:
+        while hi < n and (hi + 1 - lo) * max(1, sorted_costs[hi]) <= slots:
             hi += 1
-        yield lo, hi, max(1, sorted_lengths[hi - 1])
+        yield lo, hi
         lo = hi
 
 
@@ -105,23 +106,29 @@ class ItemBank:
     # -- users ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, history: torch.Tensor, tokens: int = SUB_BATCH_TOKENS) -> torch.Tensor:
+    def encode(self, history: torch.Tensor, slots: int = SUB_BATCH_SLOTS) -> torch.Tensor:
         """Unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded)."""
         lengths = (history != PAD).sum(1)
-        order = torch.argsort(lengths, stable=True)
+        tokens, first = self.head.interests(history)
+        # A token-0 slot (the reference's kept pad id) may precede the real ones: one spare column.
+        widths = torch.clamp((tokens != 0).sum(1) + 1, max=tokens.shape[1])
+        # Decoder slots (history) plus encoder slots (interest tokens): what a user costs.
+        costs = lengths + widths
+        order = torch.argsort(costs, stable=True)
         out = torch.empty(history.shape[0], self.core.config.hidden, device=history.device)
         # One autocast region for all sub-batches: the weights are cast once, not once per sub-batch.
         with precision.autocast(self.precision, history.device):
-            for lo, hi, width in length_groups(lengths[order].tolist(), tokens):
+            for lo, hi in cost_groups(costs[order].tolist(), slots):
                 rows = order[lo:hi]
-                out[rows] = self._encode(history[rows, :width])
+                width, m = max(1, int(lengths[rows].max())), int(widths[rows].max())
+                out[rows] = self._encode(history[rows, :width], (tokens[rows, :m], first[rows, :m]))
         return out
 
-    def _encode(self, history: torch.Tensor) -> torch.Tensor:
+    def _encode(self, history: torch.Tensor, interests) -> torch.Tensor:
         safe = history.clamp(min=0)
         adapted = {m: F.embedding(safe, self.tokens[m]) for m in self.modalities}
         hist_id = F.embedding(safe, self.tokens[ID_TABLE]) if self.use_id else None
-        u, _, _ = self.head.encode(history, adapted, hist_id)
+        u, _, _ = self.head.encode(history, adapted, hist_id, interests=interests)
         return u
 
     # -- items ---------------------------------------------------------------------------------

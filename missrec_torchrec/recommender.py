@@ -151,10 +151,12 @@ class MISSRecHead(nn.Module):
         adapted: Dict[str, torch.Tensor],
         hist_id: Optional[torch.Tensor],
         all_positions: bool = False,
+        interests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ):
-        """core.encode (or, with all_positions, core.encode_positions) of a batch's histories."""
+        """core.encode (or, with all_positions, core.encode_positions) of a batch's histories;
+        `interests`: their `interests(history)`, if already computed (trailing pad columns allowed)."""
         valid = history != PAD
-        tokens, first = self.interests(history)
+        tokens, first = interests if interests is not None else self.interests(history)
         fn = self.core.encode_positions if all_positions else self.core.encode
         return fn(
             adapted, valid, tokens, self.centroids, id_emb=hist_id, present=self._present_at(history, valid),

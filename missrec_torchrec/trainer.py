@@ -455,7 +455,7 @@ class Trainer:
 
     def _ranked(self, stream: SequenceStream, ev: Dict[str, Any]) -> Iterator:
         """(batch, target ranks) over a split. eval.engine=catalogue: the catalogue adapted once,
-        users encoded in length-sorted sub-batches, items scored in chunks (catalogue.py);
+        users encoded in cost-sorted sub-batches, items scored in chunks (catalogue.py);
         dmp: each batch through the sharded model's forward with the catalogue as candidates."""
         bank = ItemBank(self, self.precision) if ev["engine"] == "catalogue" else None
         batches = stream if bank is not None else self._with_candidates(stream, lambda: self.all_items)

@@ -169,7 +169,7 @@ def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(trainer)
         _, ref = trainer.dmp(add_candidates(batch, trainer.kjt_groups, trainer.all_items))
     trainer.head.gather_history = True
     bank = ItemBank(trainer, "fp32")
-    u = bank.encode(batch.history, tokens=16 * 8)  # length-sorted sub-batches, each trimmed
+    u = bank.encode(batch.history, slots=16 * 20)  # cost-sorted sub-batches, each trimmed
     torch.testing.assert_close(u, ref["user"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bank.chunk_scores(u, 0, trainer.num_items), ref["scores"], rtol=1e-5, atol=1e-5)
 
