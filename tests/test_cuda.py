@@ -19,7 +19,7 @@ from missrec_torchrec import precision
 from missrec_torchrec.metrics import RankCounter, target_ranks
 from loss_check import loss_before_and_after
 from missrec_torchrec.model import MISSRecCore, ModelConfig, discover_interests, full_softmax_ce, interest_tokens
-from missrec_torchrec.model.core import Attention
+from missrec_torchrec.model.attention import Attention
 from missrec_torchrec.model.dropout import fast_dropout
 
 DEVICE = torch.device(os.environ.get("MISSREC_TEST_DEVICE", "cuda"))

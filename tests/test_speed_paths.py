@@ -14,6 +14,7 @@ from datapipes.stream import SequenceStream
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ItemBank
 from missrec_torchrec.model import ModelConfig
+from missrec_torchrec.model.attention import Attention
 from missrec_torchrec.model.dropout import fast_dropout, quantised
 from test_fast_modes import SMALL, _batch, _model, _rows
 from test_train import small_overrides
@@ -204,6 +205,29 @@ def test_gathering_models_skip_the_history_lookups_with_the_same_loss_and_gradie
     assert results[0][1].keys() == results[1][1].keys() and results[0][1]
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_folded_single_query_attention_equals_the_projected_one_with_gradients(self_attention):
+    torch.manual_seed(0)
+    b, s, d = 6, 9, 32
+    memory = torch.randn(b, s, d, requires_grad=True)
+    query = memory[:, 4:5] if self_attention else torch.randn(b, 1, d, requires_grad=True)
+    key_mask = torch.rand(b, s) > 0.4
+    key_mask[0] = False  # no key at all: the output is exactly 0 either way
+    results = []
+    for fold in (False, True):
+        torch.manual_seed(1)
+        attn = Attention(d, 4, dropout=0.0, kernel="sdpa", fold=fold)
+        with torch.no_grad():
+            attn.in_proj_bias.normal_()  # the key bias must cancel, the value bias must not
+        out = attn(query, memory, key_mask)
+        grads = torch.autograd.grad(out.square().sum(), [memory, attn.in_proj_weight, attn.in_proj_bias])
+        results.append((out, grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert float(results[1][0][0].abs().max()) == 0.0
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_projected_centroids_give_the_same_user_vectors_at_inference(trainer):

@@ -27,6 +27,9 @@ class ModelConfig:
     # alone (keys and values still from every position). Same values, ~1/3 less compute.
     last_query_only: bool = True
     attention: str = "auto"  # math | sdpa | auto (math when training with dropout on CPU, else SDPA)
+    # One query per row (the decoder's last layer under last_query_only): key and value projections
+    # folded into the query side (model/attention.py), O(S D) instead of O(S D^2). Same values.
+    fold_single_query: bool = True
     # Inference: the interest encoder's first projections are computed per centroid (K + 1 rows)
     # and gathered per token, when that is fewer rows. Same values.
     project_centroids: bool = True

@@ -20,58 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fusion
+from .attention import Attention
 from .config import ModelConfig
 from .dropout import Dropout
-
-
-class Attention(nn.Module):
-    """Multi-head attention with `nn.MultiheadAttention`'s parameters (math path or SDPA)."""
-
-    def __init__(self, hidden: int, heads: int, dropout: float, fast_dropout: bool = False,
-                 kernel: str = "sdpa") -> None:
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout
-        self.kernel = kernel
-        self.drop = Dropout(dropout, fast_dropout)
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden, hidden))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * hidden))
-        self.out_proj = nn.Linear(hidden, hidden)
-        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention; the reference keeps it
-
-    def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor, allowed: Optional[Tensor] = None,
-                qkv: Optional[Tensor] = None) -> Tensor:
-        """query B x T x D attends to memory B x S x D where key_mask (B x S, True = real) allows.
-
-        `allowed` (T x S or B x T x S, True = may attend) further restricts each query, e.g. a
-        causal mask. A query with no allowed key gets 0: attending to nothing adds nothing (SDPA
-        backends disagree on fully masked rows, some give NaN). `qkv` (B x T x 3D, self-attention
-        only): the input projections, already computed.
-        """
-        d = query.shape[-1]
-        if qkv is not None:
-            q, k, v = qkv.chunk(3, dim=-1)
-        elif query is memory:
-            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        else:
-            q = F.linear(query, self.in_proj_weight[:d], self.in_proj_bias[:d])
-            k, v = F.linear(memory, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
-        b, t, s = query.shape[0], query.shape[1], memory.shape[1]
-        q, k, v = (x.view(b, -1, self.heads, d // self.heads).transpose(1, 2) for x in (q, k, v))
-        mask = key_mask.view(b, 1, s) if allowed is None else key_mask.view(b, 1, s) & allowed.view(-1, t, s)
-        has_key = mask.any(dim=-1, keepdim=True)  # B x (1 or T) x 1
-        mask = (mask | ~has_key).unsqueeze(1)
-        dropping = self.training and self.dropout > 0
-        if self.kernel == "math" or (self.kernel == "auto" and dropping and q.device.type == "cpu"):
-            # SDPA's math path, written out: SDPA's CPU dropout draws a Bernoulli per probability,
-            # here it is the fast one (bench/train.py measures both; without dropout SDPA wins).
-            logits = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).masked_fill_(~mask, float("-inf"))
-            out = self.drop(logits.softmax(-1)) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, t, d))
-        # A pass over B x T x D only when some query has no key (rare: causal starts, empty memory).
-        return out if bool(has_key.all()) else out * has_key.to(out.dtype)
 
 
 def _activation(name: str):
@@ -83,7 +34,7 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.self_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention)
+        self.self_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention, c.fold_single_query)
         self.linear1 = nn.Linear(c.hidden, c.ffn)
         self.linear2 = nn.Linear(c.ffn, c.hidden)
         self.norm1 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
@@ -104,7 +55,7 @@ class DecoderLayer(EncoderLayer):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__(c)
-        self.multihead_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention)
+        self.multihead_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention, c.fold_single_query)
         self.norm3 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
 
     def forward(
