@@ -13,6 +13,7 @@ from datapipes.batch import add_candidates
 from datapipes.stream import SequenceStream
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ItemBank
+from missrec_torchrec.recommender import ID_TABLE
 from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.model.attention import Attention
 from missrec_torchrec.model.dropout import fast_dropout, quantised
@@ -230,16 +231,29 @@ def test_folded_single_query_attention_equals_the_projected_one_with_gradients(s
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_projected_centroids_give_the_same_user_vectors_at_inference(trainer):
+def test_projected_centroids_give_the_same_user_vectors_and_gradients(trainer):
     batch = _padded_batch(trainer)
-    core = trainer.head.core
+    head, core = trainer.head, trainer.head.core
     bank = ItemBank(trainer, "fp32")
-    users = []
+    safe = batch.history.clamp(min=0)
+    results = []
     for project in (False, True):
         core.config = replace(core.config, project_centroids=project)
-        users.append(bank.encode(batch.history))
-    assert core.config.project_centroids and trainer.head.centroids.shape[0] < batch.history.numel()
-    torch.testing.assert_close(users[1], users[0], rtol=1e-6, atol=1e-6)
+        users = bank.encode(batch.history)
+        core.train()  # dropout is 0 here: training mode only turns the gradients' path on
+        core.zero_grad(set_to_none=True)
+        adapted = {m: F.embedding(safe, bank.adapted[m]) for m in bank.modalities}
+        u, _, _ = head.encode(batch.history, adapted, F.embedding(safe, bank.adapted[ID_TABLE]))
+        u.square().sum().backward()
+        core.eval()
+        results.append((users, u.detach(), {n: p.grad for n, p in core.named_parameters() if p.grad is not None}))
+    assert core.config.project_centroids and head.centroids.shape[0] < batch.history.numel()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-6)
+    assert any("encoder" in name for name in results[0][2]) and results[0][2].keys() == results[1][2].keys()
+    for name, grad in results[0][2].items():
+        torch.testing.assert_close(results[1][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    core.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("masked", [False, True])

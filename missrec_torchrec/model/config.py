@@ -30,8 +30,8 @@ class ModelConfig:
     # One query per row (the decoder's last layer under last_query_only): key and value projections
     # folded into the query side (model/attention.py), O(S D) instead of O(S D^2). Same values.
     fold_single_query: bool = True
-    # Inference: the interest encoder's first projections are computed per centroid (K + 1 rows)
-    # and gathered per token, when that is fewer rows. Same values.
+    # The interest encoder's first projections are computed per centroid (K + 1 rows) and gathered
+    # per token, when that is fewer rows. Same values and gradients.
     project_centroids: bool = True
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02

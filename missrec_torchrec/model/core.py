@@ -293,9 +293,9 @@ class MISSRecCore(nn.Module):
             return centroids.new_zeros(tokens.shape[0], 1, centroids.shape[1]), empty
         mask = tokens != 0
         qkv = None
-        if self.config.project_centroids and not torch.is_grad_enabled() and centroids.shape[0] < tokens.numel():
-            # Inference: the first layer projects centroids, not tokens, so it projects the K + 1
-            # centroids once and gathers (fewer rows than the B x M slots; same values).
+        if self.config.project_centroids and centroids.shape[0] < tokens.numel():
+            # The first layer projects centroids, not tokens: project the K + 1 centroids once and
+            # gather (fewer rows than the B x M slots; same values; the backward scatters into K + 1 rows).
             attn = self.encoder.layers[0].self_attn
             qkv = F.embedding(tokens, F.linear(centroids, attn.in_proj_weight, attn.in_proj_bias))
         return self.encoder(F.embedding(tokens, centroids), mask, allowed, qkv), mask
