@@ -18,13 +18,14 @@ fp32, evaluation through the sharded forward); then each speed lever switched on
 defaults plus the one-pass causal model). Every (mode, processes) cell runs in fresh
 processes: `Trainer` from `load_config("paper", overrides)`, one re-clustering, a warm-up epoch of
 --warmup steps, then a measured epoch of as many steps as fill --seconds (at least --steps, at most
---max-steps), then (1 process only) one untimed validation pass and two timed ones over every
-user, unmasked and with the history masked. Samples/s: global training rows (batch x ranks) per second, data loading
+--max-steps), then (1 process only) one untimed validation pass and --eval-passes timed ones (the median
+reported) over every user, unmasked and with the history masked. Samples/s: global training rows (batch x ranks) per second, data loading
 included. Targets/s: next-item predictions (one per row; causal: one per real position).
 
 Threads: each cell gets the same cores (--cores): 1 process uses all of them, 2 processes one share
-each. The reference implementation's figures are external (issue 10: official code, CPU, 2 cores,
-same data shape, another run); every other ratio is measured in this run.
+each. The reference implementation's figures are external: issue 10's (official code, CPU, 2 cores,
+same data shape, another machine), or the ones measured here with its own code and passed with
+--ref-samples/--ref-users (README: how it was run); every other ratio is measured in this run.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -135,7 +137,8 @@ def base_overrides(args: argparse.Namespace, data: Path) -> List[str]:
     ]
 
 
-def measure(overrides: List[str], warmup: int, steps: int, seconds: float, max_steps: int) -> Dict[str, float]:
+def measure(overrides: List[str], warmup: int, steps: int, seconds: float, max_steps: int,
+            eval_passes: int) -> Dict[str, float]:
     """Runs inside each rank: warm-up epoch, the measured epoch, then (1 process) two validation
     passes; rank 0's stats come back."""
     sys.path.insert(0, str(ROOT))
@@ -157,10 +160,14 @@ def measure(overrides: List[str], warmup: int, steps: int, seconds: float, max_s
         trainer.evaluate("valid")  # warm-up: first-call allocations and weight casts, not measured
         for masked in (False, True):
             cfg["eval"]["mask_history"] = masked
-            start = time.perf_counter()
-            metrics = trainer.evaluate("valid")
+            rates = []
+            # A pass takes well under a second when fast: the median of several is the figure.
+            for _ in range(eval_passes):
+                start = time.perf_counter()
+                metrics = trainer.evaluate("valid")
+                rates.append(metrics["count"] / (time.perf_counter() - start))
             key = "eval_masked" if masked else "eval"
-            stats[key + "_users_per_s"] = metrics["count"] / (time.perf_counter() - start)
+            stats[key + "_users_per_s"] = statistics.median(rates)
             stats[key + "_ndcg@10"] = metrics["ndcg@10"]
     return stats
 
@@ -185,7 +192,8 @@ def run_cell(args: argparse.Namespace, overrides: List[str], procs: int) -> Dict
     """One (mode, processes) cell in fresh processes; parses the JSON line rank 0 prints last."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, args.cores // procs)))
     child = [__file__, "--_child", json.dumps(overrides), "--warmup", str(args.warmup), "--steps", str(args.steps),
-             "--seconds", str(args.seconds), "--max-steps", str(args.max_steps)]
+             "--seconds", str(args.seconds), "--max-steps", str(args.max_steps),
+             "--eval-passes", str(args.eval_passes)]
     if procs == 1:
         cmd = [sys.executable, *child]
     else:
@@ -219,7 +227,8 @@ COLUMNS = [("samples/s", "samples_per_s"), ("targets/s", "targets_per_s")]
 EVAL_COLUMNS = [("eval users/s", "eval_users_per_s"), ("eval users/s, masked", "eval_masked_users_per_s")]
 
 
-def print_table(rows: List[Tuple[str, List[str], Dict[int, Dict]]], procs: List[int], external: bool) -> None:
+def print_table(rows: List[Tuple[str, List[str], Dict[int, Dict]]], procs: List[int],
+                reference: Optional[Dict[str, float]], source: str) -> None:
     first = rows[0][2].get(procs[0], {})
     head = ["mode", "precision"]
     for p in procs:
@@ -232,20 +241,20 @@ def print_table(rows: List[Tuple[str, List[str], Dict[int, Dict]]], procs: List[
         line = [name, one.get("precision", "")]
         for p in procs:
             for _, key in COLUMNS:
-                ref = REFERENCE.get(key) if external else None
+                ref = reference.get(key) if reference else None
                 line.append(fmt_cell(cells[p], key, first.get(key), ref, steps=key == "samples_per_s"))
         for _, key in EVAL_COLUMNS:
-            ref = REFERENCE["eval_users_per_s"] if external else None
+            ref = reference["eval_users_per_s"] if reference else None
             line.append(fmt_cell(one, key, first.get(key), ref))
         line.append(f"{one['eval_ndcg@10']:.4f} / {one['eval_masked_ndcg@10']:.4f}" if "eval_ndcg@10" in one else "")
         print("| " + " | ".join(line) + " |")
     print(f"\n(Nx) = against {rows[0][0]} with {procs[0]} process, measured in this run. samples = training rows "
           "(batch x ranks); targets = next-item predictions in those rows (one per row, except causal: one per "
           "real position). Evaluation: every validation user, full ranking, 1 process.")
-    if external:
-        print("(Nx ref) = against the reference implementation's figures from issue 10 (external: official code "
-              f"on a 2-core CPU, same data shape): {REFERENCE['samples_per_s']:.0f} samples/s, "
-              f"{REFERENCE['eval_users_per_s']:.0f} users/s.")
+    if reference:
+        print(f"(Nx ref) = against the reference implementation's figures ({source}; external: its official code, "
+              f"2 cores, same data shape): {reference['samples_per_s']:.0f} samples/s, "
+              f"{reference['eval_users_per_s']:.0f} users/s.")
     print("overrides: " + "; ".join(f"{name}: {' '.join(o) or '(defaults)'}" for name, o, _ in rows))
 
 
@@ -264,6 +273,11 @@ def main() -> None:
                         "(default 30)")
     p.add_argument("--max-steps", type=int, default=64, help="most measured steps per cell (default 64)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per cell, not measured (default 1)")
+    p.add_argument("--ref-samples", type=float, help="the reference implementation's training samples/s measured on "
+                   "this machine (default: issue 10's 284, from another machine)")
+    p.add_argument("--ref-users", type=float, help="its validation users/s measured on this machine (default: 750)")
+    p.add_argument("--eval-passes", type=int, default=3,
+                   help="timed validation passes per cell and masking, the median reported (default 3)")
     p.add_argument("--batch-size", type=int, default=512, help="rows per rank per step (default 512, the paper's)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                    help="torch threads shared by each cell's processes (default: all cores)")
@@ -272,7 +286,8 @@ def main() -> None:
     p.add_argument("--_child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
-        stats = measure(json.loads(args._child), args.warmup, args.steps, args.seconds, args.max_steps)
+        stats = measure(json.loads(args._child), args.warmup, args.steps, args.seconds, args.max_steps,
+                        args.eval_passes)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(stats), flush=True)
         return
@@ -297,7 +312,16 @@ def main() -> None:
             took = time.perf_counter() - start
             print(f"  {name} x{n}: {fmt_cell(cells[n], 'samples_per_s', None)} ({took:.0f}s)", file=sys.stderr, flush=True)
         rows.append((name, overrides, cells))
-    print_table(rows, procs, external=args.case == "reference-shape")
+    reference, source = None, ""
+    if args.case == "reference-shape":
+        reference = dict(REFERENCE)
+        source = "issue 10, another machine"
+        if args.ref_samples:
+            reference.update(samples_per_s=args.ref_samples, targets_per_s=args.ref_samples)
+            source = "measured on this machine, passed with --ref-samples/--ref-users"
+        if args.ref_users:
+            reference["eval_users_per_s"] = args.ref_users
+    print_table(rows, procs, reference, source)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ sharded tables), adapt it once, and then never touch the sharded tables again: a
 tokens are rows of the adapted catalogue (the adapters are linear, so this equals adapting the
 looked-up history rows), users are encoded in sub-batches sorted by history length plus interest
 tokens, each padded only to its own longest history and token list (padding is key-masked, so the
-vectors do not change), and candidates are scored
-in item chunks with the model's fusion, so no users x items matrix is larger than one chunk.
+vectors do not change), and candidates are scored in item chunks with the model's fusion, so no
+users x items matrix is larger than one chunk.
 
 Memory: items x hidden x tables floats per rank, twice (adapted and unit vectors), plus a bf16 copy
 of the adapted vectors (the history tokens) under bf16. Replicated on every rank: sharding it is open

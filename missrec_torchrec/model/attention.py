@@ -13,7 +13,8 @@ from .dropout import Dropout
 
 
 class Attention(nn.Module):
-    """Multi-head attention with `nn.MultiheadAttention`'s parameters (math path or SDPA)."""
+    """Multi-head attention with `nn.MultiheadAttention`'s parameters: SDPA or the math path, and
+    with `fold`, the folded path for one query per row (`_single_query`)."""
 
     def __init__(self, hidden: int, heads: int, dropout: float, fast_dropout: bool = False,
                  kernel: str = "sdpa", fold: bool = False) -> None:
