@@ -1,6 +1,6 @@
 """Training and evaluation benchmark: steady-state samples/s and users/s per mode, side by side.
 
-    .venv/bin/python bench/train.py                        # reference-shape case, every lever, ~10 min on 2 cores
+    .venv/bin/python bench/train.py                        # reference-shape case, every lever, ~12 min on 2 cores per round
     .venv/bin/python bench/train.py --case paper-5k --procs 1,2   # 5,000 items, 1 vs 2 gloo processes
     .venv/bin/python bench/train.py --mode today --mode 'wide:model.hidden=600' --steps 8
 
@@ -208,6 +208,20 @@ def run_cell(args: argparse.Namespace, overrides: List[str], procs: int) -> Dict
     return json.loads(lines[-1])
 
 
+def median_cell(cells: List[Dict]) -> Dict:
+    """Each number the median over rounds (an error in any round is the cell's)."""
+    errors = [c for c in cells if "error" in c]
+    if errors:
+        return errors[0]
+    out = dict(cells[0])
+    for key, value in cells[0].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        median = statistics.median_low if isinstance(value, int) else statistics.median
+        out[key] = median(c[key] for c in cells)
+    return out
+
+
 def fmt_cell(cell: Dict, key: str, today: Optional[float], external: Optional[float] = None,
              steps: bool = False) -> str:
     """'rate (x today[; x reference][; steps measured])', or the cell's reason for having no number."""
@@ -276,6 +290,8 @@ def main() -> None:
     p.add_argument("--ref-samples", type=float, help="the reference implementation's training samples/s measured on "
                    "this machine (default: issue 10's 284, from another machine)")
     p.add_argument("--ref-users", type=float, help="its validation users/s measured on this machine (default: 750)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="times every mode runs, in turn; each cell reports its median round (default 1)")
     p.add_argument("--eval-passes", type=int, default=3,
                    help="timed validation passes per cell and masking, the median reported (default 3)")
     p.add_argument("--batch-size", type=int, default=512, help="rows per rank per step (default 512, the paper's)")
@@ -301,17 +317,20 @@ def main() -> None:
           f"{args.warmup} warm-up step(s), then {args.steps}..{args.max_steps} measured steps (~{args.seconds:.0f}s), "
           f"{args.cores} cores per cell", flush=True)
     print(cpu_line(), flush=True)
-    rows = []
-    for text in args.mode or DEFAULT_MODES:
-        name, overrides = parse_mode(text)
-        reason = check_mode(overrides)
-        cells = {}
-        for n in procs:
-            start = time.perf_counter()
-            cells[n] = {"error": reason} if reason else run_cell(args, base_overrides(args, data) + overrides, n)
-            took = time.perf_counter() - start
-            print(f"  {name} x{n}: {fmt_cell(cells[n], 'samples_per_s', None)} ({took:.0f}s)", file=sys.stderr, flush=True)
-        rows.append((name, overrides, cells))
+    modes = [parse_mode(text) for text in args.mode or DEFAULT_MODES]
+    runs: Dict[Tuple[int, int], List[Dict]] = {}
+    # Rounds over every mode in turn: a machine whose speed drifts over the run moves every mode
+    # alike, and each cell reports its median round.
+    for _ in range(args.rounds):
+        for i, (name, overrides) in enumerate(modes):
+            reason = check_mode(overrides)
+            for n in procs:
+                start = time.perf_counter()
+                cell = {"error": reason} if reason else run_cell(args, base_overrides(args, data) + overrides, n)
+                runs.setdefault((i, n), []).append(cell)
+                took = time.perf_counter() - start
+                print(f"  {name} x{n}: {fmt_cell(cell, 'samples_per_s', None)} ({took:.0f}s)", file=sys.stderr, flush=True)
+    rows = [(name, overrides, {n: median_cell(runs[i, n]) for n in procs}) for i, (name, overrides) in enumerate(modes)]
     reference, source = None, ""
     if args.case == "reference-shape":
         reference = dict(REFERENCE)
