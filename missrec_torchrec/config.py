@@ -206,6 +206,8 @@ RULES: Dict[str, Check] = {
     "model.item_drop_prob": _number(0, 1, high_open=False),
     "model.item_drop_coefficient": _number(0, 1, high_open=False),
     "model.feature_swap_prob": _number(0, 1, high_open=False),
+    "model.kmeans_reference_batches": _BOOL,
+    "model.kmeans_abs_inplace": _BOOL,
     "train.mode": _choice("finetune", "pretrain"),
     "train.epochs": _integer(0),
     "train.max_steps_per_epoch": _integer(1, nullable=True),
