@@ -616,6 +616,8 @@ def count_parameters(model: MISSRecModel) -> Dict[str, int]:
     trainable_dense = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
     tables = {c.name: c.num_embeddings * c.embedding_dim
               for group in (model.features, model.ids) for ec in group.values() for c in ec.embedding_configs()}
+    if model.head.id_table is not None:
+        tables.pop(ID_TABLE)  # dense_adam: the dense table (counted above) trains; its sharded mirror is a copy
     frozen = sum(v for k, v in tables.items() if k in model.frozen_tables)
     trainable_tables = sum(v for k, v in tables.items() if k not in model.frozen_tables)
     return {
