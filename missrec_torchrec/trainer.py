@@ -178,6 +178,7 @@ class Trainer:
         self.head.precision = self.precision
         self.head.gather_history = bool(t["gather_history"])
         self._load_frozen_tables()
+        self.publish_ids()
         self._warm: Optional[torch.Tensor] = None  # items in some training sequence (cold start)
         if t["softmax_items"] == "training":
             self.head.softmax_items.copy_(self._training_items())
@@ -416,6 +417,7 @@ class Trainer:
                     progress["skip_batches"] = position
                     self.save(progress)
         progress["skip_batches"] = 0
+        self.publish_ids()
         if bar is not None:
             bar.close()
         seconds = time.time() - t0
@@ -447,7 +449,7 @@ class Trainer:
     @torch.no_grad()
     def publish_ids(self) -> None:
         """dense_adam: copy the dense ID table into its sharded mirror, which evaluation, scoring,
-        export and checkpoints read."""
+        export and checkpoints read (at set-up, after every epoch, before evaluating and saving)."""
         if self.head.id_table is not None:
             mdist.load_table_rows(self.dmp, ID_TABLE, self.head.id_table.weight[: self.num_items].detach())
 
