@@ -453,23 +453,32 @@ class DatasetInfo:
             raise DataError(f"{m.path}: {rows} feature rows for the dataset's {self.num_items} items")
 
 
-    def training_items(self) -> np.ndarray:
-        """N bools: whether the item occurs in any user's training part (`items[:train_end]`).
-        Read one row group at a time; items never trained on are the cold-start targets."""
-        seen = np.zeros(self.num_items, dtype=bool)
+    def _training_positions(self):
+        """Per row group: (values, position of each value in its list, its row's train_end)."""
         users = pq.ParquetFile(self.users_path)
         for g in range(users.num_row_groups):
             table = users.read_row_group(g, columns=["items", "train_end"])
             items = table.column("items").combine_chunks()
             offsets = items.offsets.to_numpy()
-            values = items.values.to_numpy()
-            # Position of every value inside its own list, against its row's train_end.
             lengths = np.diff(offsets)
             row = np.repeat(np.arange(len(lengths)), lengths)
-            position = np.arange(len(values)) - offsets[:-1][row]
-            train_end = table.column("train_end").to_numpy()
-            seen[values[position < train_end[row]]] = True
+            values = items.values.to_numpy()
+            yield values, np.arange(len(values)) - offsets[:-1][row], table.column("train_end").to_numpy()[row]
+
+    def training_items(self) -> np.ndarray:
+        """N bools: whether the item occurs in any user's training part (`items[:train_end]`).
+        Read one row group at a time; items never trained on are the cold-start targets."""
+        seen = np.zeros(self.num_items, dtype=bool)
+        for values, position, train_end in self._training_positions():
+            seen[values[position < train_end]] = True
         return seen
+
+    def target_counts(self) -> np.ndarray:
+        """N counts: how often each item is a training target (`items[1:train_end]`, one per prefix)."""
+        counts = np.zeros(self.num_items, dtype=np.int64)
+        for values, position, train_end in self._training_positions():
+            counts += np.bincount(values[(position >= 1) & (position < train_end)], minlength=self.num_items)
+        return counts
 
 
 def register_modality(root: Path | str, name: str, dim: int, dtype: str, present: int, encoder: str) -> None:

@@ -340,7 +340,8 @@ class CheckpointManager:
 
     `keep_last` complete checkpoints are kept (plus `best`); `mode` says whether a higher ("max") or
     lower ("min") metric is better. `skip_prefixes` leaves model state_dict keys out of checkpoints
-    (e.g. frozen feature tables that are reloaded from their source anyway).
+    (e.g. frozen feature tables that are reloaded from their source anyway). `ties`: an equal metric
+    also counts as better.
     """
 
     def __init__(
@@ -350,6 +351,7 @@ class CheckpointManager:
         mode: str = "max",
         pg: Optional[dist.ProcessGroup] = None,
         skip_prefixes: Sequence[str] = (),
+        ties: bool = False,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -360,6 +362,7 @@ class CheckpointManager:
         self.mode = mode
         self.pg = pg
         self.skip_prefixes = tuple(skip_prefixes)
+        self.ties = ties  # an equal metric also moves `best` (RecBole's >=)
 
     # -- helpers --
 
@@ -385,6 +388,8 @@ class CheckpointManager:
     def _better(self, metric: float) -> bool:
         best = _read_pointer(self.dir, BEST)
         if best is None or not (self.dir / best["checkpoint"]).is_dir():
+            return True
+        if self.ties and metric == best["metric"]:
             return True
         return metric > best["metric"] if self.mode == "max" else metric < best["metric"]
 

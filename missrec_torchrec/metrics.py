@@ -153,3 +153,15 @@ class RankingMetrics:
         result = {n: (float(s) / count if count > 0 else float("nan")) for n, s in zip(self.names, totals)}
         result["count"] = count
         return result
+
+
+def early_stopping(value: float, best: Optional[float], bad: int, patience: int, recbole: bool = False):
+    """(improved, validations without improvement, stop) after one validation (higher is better).
+
+    Ours: only a strictly higher value improves, and `patience` validations without one stop the
+    run. `recbole` (RecBole's `early_stopping`, which the reference uses): an equal value improves
+    too, and the run stops after patience + 1.
+    """
+    improved = best is None or value > best or (recbole and value == best)
+    bad = 0 if improved else bad + 1
+    return improved, bad, bad >= patience + int(recbole)

@@ -13,6 +13,7 @@ so MISSRec's data-dependent logic stays out of FX tracing.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -92,12 +93,16 @@ class MISSRecHead(nn.Module):
         loss: str = "full_softmax",
         use_aug: bool = False,
         cluster_points: Optional[int] = None,
+        dense_ids: bool = False,
+        mixed_negatives: bool = False,
     ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"train.mode {mode!r} is not one of {MODES}")
         if loss not in LOSSES:
             raise ValueError(f"train.loss {loss!r} is not one of {LOSSES}")
+        if config.pad_negative and config.fusion == "dynamic_instance" and len(modality_dims) > 1:
+            raise ValueError("model.pad_negative needs one alpha for the padding item: use fusion dynamic_shared or static")
         if config.causal and mode != "finetune":
             raise ValueError("model.causal trains with next-item targets: it needs train.mode=finetune")
         self.config = config
@@ -123,6 +128,19 @@ class MISSRecHead(nn.Module):
         # Speed levers (set by the trainer from the config; bench/train.py measures each).
         self.precision = "fp32"  # or "bf16": autocast of adapters and encoder-decoder (precision.py)
         self.gather_history = True  # history tokens gathered from the adapted catalogue when it is at hand
+        # train.sparse_optimizer=dense_adam: the reference's ID table, a replicated dense N(0, init_std)
+        # table trained by the dense Adam (FBGEMM has no fused Adam on CPU). Its last row is the
+        # padding item's, zero and never updated (padding_idx), as the reference's row 0.
+        self.id_table: Optional[nn.Embedding] = None
+        if dense_ids and config.use_id:
+            self.id_table = nn.Embedding(num_items + 1, config.hidden, padding_idx=num_items)
+            nn.init.normal_(self.id_table.weight, std=config.init_std)
+            with torch.no_grad():
+                self.id_table.weight[num_items].zero_()
+        # Sampled softmax: the batch's other targets join the uniform sample as negatives.
+        self.mixed_negatives = mixed_negatives
+        # Log of each item's share of the training targets: the in-batch negatives' log-Q.
+        self.register_buffer("target_logq", torch.full((num_items,), -math.log(num_items)), persistent=False)
 
     def assignments(self) -> Dict[str, torch.Tensor]:
         return {m: getattr(self, f"assign_{m}") for m in self.modalities}
@@ -171,6 +189,11 @@ class MISSRecHead(nn.Module):
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         feats = _materialise(feature_outputs)
         ids = _materialise(id_outputs)
+        if self.id_table is not None:
+            # The sharded ID collection is only a read-only mirror here (see the trainer's
+            # `publish_ids`): training looks the same ids up in the dense table.
+            kjt = batch.sparse[ID_GROUP]
+            ids = {k: JaggedTensor(values=self.id_table(kjt[k].values()), lengths=kjt[k].lengths()) for k in ids}
         with precision.autocast(self.precision, batch.history.device):
             return self._forward(batch, feats, ids)
 
@@ -269,6 +292,8 @@ class MISSRecHead(nn.Module):
             scores = scores.masked_fill(~self.softmax_items[cands], float("-inf"))
         if self.loss == "full_softmax":
             # Candidates are the catalogue in index order: the target index is the column.
+            if cfg.pad_negative:
+                scores = torch.cat([scores, self._pad_scores(u)], dim=1)
             return losses.full_softmax_ce(scores, target, cfg.temperature, weight)
         with _fp32(u):
             pos = self.core.score_pairs(
@@ -279,7 +304,27 @@ class MISSRecHead(nn.Module):
                 item_index=target.unsqueeze(1),
             ).squeeze(1)
         neg_logq = losses.expected_logq(cands, cands.numel(), self.num_items)
-        return losses.sampled_softmax(pos, scores, target, cands, cfg.temperature, neg_logq=neg_logq, weight=weight)
+        if not self.mixed_negatives:
+            return losses.sampled_softmax(pos, scores, target, cands, cfg.temperature, neg_logq=neg_logq, weight=weight)
+        with _fp32(u):
+            in_batch = self.core.score(
+                u, _floats(tgt_adapted), _float(tgt_id), present=self._present_at(target), item_index=target
+            )
+        # In-batch targets are B draws from the target distribution: log-Q = log(B * q(item)).
+        batch_logq = self.target_logq[target] + math.log(target.numel())
+        return losses.mixed_negative_softmax(
+            pos, scores, cands, neg_logq, in_batch, target, batch_logq, cfg.temperature, weight=weight
+        )
+
+    def _pad_scores(self, u: torch.Tensor) -> torch.Tensor:
+        """B x 1: the reference's padding item (index 0 there) scored as one more candidate (quirk 17).
+
+        Its features are zero, so each adapter gives its bias; its ID row is zero (cosine 0)."""
+        cfg = self.config
+        with _fp32(u):
+            items = {m: self.core.adapters[m].bias.float().unsqueeze(0) for m in self.modalities}
+            pad_id = u.new_zeros(1, cfg.hidden) if cfg.use_id else None
+            return self.core.score(u.float(), items, pad_id)
 
     def _causal_forward(self, batch, feats, ids, adapted, hist_id, cands=None):
         """One-pass causal training: every history position predicts the next item (its last
@@ -334,6 +379,8 @@ class MISSRecModel(nn.Module):
         aug_dim: Optional[int] = None,
         cluster_points: Optional[int] = None,
         table_device: torch.device = torch.device("meta"),
+        dense_ids: bool = False,
+        mixed_negatives: bool = False,
     ):
         super().__init__()
         self.config = config
@@ -371,7 +418,8 @@ class MISSRecModel(nn.Module):
                 device=table_device,
             )
         self.head = MISSRecHead(
-            config, modality_dims, num_items, mode=mode, loss=loss, use_aug=use_aug, cluster_points=cluster_points
+            config, modality_dims, num_items, mode=mode, loss=loss, use_aug=use_aug, cluster_points=cluster_points,
+            dense_ids=dense_ids, mixed_negatives=mixed_negatives,
         )
         # Which batch KJT feeds which collection (fixed before sharding replaces the collections).
         self.kjt_groups: Dict[str, List[str]] = {

@@ -28,11 +28,11 @@ from missrec_torchrec import distributed as mdist
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ItemBank, ec_of
 from missrec_torchrec.config import ConfigError, check_resume_config, dump_config
-from missrec_torchrec.metrics import RankingMetrics, target_ranks
+from missrec_torchrec.metrics import RankingMetrics, early_stopping, target_ranks
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.model.interest import discover_interests
-from missrec_torchrec.recommender import AUG_TABLE, MISSRecModel, candidates_key
+from missrec_torchrec.recommender import AUG_TABLE, ID_TABLE, MISSRecModel, candidates_key
 
 CORE_FILE = "core.pt"  # the dense core + its config, for fine-tuning on another catalogue
 
@@ -130,6 +130,8 @@ def build_model(cfg: Dict[str, Any], info: DatasetInfo) -> MISSRecModel:
         loss=t["loss"],
         aug_dim=aug_dim,
         cluster_points=points,
+        dense_ids=t["sparse_optimizer"] == "dense_adam",
+        mixed_negatives=t["in_batch_negatives"],
     )
 
 
@@ -160,11 +162,14 @@ class Trainer:
             if t["peft"]:
                 peft_trainable(self.model.head.core)
         self.run_dir = self._make_run_dir(write_config)
+        # dense_adam: the dense table in the head trains; the sharded ID table only mirrors it.
+        dense_ids = self.model.head.id_table is not None
+        fused_frozen = self.model.frozen_tables + ([ID_TABLE] if dense_ids else [])
         self.dmp = mdist.plan_and_shard(
             self.model,
             sharding_type=t["sharding"],
-            frozen_tables=self.model.frozen_tables,
-            trainable_fused=(t["sparse_optimizer"], {"lr": t["sparse_lr"]}),
+            frozen_tables=fused_frozen,
+            trainable_fused=("sgd" if dense_ids else t["sparse_optimizer"], {"lr": t["sparse_lr"]}),
             pg=self.pg,
             device=self.device,
         )
@@ -173,13 +178,17 @@ class Trainer:
         self.head.precision = self.precision
         self.head.gather_history = bool(t["gather_history"])
         self._load_frozen_tables()
+        self.publish_ids()
         self._warm: Optional[torch.Tensor] = None  # items in some training sequence (cold start)
         if t["softmax_items"] == "training":
             self.head.softmax_items.copy_(self._training_items())
             self.head.restrict_softmax = True
+        if self.head.mixed_negatives and t["loss"] == "sampled_softmax":
+            counts = torch.from_numpy(self.info.target_counts()).double()
+            self.head.target_logq.copy_((counts.clamp(min=1) / counts.sum()).log())
         self.optimizer = mdist.build_optimizer(
             self.dmp,
-            frozen_tables=self.model.frozen_tables,
+            frozen_tables=fused_frozen,
             # fused: one pass over each tensor for the whole update (foreach makes ~10; 5x slower here).
             dense_kwargs={"lr": t["lr"], "weight_decay": t["weight_decay"], "fused": True},
         )
@@ -197,7 +206,8 @@ class Trainer:
         frozen_keys = tuple(k for k in self.dmp.state_dict()
                             if any(f".{m}." in k for m in self.model.frozen_tables) and k.startswith("features."))
         self.ckpt = ckpt.CheckpointManager(self.ckpt_dir, keep_last=cfg["checkpoint"]["keep"], mode="max",
-                                           pg=self.pg, skip_prefixes=frozen_keys)
+                                           pg=self.pg, skip_prefixes=frozen_keys,
+                                           ties=cfg["eval"]["recbole_stopping"])
 
     # -- set-up helpers ------------------------------------------------------------------------
 
@@ -407,6 +417,7 @@ class Trainer:
                     progress["skip_batches"] = position
                     self.save(progress)
         progress["skip_batches"] = 0
+        self.publish_ids()
         if bar is not None:
             bar.close()
         seconds = time.time() - t0
@@ -436,7 +447,15 @@ class Trainer:
         return self._warm
 
     @torch.no_grad()
+    def publish_ids(self) -> None:
+        """dense_adam: copy the dense ID table into its sharded mirror, which evaluation, scoring,
+        export and checkpoints read (at set-up, after every epoch, before evaluating and saving)."""
+        if self.head.id_table is not None:
+            mdist.load_table_rows(self.dmp, ID_TABLE, self.head.id_table.weight[: self.num_items].detach())
+
+    @torch.no_grad()
     def evaluate(self, split: str) -> Dict[str, float]:
+        self.publish_ids()
         ev = self.cfg["eval"]
         groups = {"": RankingMetrics(ks=ev["ks"])}
         if ev["cold_start"]:
@@ -474,6 +493,7 @@ class Trainer:
         # written into the step folder before the folder is published and the pointers move.
         core = {"core": self.head.core.state_dict(), "modality_dims": self.modality_dims,
                 "model": self.model_cfg.to_dict()}
+        self.publish_ids()
         return self.ckpt.save(progress["step"], self.dmp, self.optimizer, progress=progress, metric=metric,
                               extra_files={CORE_FILE: core})
 
@@ -510,20 +530,21 @@ class Trainer:
             stats = self.train_epoch(epoch, progress)
             row: Dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
             row.update({f"interest/{k}": v for k, v in progress.get("interest", {}).items()})
-            value = None
+            value, stop = None, False
             if (epoch + 1) % ev["every"] == 0 or epoch + 1 == t["epochs"]:
                 valid = self.evaluate("valid")
                 row.update({f"valid/{k}": v for k, v in valid.items()})
                 value = valid[metric]
-                if progress["best"] is None or value > progress["best"]:
-                    progress.update(best=value, best_epoch=epoch, bad_epochs=0)
-                else:
-                    progress["bad_epochs"] += 1
+                improved, bad, stop = early_stopping(value, progress["best"], progress["bad_epochs"],
+                                                     ev["patience"], ev["recbole_stopping"])
+                progress["bad_epochs"] = bad
+                if improved:
+                    progress.update(best=value, best_epoch=epoch)
             progress["epoch"] = epoch + 1
             progress["history"].append(row)
             self.save(progress, metric=value)
             self._log_epoch(row)
-            if progress["bad_epochs"] >= ev["patience"]:
+            if stop:
                 log0(f"early stop: no {metric} improvement for {ev['patience']} validations")
                 break
         if self.load("best", optimizer=False) is None:
@@ -597,6 +618,8 @@ def count_parameters(model: MISSRecModel) -> Dict[str, int]:
     trainable_dense = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
     tables = {c.name: c.num_embeddings * c.embedding_dim
               for group in (model.features, model.ids) for ec in group.values() for c in ec.embedding_configs()}
+    if model.head.id_table is not None:
+        tables.pop(ID_TABLE)  # dense_adam: the dense table (counted above) trains; its sharded mirror is a copy
     frozen = sum(v for k, v in tables.items() if k in model.frozen_tables)
     trainable_tables = sum(v for k, v in tables.items() if k not in model.frozen_tables)
     return {

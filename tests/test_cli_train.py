@@ -37,7 +37,11 @@ def test_paper_from_scratch_counts(paper_dims_dataset, capsys):
     assert counts["dense_trainable"] == 1_719_513
     assert counts["frozen_tables"] == 2 * 40 * 512
     counts, _ = dry_run(paper_dims_dataset, capsys, "model.use_id=true", "train.init_checkpoint=pretrained")
-    assert counts["trainable"] == 308_401 + 40 * 300  # transductive adds the ID table
+    # Transductive adds the ID table: under the paper preset the reference's, N + 1 rows (padding row).
+    assert counts["trainable"] == 308_401 + (40 + 1) * 300
+    counts, _ = dry_run(paper_dims_dataset, capsys, "model.use_id=true", "train.init_checkpoint=pretrained",
+                        "train.sparse_optimizer=rowwise_adagrad")
+    assert counts["trainable"] == 308_401 + 40 * 300  # the sharded table: no padding row
 
 
 def test_overrides_and_unknown_keys():

@@ -60,6 +60,9 @@ class ModelConfig:
     mask_duplicate_targets: bool = True  # Q6: in-batch rows sharing a target are not negatives
     kmeans_torchpq_update: bool = False  # Q15: TorchPQ's update, empty clusters decay to 0
     adapter_default_init: bool = False  # Q16: adapters keep PyTorch's default Linear init
+    kmeans_reference_batches: bool = False  # Q18: first-minibatch init, short last minibatch merged
+    kmeans_abs_inplace: bool = False  # Q19: TorchPQ's in-place |x| on minibatch and centroids
+    pad_negative: bool = False  # Q17: the padding item (zero features, zero ID) is a softmax negative
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -100,6 +103,9 @@ class ModelConfig:
             mask_duplicate_targets=False,
             kmeans_torchpq_update=True,
             adapter_default_init=True,
+            kmeans_reference_batches=True,
+            kmeans_abs_inplace=True,
+            pad_negative=stage != "pretrain",
         )
         return replace(reference, **overrides)
 

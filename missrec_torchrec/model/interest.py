@@ -10,7 +10,7 @@ assigned twice. Without a process group (or with world size 1) the same code run
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -91,6 +91,41 @@ def random_init(points: torch.Tensor, k: int, generator: Optional[torch.Generato
     return _all_reduce(init, group).to(points.dtype)
 
 
+def _step_slices(n_local: int, k: int, minibatch: int, world: int, n_total: int, merge: bool, group) -> List[slice]:
+    """This rank's point slice for every minibatch step of one pass.
+
+    Each rank contributes its next ceil(minibatch / world) points per step. `merge` (the reference's
+    `cluster_kmeans`): the step after which at most K points would remain takes all of them, so a
+    short last minibatch is folded into the previous one (with K = 0.5 * 2N and a 1.1 K minibatch
+    that is one step over every point). The step count comes from the global count, as the
+    reference's loop over the whole matrix; one rank it reproduces exactly.
+    """
+    local_batch = math.ceil(minibatch / world)
+    if merge:
+        steps = max(1, math.ceil((n_total - k) / minibatch))
+        cuts = [i * local_batch for i in range(steps)] + [max(n_local, steps * local_batch)]
+        return [slice(cuts[i], cuts[i + 1]) for i in range(steps)]
+    steps = torch.tensor([math.ceil(n_local / local_batch)])
+    steps = int(_all_reduce(steps, group, dist.ReduceOp.MAX))
+    return [slice(i * local_batch, (i + 1) * local_batch) for i in range(steps)]
+
+
+def _update(centroids, counts, chunk, labels, torchpq_update: bool, group) -> torch.Tensor:
+    """One minibatch's centroid update from its (global) per-cluster sums and counts."""
+    sums = torch.zeros_like(centroids).index_add_(0, labels, chunk.double())
+    batch_counts = torch.bincount(labels, minlength=centroids.shape[0]).double()
+    _all_reduce(sums, group)
+    _all_reduce(batch_counts, group)
+    if torchpq_update:
+        weight = (1.0 / counts).unsqueeze(1)
+        means = sums / batch_counts.clamp(min=1).unsqueeze(1)
+        centroids = centroids * (1 - weight) + means * weight
+        counts += batch_counts
+        return centroids
+    counts += batch_counts
+    return centroids + (sums - batch_counts.unsqueeze(1) * centroids) / counts.clamp(min=1).unsqueeze(1)
+
+
 def kmeans(
     points: torch.Tensor,
     k: int,
@@ -99,6 +134,8 @@ def kmeans(
     minibatch: int = 2048,
     single_pass: bool = False,
     torchpq_update: bool = False,
+    reference_batches: bool = False,
+    abs_inplace: bool = False,
     init: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     tol: float = 1e-5,
@@ -107,44 +144,40 @@ def kmeans(
     """Minibatch k-means of this rank's `points` (n_local x D) together with the other ranks'.
 
     Returns K x D centroids, identical on every rank. `minibatch` is the global minibatch (raised
-    to 1.1 K when it is <= K, as the reference does); each rank contributes its next
-    ceil(minibatch / world) points per step. Passes stop early once a pass moves the centroids by
-    less than `tol` (summed squared shift); `single_pass` reproduces the reference, whose error
-    check always reads 0 and so stops after one pass (quirk 1).
+    to 1.1 K when it is <= K, as the reference does); see `_step_slices` for the steps. Passes stop
+    early once a pass moves the centroids by less than `tol` (summed squared shift); `single_pass`
+    reproduces the reference, whose error check always reads 0 and so stops after one pass (quirk 1).
 
     Update per step, with per-cluster batch sums S_k, counts b_k and running counts n_k:
     running mean (default, n_k from 0): n_k += b_k; c_k += (S_k - b_k c_k) / n_k, empty clusters
     stay. `torchpq_update` (quirk 15): w_k = 1/n_k with n_k from 1, c_k = (1-w_k) c_k + w_k S_k/b_k
     for every cluster (an empty one is pulled towards the origin), then n_k += b_k.
+    `reference_batches` (quirk 18): the short last minibatch is merged into the previous one and
+    the initial centroids are drawn from the first minibatch, so under the TorchPQ update every
+    centroid keeps at least its own starting point. `abs_inplace` (quirk 19): after each step's
+    assignment the minibatch and the centroids are replaced by their absolute values, as
+    TorchPQ's `euc_sim(inplace=True)` leaves them, so the update averages |x|.
     """
     world = dist.get_world_size(group) if _group_active(group) else 1
     if minibatch <= k:
         minibatch = int(k * 1.1)
-    local_batch = math.ceil(minibatch / world)
-    steps = torch.tensor([math.ceil(points.shape[0] / local_batch)], device=points.device)
-    steps = int(_all_reduce(steps, group, dist.ReduceOp.MAX))
-
-    centroids = (init if init is not None else random_init(points, k, generator, group)).double().clone()
+    n_total = int(_all_reduce(torch.tensor([points.shape[0]], device=points.device), group))
+    slices = _step_slices(points.shape[0], k, minibatch, world, n_total, reference_batches, group)
+    if init is None:
+        pool = points[slices[0]] if reference_batches else points
+        init = random_init(pool, k, generator, group)
+    centroids = init.double().clone()
     if centroids.shape != (k, points.shape[1]):
         raise ValueError(f"k-means: init has shape {tuple(centroids.shape)}, expected {(k, points.shape[1])}")
     counts = torch.full((k,), 1.0 if torchpq_update else 0.0, dtype=torch.float64, device=points.device)
     for _ in range(1 if single_pass else iters):
         start_of_pass = centroids.clone()
-        for step in range(steps):
-            chunk = points[step * local_batch : (step + 1) * local_batch]
+        for part in slices:
+            chunk = points[part]
             labels = assign(chunk, centroids) - 1
-            sums = torch.zeros_like(centroids).index_add_(0, labels, chunk.double())
-            batch_counts = torch.bincount(labels, minlength=k).double()
-            _all_reduce(sums, group)
-            _all_reduce(batch_counts, group)
-            if torchpq_update:
-                weight = (1.0 / counts).unsqueeze(1)
-                means = sums / batch_counts.clamp(min=1).unsqueeze(1)
-                centroids = centroids * (1 - weight) + means * weight
-                counts += batch_counts
-            else:
-                counts += batch_counts
-                centroids += (sums - batch_counts.unsqueeze(1) * centroids) / counts.clamp(min=1).unsqueeze(1)
+            if abs_inplace:
+                chunk, centroids = chunk.abs(), centroids.abs()
+            centroids = _update(centroids, counts, chunk, labels, torchpq_update, group)
         if (centroids - start_of_pass).pow(2).sum() < tol:
             break
     return centroids.to(points.dtype)
@@ -184,6 +217,8 @@ def discover_interests(
         minibatch=config.kmeans_minibatch,
         single_pass=config.kmeans_single_pass,
         torchpq_update=config.kmeans_torchpq_update,
+        reference_batches=config.kmeans_reference_batches,
+        abs_inplace=config.kmeans_abs_inplace,
         generator=generator,
         group=group,
     )

@@ -95,6 +95,37 @@ def sampled_softmax(
     return _weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weight)
 
 
+def mixed_negative_softmax(
+    pos_scores: Tensor,
+    uniform_scores: Tensor,
+    uniform_ids: Tensor,
+    uniform_logq: Optional[Tensor],
+    batch_scores: Tensor,
+    target: Tensor,
+    batch_logq: Optional[Tensor],
+    temperature: float,
+    weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Sampled softmax over each row's positive, a shared uniform sample and the batch's targets.
+
+    uniform_scores: B x S against `uniform_ids` (S); batch_scores: B x B, [a, b] = score(u_a,
+    target_b). Each kind of negative has its own log-Q (S and B; None = no correction). The
+    positive counts once: every candidate equal to the row's target (its own in-batch column,
+    another row with the same target, an accidental uniform hit) is removed. A zero-weight row's
+    target is nobody's negative.
+    """
+    neg = torch.cat([uniform_scores, batch_scores], dim=1)
+    ids = torch.cat([uniform_ids.expand(neg.shape[0], -1), target.expand(neg.shape[0], -1)], dim=1)
+    logq = None
+    if uniform_logq is not None or batch_logq is not None:
+        zeros_u, zeros_b = uniform_scores.new_zeros(uniform_scores.shape[1]), batch_scores.new_zeros(target.numel())
+        logq = torch.cat([zeros_u if uniform_logq is None else uniform_logq, zeros_b if batch_logq is None else batch_logq])
+    if weight is not None:
+        dead = torch.cat([torch.zeros_like(uniform_ids, dtype=torch.bool), weight == 0])
+        neg = neg.masked_fill(dead, float("-inf"))
+    return sampled_softmax(pos_scores, neg, target, ids, temperature, neg_logq=logq, weight=weight)
+
+
 def expected_logq(ids: Tensor, draws: int, num_items: int, probs: Optional[Tensor] = None) -> Tensor:
     """log(draws * q(id)): the log-Q term of candidates drawn `draws` times from q.
 
