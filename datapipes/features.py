@@ -617,14 +617,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="recompute a modality that already exists")
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
-    options = EncoderOptions(batch_size=args.batch_size, device=args.device, images=args.images, column=args.column, dim=args.dim)
-    result = compute_features(
-        args.dataset, args.modality, args.encoder, options, dtype=args.dtype, normalize=args.normalize,
-        chunk_size=args.chunk_size, overwrite=args.overwrite,
+def options_of(args: argparse.Namespace) -> Dict[str, Any]:
+    """compute_features' keyword arguments from the flags `add_arguments` defines."""
+    return dict(
+        options=EncoderOptions(batch_size=args.batch_size, device=args.device, images=args.images, column=args.column,
+                               dim=args.dim),
+        dtype=args.dtype, normalize=args.normalize, chunk_size=args.chunk_size, overwrite=args.overwrite,
     )
-    print(
-        f"wrote {result['path']}: {result['dim']}-d {result['dtype']}, present for "
-        f"{result['present']:,}/{result['items']:,} items ({result['encoder']})"
-    )
-    return result
+
+
+def summary(result: Dict[str, Any]) -> str:
+    """The line `missrec features` prints for a computed modality."""
+    return (f"wrote {result['path']}: {result['dim']}-d {result['dtype']}, present for "
+            f"{result['present']:,}/{result['items']:,} items ({result['encoder']})")

@@ -133,17 +133,16 @@ def _add_evaluate(sub) -> None:
 
 
 def _prepare(args) -> None:
-    from datapipes.sources import prepare
+    from datapipes import sources
 
-    stats = prepare(args.source, args)
-    print(f"wrote {args.out}: {stats['users']:,} users, {stats['items']:,} items, "
-          f"{stats['interactions']:,} interactions")
+    print(sources.summary(args.out, sources.prepare_parsed(args.source, args)))
 
 
 def _features(args) -> None:
     from datapipes import features
 
-    features.run(args)
+    result = features.compute_features(args.dataset, args.modality, args.encoder, **features.options_of(args))
+    print(features.summary(result))
 
 
 def _add_export_atomic(sub) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from datapipes import features, sources
 from datapipes.batch import SeqBatch, add_candidates
 from datapipes.schema import DataError, DatasetInfo, atomic_file, creating
 from datapipes.stream import SequenceStream, make_loader
@@ -48,8 +49,6 @@ def log0(*args) -> None:
 
 def ensure_dataset(cfg: Dict[str, Any]) -> DatasetInfo:
     """Prepare the dataset and its feature tables on rank 0 when missing; every rank then opens it."""
-    from missrec_torchrec.cli import main as cli_main
-
     data = cfg["data"]
     root = Path(data["dataset"])
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -58,16 +57,12 @@ def ensure_dataset(cfg: Dict[str, Any]) -> DatasetInfo:
             if not data.get("prepare_source"):
                 raise DataError(f"{root}: dataset not found and data.prepare_source is null")
             log0(f"preparing {root} from {data['prepare_source']}")
-            rc = cli_main(["prepare", data["prepare_source"], "--out", str(root), *map(str, data["prepare_args"])])
-            if rc:
-                raise DataError(f"{root}: `missrec prepare {data['prepare_source']}` failed")
+            log0(sources.summary(root, sources.prepare(data["prepare_source"], root, data["prepare_args"])))
         have = DatasetInfo.open(root).modalities
         for spec in data.get("features") or []:
             if spec["modality"] not in have:
                 log0(f"computing {spec['modality']} features with {spec['encoder']}")
-                rc = cli_main(["features", str(root), "--modality", spec["modality"], "--encoder", spec["encoder"]])
-                if rc:
-                    raise DataError(f"{root}: `missrec features --modality {spec['modality']}` failed")
+                log0(features.summary(features.compute_features(root, spec["modality"], spec["encoder"])))
     if dist.is_initialized():
         dist.barrier()
     info = DatasetInfo.open(root)
