@@ -192,12 +192,13 @@ def _announce_run_dir(cfg) -> None:
     print it before anything else."""
     from datapipes.schema import check_writable
     from missrec_torchrec.distributed import init_distributed
-    from missrec_torchrec.trainer import _broadcast, log0, run_name
+    from missrec_torchrec.session import broadcast, log0
+    from missrec_torchrec.trainer import run_name
 
     init_distributed()  # the trainer joins the same process group
     c = cfg["checkpoint"]
     if not c["run_dir"]:
-        c["run_dir"] = _broadcast(str(Path(cfg["experiment"]["out_dir"]) / run_name(cfg)))
+        c["run_dir"] = broadcast(str(Path(cfg["experiment"]["out_dir"]) / run_name(cfg)))
     check_writable(c["run_dir"], c["run_dir"])
     log0(f"run folder {c['run_dir']}")
 
@@ -219,9 +220,9 @@ def _check_features(cfg) -> None:
 
 
 def _evaluate(args) -> None:
-    from missrec_torchrec import trainer
+    from missrec_torchrec.evaluate import evaluate_checkpoint
 
-    trainer.evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
+    evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
 
 
 def _positive(text: str) -> int:

@@ -312,3 +312,16 @@ def check_resume_config(cfg: Dict[str, Any]) -> List[str]:
 
 def dump_config(cfg: Dict[str, Any]) -> str:
     return yaml.safe_dump(copy.deepcopy(cfg), sort_keys=True)
+
+
+def for_inference(cfg: Dict[str, Any], run_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """A trained run's config for evaluation, scoring and export: the checkpoint holds every weight
+    (no init_checkpoint), nothing is prepared, computed or logged. `run_dir`: the folder this
+    config is recorded in, if any (never the training run's)."""
+    cfg = copy.deepcopy(cfg)
+    cfg["checkpoint"]["run_dir"] = str(run_dir) if run_dir is not None else None
+    cfg["log"]["tensorboard"] = False
+    cfg["data"]["prepare_source"] = None
+    cfg["data"]["features"] = []
+    cfg["train"]["init_checkpoint"] = None
+    return cfg

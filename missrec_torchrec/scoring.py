@@ -1,7 +1,7 @@
 """`missrec score` (offline top-K recommendation for every user) and `missrec export-items`.
 
-Scoring reuses the trainer's set-up: `Trainer` builds the sharded model (DMP) from the run's
-config and loads the checkpoint; the evaluation stream hands each rank a contiguous range of users.
+Scoring opens the run's model as a `session.Session` (the sharded model from the run's config,
+nothing prepared) and loads the checkpoint; the evaluation stream hands each rank a contiguous range of users.
 The catalogue is looked up from the sharded tables once (collectively) into a `catalogue.ItemBank`;
 after that each rank works alone: users are encoded from the adapted catalogue and the catalogue is
 scored in item chunks with the model's dynamic fusion (`MISSRecCore.fuse`: the values of
@@ -43,8 +43,9 @@ import torch.distributed as dist
 from datapipes.batch import SeqBatch
 from datapipes.schema import DataError, atomic_dir, atomic_file, check_writable, creating
 from missrec_torchrec import checkpoint as ckpt
-from missrec_torchrec.config import ConfigError, load_config
+from missrec_torchrec.config import ConfigError, dump_config, for_inference, load_config
 from missrec_torchrec.catalogue import ItemBank, item_ranges, item_tables, item_vector_chunks
+from missrec_torchrec.session import Session
 from missrec_torchrec.model import fusion
 from missrec_torchrec.recommender import ID_TABLE
 
@@ -115,32 +116,11 @@ def load_run(checkpoint: Path | str, overrides: Optional[List[str]] = None) -> T
     return step_dir, load_config(config_file, overrides)
 
 
-def _inference_config(cfg: Dict[str, Any], work_dir: Optional[Path]) -> Dict[str, Any]:
-    """The run's config adapted for inference: nothing is prepared, computed or logged, and the
-    trainer's run folder is our own work folder (it never touches the training run's folder)."""
-    cfg["checkpoint"]["run_dir"] = str(work_dir) if work_dir is not None else None
-    cfg["log"]["tensorboard"] = False
-    cfg["data"]["prepare_source"] = None
-    cfg["data"]["features"] = []
-    cfg["train"]["init_checkpoint"] = None  # the checkpoint holds every weight already
-    return cfg
-
-
-def open_model(cfg: Dict[str, Any], step_dir: Path, write_config: bool = False):
-    """A `Trainer` (sharded model, frozen tables filled) with the checkpoint's weights, in eval mode.
-    `write_config` puts the resolved config.yaml into cfg's checkpoint.run_dir."""
-    from missrec_torchrec.trainer import Trainer
-
-    trainer = Trainer(cfg, write_config=write_config)
-    try:
-        trainer.load(step_dir, optimizer=False)  # inference needs no optimizer state
-    except DataError:  # already one line naming the checkpoint (and the dataset it does not match)
-        raise
-    except Exception as e:  # DCP and load_state_dict raise many types; for the user it is one bad input
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{step_dir}: cannot load the checkpoint into this model ({reason[:300]})") from None
-    trainer.dmp.eval()
-    return trainer
+def open_session(cfg: Dict[str, Any], step_dir: Path) -> Session:
+    """The model of an inference config (`config.for_inference`) with the checkpoint's weights, in eval mode."""
+    session = Session(cfg, prepare=False)
+    session.load_weights(step_dir)
+    return session
 
 
 class RunningTopK:
@@ -480,25 +460,25 @@ def _check_outputs(opts: ScoreOptions) -> None:
         raise DataError("--recall-sample compares approximate scoring with exact: it needs --approx")
 
 
-def _all_min(value: int, trainer) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=trainer.device)
+def _all_min(value: int, session) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=session.device)
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=trainer.pg)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=session.pg)
     return int(t.item())
 
 
-def _all_sum(value: float, trainer) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=trainer.device)
+def _all_sum(value: float, session) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=session.device)
     if dist.is_initialized():
-        dist.all_reduce(t, group=trainer.pg)
+        dist.all_reduce(t, group=session.pg)
     return float(t.item())
 
 
-def _maybe_fail(trainer, end: int) -> None:
+def _maybe_fail(session, end: int) -> None:
     limit = os.environ.get(FAIL_ENV)
     only = os.environ.get(FAIL_RANK_ENV)
-    if limit and end > int(limit) and (only is None or int(only) == trainer.rank):
-        raise SystemExit(f"{FAIL_ENV}={limit}: simulated crash on rank {trainer.rank}")
+    if limit and end > int(limit) and (only is None or int(only) == session.rank):
+        raise SystemExit(f"{FAIL_ENV}={limit}: simulated crash on rank {session.rank}")
 
 
 class BatchScorer:
@@ -548,14 +528,14 @@ def _plan(opts: ScoreOptions, step_dir: Path, world: int, batch_size: int, strea
     }
 
 
-def _run_batches(trainer, stream, parts: RankParts, scorer: BatchScorer, opts: ScoreOptions, keys) -> int:
+def _run_batches(session, stream, parts: RankParts, scorer: BatchScorer, opts: ScoreOptions, keys) -> int:
     """Score this rank's batches from where every rank can restart; returns the rows committed."""
     total, done = len(stream), parts.done
-    start = _all_min(done, trainer)
+    start = _all_min(done, session)
     if start:
         stream.load_state_dict({"epoch": stream.epoch, "batches": start})
     bar = None
-    if trainer.rank == 0 and trainer.cfg["log"]["progress"]:
+    if session.rank == 0 and session.cfg["log"]["progress"]:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc="score", unit="batch", dynamic_ncols=True)
@@ -567,13 +547,13 @@ def _run_batches(trainer, stream, parts: RankParts, scorer: BatchScorer, opts: S
             bar.update(1)
         if i < done:
             continue  # committed before the restart
-        u = scorer.bank.encode(batch.history.to(trainer.device))
+        u = scorer.bank.encode(batch.history.to(session.device))
         users, items, scores, batch_stats = scorer(batch, u)
         pending.append(score_table(users, items, scores, *keys))
         for key, value in batch_stats.items():
             stats[key] = stats.get(key, 0) + value
         if i + 1 - segment_start >= opts.commit_every or i + 1 == total:
-            _maybe_fail(trainer, i + 1)
+            _maybe_fail(session, i + 1)
             table = pa.concat_tables(pending)
             parts.commit(table, segment_start, i + 1, stats)
             committed += table.num_rows
@@ -592,31 +572,31 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
     if opts.overwrite and not opts.resume and _rank() == 0 and parts.exists():
         shutil.rmtree(parts)
     ours = not parts.exists()  # made by this invocation: removed again if the input turns out bad
-    _inference_config(cfg, parts)
+    cfg = for_inference(cfg, parts)
     cfg["eval"]["mask_history"] = opts.mask_history
     if opts.batch_size:
         cfg["data"]["eval_batch_size"] = opts.batch_size
     try:
-        trainer = open_model(cfg, step_dir)
-        stream = trainer._stream(opts.split)
-        plan = _plan(opts, step_dir, trainer.world, cfg["data"]["eval_batch_size"], stream)
-        rank_parts = RankParts(_rank_folder(parts, trainer.rank), plan, opts.resume)
-        bank = ItemBank(trainer, trainer.precision)
+        session = open_session(cfg, step_dir)
+        stream = session.stream(opts.split)
+        plan = _plan(opts, step_dir, session.world, cfg["data"]["eval_batch_size"], stream)
+        rank_parts = RankParts(_rank_folder(parts, session.rank), plan, opts.resume)
+        bank = session.item_bank()
         scorer = BatchScorer(bank, opts, stream.num_users)
-        keys = (Keys(trainer.info.users_path, "user_index", "user_key"),
-                Keys(trainer.info.items_path, None, "item_key"))
+        keys = (Keys(session.info.users_path, "user_index", "user_key"),
+                Keys(session.info.items_path, None, "item_key"))
         t0 = time.perf_counter()
-        committed = _run_batches(trainer, stream, rank_parts, scorer, opts, keys)
+        committed = _run_batches(session, stream, rank_parts, scorer, opts, keys)
     except (DataError, ConfigError):
         if ours:
             shutil.rmtree(parts, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    scored = _all_sum(committed, trainer)  # also the barrier before the merge
-    if trainer.rank != 0:
+    scored = _all_sum(committed, session)  # also the barrier before the merge
+    if session.rank != 0:
         return {}
     mode = f"approx {opts.approx} per table" if opts.approx else "exact"
-    summary = merge_parts(parts, opts.out, trainer.world, len(stream), stream.num_users, {"plan": plan})
+    summary = merge_parts(parts, opts.out, session.world, len(stream), stream.num_users, {"plan": plan})
     summary.update(seconds=seconds, users_per_s=scored / max(seconds, 1e-9), mode=mode, out=str(opts.out))
     _log0(f"wrote {opts.out}: top-{opts.topk} of {summary['users']:,} users ({opts.split}, {mode}); "
           f"{scored:,.0f} scored now in {seconds:.1f} s, {summary['users_per_s']:,.0f} users/s")
@@ -655,11 +635,11 @@ def _vector_table(lo: int, vectors: np.ndarray, present: np.ndarray, item_keys: 
     return pa.Table.from_arrays(columns, schema=export_schema(dim))
 
 
-def _fusion_record(trainer, files: Dict[str, str]) -> Dict[str, Any]:
-    core, c = trainer.head.core, trainer.head.config
+def _fusion_record(session, files: Dict[str, str]) -> Dict[str, Any]:
+    core, c = session.head.core, session.head.config
     alpha = core.fusion_alpha
     return {
-        "items": trainer.num_items,
+        "items": session.num_items,
         "hidden": c.hidden,
         "tables": files,
         "use_id": c.use_id,
@@ -681,27 +661,29 @@ def export_items(checkpoint: Path | str, out: Path | str, overwrite: bool = Fals
     # Only rank 0 writes; the others take part in the collective lookups.
     inputs = [step_dir, Path(cfg["data"]["dataset"])]
     with atomic_dir(out, overwrite=True, inputs=inputs) if _rank() == 0 else nullcontext(None) as tmp:
-        # Serving reads the model settings next to the vectors: config.yaml goes into the export.
-        trainer = open_model(_inference_config(cfg, tmp), step_dir, write_config=True)
-        item_keys = Keys(trainer.info.items_path, None, "item_key")
-        files = {table: f"{table}.parquet" for table in item_tables(trainer)}
+        cfg = for_inference(cfg, tmp)
+        session = open_session(cfg, step_dir)
+        if session.rank == 0:  # serving reads the model settings next to the vectors
+            (tmp / "config.yaml").write_text(dump_config(cfg))
+        item_keys = Keys(session.info.items_path, None, "item_key")
+        files = {table: f"{table}.parquet" for table in item_tables(session)}
         for table, name in files.items():
-            _export_table(trainer, table, tmp / name if trainer.rank == 0 else None, item_keys)
-        if trainer.rank == 0:
-            record = {"checkpoint": str(step_dir.resolve()), **_fusion_record(trainer, files)}
+            _export_table(session, table, tmp / name if session.rank == 0 else None, item_keys)
+        if session.rank == 0:
+            record = {"checkpoint": str(step_dir.resolve()), **_fusion_record(session, files)}
             (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if dist.is_initialized():
         dist.barrier()
-    _log0(f"wrote {out}: {', '.join(files.values())} for {trainer.num_items:,} items")
+    _log0(f"wrote {out}: {', '.join(files.values())} for {session.num_items:,} items")
     return out
 
 
-def _export_table(trainer, table: str, path: Optional[Path], item_keys: Keys) -> None:
+def _export_table(session, table: str, path: Optional[Path], item_keys: Keys) -> None:
     """One table's vectors, a row group per lookup chunk; `path` None: only join the lookups."""
-    present = trainer.head.presence().get(table)  # the ID table has no missing rows
-    dim = trainer.head.config.hidden
+    present = session.head.presence().get(table)  # the ID table has no missing rows
+    dim = session.head.config.hidden
     with pq.ParquetWriter(str(path), export_schema(dim)) if path is not None else nullcontext() as writer:
-        for lo, vectors in item_vector_chunks(trainer, table):
+        for lo, vectors in item_vector_chunks(session, table):
             if writer is None:
                 continue
             hi = lo + len(vectors)

@@ -15,6 +15,7 @@ import torch
 from datapipes.batch import add_candidates
 from datapipes.schema import USERS_SCHEMA
 from missrec_torchrec import scoring
+from missrec_torchrec.config import for_inference
 from missrec_torchrec.cli import main
 from test_train import run_cli, small_overrides
 
@@ -68,15 +69,15 @@ def brute_force(run_dir: Path, split: str, mask_history: bool, k: int = TOPK):
     """Each user's top-k from the model's own evaluation forward: one B x N matrix of all items."""
     step_dir, cfg = scoring.load_run(run_dir, QUIET)
     cfg["eval"]["mask_history"] = mask_history
-    trainer = scoring.open_model(scoring._inference_config(cfg, None), step_dir)
+    session = scoring.open_session(for_inference(cfg), step_dir)
     with torch.no_grad():
-        return _brute_force(trainer, split, mask_history, k)
+        return _brute_force(session, split, mask_history, k)
 
 
-def _brute_force(trainer, split, mask_history, k):
+def _brute_force(session, split, mask_history, k):
     out = {}
-    for batch in trainer._stream(split):
-        _, res = trainer.dmp(add_candidates(batch, trainer.kjt_groups, trainer.all_items))
+    for batch in session.stream(split):
+        _, res = session.dmp(add_candidates(batch, session.kjt_groups, session.all_items))
         scores = res["scores"]
         if mask_history:
             o = batch.seen_offsets
@@ -180,20 +181,20 @@ def test_export_items(run_dir, tmp_path):
     out = tmp_path / "export"
     assert main(["export-items", "--checkpoint", str(run_dir), "--out", str(out), *QUIET]) == 0
     step_dir, cfg = scoring.load_run(run_dir, QUIET)
-    trainer = scoring.open_model(scoring._inference_config(cfg, None), step_dir)
+    session = scoring.open_session(for_inference(cfg), step_dir)
     record = json.loads((out / scoring.EXPORT_FILE).read_text())
     assert set(record["tables"]) == {"text", "image", "item_id"} and record["use_id"]
     for m in ("text", "image"):
         table = pq.read_table(out / f"{m}.parquet")
-        features, present = trainer.info.load_features(m)
-        expect = trainer.head.core.adapt({m: torch.from_numpy(features)})[m].detach().numpy()
+        features, present = session.info.load_features(m)
+        expect = session.head.core.adapt({m: torch.from_numpy(features)})[m].detach().numpy()
         got = np.stack(table.column("vector").to_numpy(zero_copy_only=False))
         assert table.column("item_index").to_pylist() == list(range(120))
         np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
         assert table.column("present").to_pylist() == present.tolist()
     from missrec_torchrec.distributed import _local_shards, _table_weight
 
-    (weights, _), = _local_shards(_table_weight(trainer.dmp, "item_id"))
+    (weights, _), = _local_shards(_table_weight(session.dmp, "item_id"))
     ids = np.stack(pq.read_table(out / "item_id.parquet").column("vector").to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(ids, weights.detach().numpy())
 
@@ -246,10 +247,10 @@ def test_help_explains_every_flag(capsys):
 def test_certificate_implies_exact(run_dir):
     """Random user directions (harder than trained ones): a certified row is the exact top-k."""
     step_dir, cfg = scoring.load_run(run_dir, QUIET)
-    trainer = scoring.open_model(scoring._inference_config(cfg, None), step_dir)
-    bank = scoring.ItemBank(trainer)
+    session = scoring.open_session(for_inference(cfg), step_dir)
+    bank = scoring.ItemBank(session)
     gen = torch.Generator().manual_seed(0)
-    u = torch.nn.functional.normalize(torch.randn(300, trainer.head.config.hidden, generator=gen), dim=-1)
+    u = torch.nn.functional.normalize(torch.randn(300, session.head.config.hidden, generator=gen), dim=-1)
     seen = scoring.Seen(torch.arange(300).repeat_interleave(5), torch.randint(0, 120, (1500,), generator=gen))
     with torch.no_grad():
         _, exact = scoring.exact_topk(bank, u, TOPK, 50, seen)

@@ -13,6 +13,7 @@ from datapipes.batch import add_candidates
 from datapipes.stream import SequenceStream
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ItemBank
+from missrec_torchrec.evaluate import evaluate
 from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.model.dropout import fast_dropout, quantised
 from test_fast_modes import SMALL, _batch, _model, _rows
@@ -140,7 +141,7 @@ def test_gathered_history_gives_the_adapted_history_loss_gradients_and_scores(co
 
 
 @pytest.fixture(scope="module")
-def trainer(synthetic_mm, tmp_path_factory):
+def session(synthetic_mm, tmp_path_factory):
     """A small paper-like transductive model on real (synthetic) data, fp32, dropout off."""
     from missrec_torchrec.config import load_config
     from missrec_torchrec.trainer import Trainer
@@ -152,36 +153,36 @@ def trainer(synthetic_mm, tmp_path_factory):
     t = Trainer(cfg)
     t.recluster(0)
     t.dmp.eval()
-    return t
+    return t.session
 
 
-def _padded_batch(trainer, split="valid"):
-    stream = SequenceStream(trainer.info.root, split=split, batch_size=64, max_len=20, kjt_groups=trainer.kjt_groups,
+def _padded_batch(session, split="valid"):
+    stream = SequenceStream(session.info.root, split=split, batch_size=64, max_len=20, kjt_groups=session.kjt_groups,
                             length_buckets=False, with_seen=True)
     return next(iter(stream))
 
 
-def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(trainer):
-    batch = _padded_batch(trainer)
+def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(session):
+    batch = _padded_batch(session)
     assert batch.history.shape[1] == 20 and int(batch.lengths.min()) < 20
-    trainer.head.gather_history = False
+    session.head.gather_history = False
     with torch.no_grad():
-        _, ref = trainer.dmp(add_candidates(batch, trainer.kjt_groups, trainer.all_items))
-    trainer.head.gather_history = True
-    bank = ItemBank(trainer, "fp32")
+        _, ref = session.dmp(add_candidates(batch, session.kjt_groups, session.all_items))
+    session.head.gather_history = True
+    bank = ItemBank(session, "fp32")
     u = bank.encode(batch.history, sub_batch=16)  # length-sorted sub-batches, each trimmed
     torch.testing.assert_close(u, ref["user"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bank.chunk_scores(u, 0, trainer.num_items), ref["scores"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bank.chunk_scores(u, 0, session.num_items), ref["scores"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_chunks(trainer, masked):
-    ev = trainer.cfg["eval"]
+def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_chunks(session, masked):
+    ev = session.cfg["eval"]
     ev["mask_history"] = masked
     results = {}
     for engine, chunk in [("dmp", 8192), ("catalogue", 8192), ("catalogue", 7)]:
         ev["engine"], ev["chunk_items"] = engine, chunk
-        results[engine, chunk] = trainer.evaluate("valid")
+        results[engine, chunk] = evaluate(session, "valid")
     ev.update(engine="catalogue", chunk_items=8192, mask_history=False)
     assert results["catalogue", 7] == results["catalogue", 8192]  # chunking changes nothing
     ref = results["dmp", 8192]
@@ -195,16 +196,16 @@ def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_
 BF16_ATOL = 0.02
 
 
-def test_bf16_stays_within_the_stated_tolerance_of_fp32(trainer):
-    batch = _padded_batch(trainer)
-    fp32 = ItemBank(trainer, "fp32")
-    bf16 = ItemBank(trainer, "bf16")
+def test_bf16_stays_within_the_stated_tolerance_of_fp32(session):
+    batch = _padded_batch(session)
+    fp32 = ItemBank(session, "fp32")
+    bf16 = ItemBank(session, "bf16")
     u32, u16 = fp32.encode(batch.history), bf16.encode(batch.history)
     assert u16.dtype == torch.float32
     assert not torch.equal(u16, u32)  # autocast really ran in bf16
     torch.testing.assert_close(u16, u32, rtol=0, atol=BF16_ATOL)
     assert float((u16 * u32).sum(-1).min()) > 0.99
-    s32, s16 = fp32.chunk_scores(u32, 0, trainer.num_items), bf16.chunk_scores(u16, 0, trainer.num_items)
+    s32, s16 = fp32.chunk_scores(u32, 0, session.num_items), bf16.chunk_scores(u16, 0, session.num_items)
     torch.testing.assert_close(s16, s32, rtol=0, atol=BF16_ATOL)
 
 
