@@ -44,17 +44,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from datapipes.schema import (
-    FEATURE_DTYPES,
-    FEATURES_DIR,
-    DataError,
-    DatasetInfo,
-    FeatureWriter,
-    atomic_file,
-    feature_path,
-    feature_schema,
-    register_modality,
-)
+from datapipes.io import staged_file
+from datapipes.schema import FEATURE_DTYPES, FEATURES_DIR, DataError, DatasetInfo, FeatureWriter, feature_path, feature_schema, register_modality
 
 HELP = "compute one item-feature modality (MiniLM / CLIP text or image / imported vectors)"
 
@@ -494,7 +485,7 @@ def _write_part(path: Path, start: int, vectors: np.ndarray, present: np.ndarray
         ],
         schema=feature_schema(dim, "float32"),
     )
-    with atomic_file(path) as tmp:
+    with staged_file(path) as tmp:
         pq.write_table(table, str(tmp))
 
 
@@ -512,7 +503,7 @@ def _read_part(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 def _merge(parts, out: Path, dtype: str, normalize: bool) -> Tuple[int, int]:
     """Concatenate the parts into `out` atomically; returns (dim, present count)."""
     dim = pq.read_schema(parts[0]).field("vector").type.list_size
-    with atomic_file(out) as tmp:
+    with staged_file(out) as tmp:
         writer = FeatureWriter(tmp, dim, dtype)
         try:
             for part in parts:

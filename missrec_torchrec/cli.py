@@ -162,7 +162,7 @@ def _add_export_atomic(sub) -> None:
 
 
 def _export_atomic(args) -> None:
-    from datapipes.sources.atomic import write_atomic
+    from datapipes.sources.unisrec_export import write_atomic
 
     out = write_atomic(args.dataset, args.out, args.name, pretrain=args.pretrain, overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -190,7 +190,7 @@ def _train(args) -> None:
 def _announce_run_dir(cfg) -> None:
     """Fix the run folder's name (rank 0's, for every rank), refuse it if it cannot be written, and
     print it before anything else."""
-    from datapipes.schema import check_writable
+    from datapipes.io import check_writable
     from missrec_torchrec.distributed import init_distributed
     from missrec_torchrec.session import broadcast, log0
     from missrec_torchrec.trainer import run_name
@@ -296,9 +296,9 @@ def _add_export_items(sub) -> None:
 
 
 def _export_items(args) -> None:
-    from missrec_torchrec import scoring
+    from missrec_torchrec.export import export_items
 
-    scoring.export_items(args.checkpoint, args.out, args.overwrite, args.overrides)
+    export_items(args.checkpoint, args.out, args.overwrite, args.overrides)
 
 
 def _add_plot(sub) -> None:

@@ -13,10 +13,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 from datapipes.batch import add_candidates
-from datapipes.schema import DataError
-from missrec_torchrec.config import for_inference, load_config
+from missrec_torchrec.config import for_inference
 from missrec_torchrec.metrics import RankingMetrics, target_ranks
-from missrec_torchrec.session import Session, log0, resolve
+from missrec_torchrec.session import Session, load_run, log0, open_session, resolve
 
 
 def ranked(session: Session, split: str, ev: Dict[str, Any]) -> Iterator:
@@ -55,12 +54,8 @@ def evaluate(session: Session, split: str) -> Dict[str, float]:
 
 def evaluate_checkpoint(checkpoint: Path, split: str = "test", overrides: Optional[List[str]] = None) -> Dict[str, float]:
     """Evaluate a saved checkpoint (a `step_N` folder or a run's `checkpoints/` folder) on `split`."""
-    checkpoint = resolve(checkpoint)
-    config_file = checkpoint.parent.parent / "config.yaml"
-    if not config_file.is_file():
-        raise DataError(f"{config_file}: missing; is {checkpoint} inside a run folder?")
-    session = Session(for_inference(load_config(config_file, overrides)), prepare=False)
-    session.load_weights(checkpoint)
+    step_dir, cfg = load_run(resolve(checkpoint), overrides)
+    session = open_session(for_inference(cfg), step_dir)
     result = evaluate(session, split)
     log0(f"{split} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())))
     return result

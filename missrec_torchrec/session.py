@@ -9,9 +9,10 @@ and checkpoint loading. It owns no optimizer and writes nothing: the trainer add
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ItemBank
-from missrec_torchrec.config import ConfigError
+from missrec_torchrec.config import ConfigError, load_config
 from missrec_torchrec.interest_state import InterestState
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import peft_trainable
@@ -33,8 +34,13 @@ from missrec_torchrec.recommender import AUG_TABLE, ID_GROUP, MISSRecModel
 CORE_FILE = "core.pt"  # the dense core + its config, for fine-tuning on another catalogue
 
 
+def process_rank() -> int:
+    # Before the process group exists (argument checks) torchrun's env var tells the rank.
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def log0(*args) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if process_rank() == 0:
         print(*args, flush=True)
 
 
@@ -59,6 +65,25 @@ def resolve(path: Path) -> Path:
         return ckpt.resolve_checkpoint(path)
     except ckpt.CheckpointError as e:
         raise DataError(str(e)) from None
+
+
+def load_run(checkpoint: Path | str, overrides: Optional[List[str]] = None) -> Tuple[Path, Dict[str, Any]]:
+    """(complete checkpoint folder, the run's config with overrides) from a run or checkpoint path."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise DataError(f"{checkpoint}: no such run or checkpoint folder")
+    step_dir = resolve(checkpoint)
+    config_file = step_dir.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        raise DataError(f"{config_file}: missing; is {step_dir} inside a run folder?")
+    return step_dir, load_config(config_file, overrides)
+
+
+def open_session(cfg: Dict[str, Any], step_dir: Path) -> "Session":
+    """The model of an inference config (`config.for_inference`) with the checkpoint's weights, in eval mode."""
+    session = Session(cfg, prepare=False)
+    session.load_weights(step_dir)
+    return session
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
 from datapipes.batch import SeqBatch, add_candidates
-from datapipes.schema import DataError, DatasetInfo, atomic_file, creating
+from datapipes.io import creating, staged_file
+from datapipes.schema import DataError, DatasetInfo
 from datapipes.stream import make_loader
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec import evaluate as evaluation
@@ -199,12 +199,11 @@ class Trainer:
         # Next-item predictions trained on, all ranks: one per row, or (causal) one per real position,
         # which the causal forward counts.
         counted = float(totals.pop("targets"))
-        targets = torch.tensor([counted if self.model_cfg.causal else float(done * self.cfg["data"]["batch_size"])])
-        if self.world > 1:
-            dist.all_reduce(targets, group=self.pg)
+        targets = mdist.all_reduce_scalar(counted if self.model_cfg.causal else float(done * self.cfg["data"]["batch_size"]),
+                                          "sum", self.pg, self.device)
         stats = {k: float(v) / max(done, 1) for k, v in totals.items()}
         stats.update(steps=done, seconds=seconds, samples_per_s=done * rows / max(seconds, 1e-9),
-                     targets_per_s=float(targets) / max(seconds, 1e-9))
+                     targets_per_s=targets / max(seconds, 1e-9))
         return stats
 
     def _maybe_fail(self, step: int) -> None:
@@ -284,7 +283,7 @@ class Trainer:
             "history": progress["history"],
         }
         if self.rank == 0:
-            with atomic_file(self.run_dir / "results.json") as tmp:
+            with staged_file(self.run_dir / "results.json") as tmp:
                 Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
             if self.writer is not None:
                 hparams = {

@@ -16,7 +16,7 @@ from missrec_torchrec.catalogue import ItemBank
 from missrec_torchrec.evaluate import evaluate
 from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.model.dropout import fast_dropout, quantised
-from test_fast_modes import SMALL, _batch, _model, _rows
+from test_fast_modes import SMALL, make_batch, make_model, make_rows
 from test_train import small_overrides
 
 # ---- fast dropout --------------------------------------------------------------------------------
@@ -109,9 +109,9 @@ CONFIGS = [SMALL, replace(SMALL, use_id=True),
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["inductive", "transductive", "paper"])
 def test_gathered_history_gives_the_adapted_history_loss_gradients_and_scores(config):
-    model = _model(config)
-    rows = _rows(24, config.max_len)
-    padded, trimmed = _batch(model, rows, config.max_len), _batch(model, rows, int(rows[1].max()))
+    model = make_model(config)
+    rows = make_rows(24, config.max_len)
+    padded, trimmed = make_batch(model, rows, config.max_len), make_batch(model, rows, int(rows[1].max()))
     model.train()  # dropout 0: deterministic
 
     def loss_and_grads(batch, gather):
@@ -223,8 +223,8 @@ def test_precision_auto_follows_the_cpu_flags(monkeypatch):
 @pytest.mark.parametrize("layers", [1, 2])
 def test_last_query_only_gives_every_position_s_user_vectors_and_gradients(layers):
     config = replace(CONFIGS[2], n_dec_layers=layers)
-    model = _model(config)
-    batch = _batch(model, _rows(24, config.max_len), config.max_len)
+    model = make_model(config)
+    batch = make_batch(model, make_rows(24, config.max_len), config.max_len)
     model.train()  # dropout 0
 
     def run(last_only):

@@ -14,13 +14,14 @@ import importlib
 from pathlib import Path
 from typing import Dict, Sequence
 
-from datapipes.schema import DataError, atomic_dir, write_stats
+from datapipes.io import staged_dir
+from datapipes.schema import DataError, write_stats
 
 # name -> module; imported lazily so `missrec --help` stays fast.
 SOURCES: Dict[str, str] = {
     "movielens-100k": "datapipes.sources.movielens",
     "movielens-1m": "datapipes.sources.movielens",
-    "missrec-atomic": "datapipes.sources.atomic",
+    "missrec-atomic": "datapipes.sources.unisrec_import",
     "interactions": "datapipes.sources.interactions",
     "synthetic": "datapipes.sources.synthetic",
     "multi-domain": "datapipes.sources.combine",
@@ -67,7 +68,7 @@ def prepare_parsed(name: str, args: argparse.Namespace) -> dict:
     # Every path flag (--path, --item-text, --inputs ...) is an input that --out must not hold.
     inputs = [v for value in vars(args).values() for v in (value if isinstance(value, list) else [value])
               if isinstance(v, Path) and v is not args.out]
-    with atomic_dir(Path(args.out), overwrite=getattr(args, "overwrite", False), inputs=inputs) as tmp:
+    with staged_dir(Path(args.out), overwrite=getattr(args, "overwrite", False), inputs=inputs) as tmp:
         stats = module.run(args, tmp)
         write_stats(tmp, stats)
     return stats
