@@ -169,16 +169,7 @@ class Trainer:
                 for k in totals:
                     if k in out:
                         totals[k] = totals[k] + out[k].detach()
-                if bar is not None:
-                    bar.update(1)
-                    if step % every == 0:
-                        bar.set_postfix(loss=f"{float(out['loss']):.4f}")
-                if self.writer is not None and step % every == 0:
-                    self.writer.add_scalar("train/loss", float(out["loss"]), step)
-                    self.writer.add_scalar("train/main", float(out.get("main", out["loss"])), step)
-                    self.writer.add_scalar("train/regulariser", float(out.get("reg", 0.0)), step)
-                    self.writer.add_scalar("train/lr", self.cfg["train"]["lr"], step)
-                    self.writer.add_scalar("train/samples_per_s", done * rows / max(time.time() - t0, 1e-9), step)
+                self._log_step(out, step, bar, every, done * rows / max(time.time() - t0, 1e-9))
                 self._maybe_fail(step)
             pipeline.detach()
             if done == before:
@@ -195,7 +186,21 @@ class Trainer:
         progress["skip_batches"] = 0
         if bar is not None:
             bar.close()
-        seconds = time.time() - t0
+        return self._epoch_stats(totals, done, rows, time.time() - t0)
+
+    def _log_step(self, out: Dict[str, torch.Tensor], step: int, bar, every: int, samples_per_s: float) -> None:
+        if bar is not None:
+            bar.update(1)
+            if step % every == 0:
+                bar.set_postfix(loss=f"{float(out['loss']):.4f}")
+        if self.writer is not None and step % every == 0:
+            self.writer.add_scalar("train/loss", float(out["loss"]), step)
+            self.writer.add_scalar("train/main", float(out.get("main", out["loss"])), step)
+            self.writer.add_scalar("train/regulariser", float(out.get("reg", 0.0)), step)
+            self.writer.add_scalar("train/lr", self.cfg["train"]["lr"], step)
+            self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
+
+    def _epoch_stats(self, totals: Dict[str, Any], done: int, rows: int, seconds: float) -> Dict[str, float]:
         # Next-item predictions trained on, all ranks: one per row, or (causal) one per real position,
         # which the causal forward counts.
         counted = float(totals.pop("targets"))
