@@ -85,7 +85,7 @@ def plan_memory(n: int, cap: Optional[int]) -> Dict[str, float]:
 
     model = build(n, cap, "sampled_softmax")
     # The trainer attaches the fused optimizers before planning, so the planner counts their state.
-    mdist._attach_fused_optimizers(model, set(model.frozen_tables), ("rowwise_adagrad", {"lr": 0.05}))
+    mdist.attach_fused_optimizers(model, set(model.frozen_tables), ("rowwise_adagrad", {"lr": 0.05}))
     # plan_sharding's default Topology caps a rank at 128 GB of DDR, which 1e8 items exceed; a large
     # cap lets the dry run report what the plan would need instead of refusing.
     topology = Topology(world_size=WORLD, local_world_size=WORLD, compute_device="cpu", ddr_cap=1 << 50)

@@ -90,7 +90,7 @@ def main() -> None:
 
     import torch
 
-    from missrec_torchrec import scoring
+    from missrec_torchrec import topk
 
     work = args.work / f"u{args.users}-i{args.items}"
     work.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def main() -> None:
     for k in [int(x) for x in args.approx.split(",") if x]:
         out = work / f"approx{k}.parquet"
         s = timed_score(run_dir, out, args.topk, args.chunk_items, approx=k)
-        r = scoring.topk_recall(out, exact_out)
+        r = topk.topk_recall(out, exact_out)
         rows.append((f"score approx K'={k}", s["seconds"], s["users_per_s"], f"{r:.4f}",
                      f"{100 * s['certified']:.1f}%", f"wall {s['wall']:.0f} s"))
 

@@ -40,11 +40,11 @@ def score(
     return ddp_app("components.score", list(score_args), j, cpu, gpu, memMB, name, rdzv_port, env)
 
 
-def _score_argv(argv: List[str]) -> List[str]:
+def score_argv(argv: List[str]) -> List[str]:
     return ["score", *script_args(argv, __file__)]
 
 
 if __name__ == "__main__":
     from missrec_torchrec.cli import main
 
-    sys.exit(main(_score_argv(sys.argv[1:])))
+    sys.exit(main(score_argv(sys.argv[1:])))

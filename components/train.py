@@ -41,7 +41,7 @@ def train(
     return ddp_app("components.train", list(trainer_args), j, cpu, gpu, memMB, name, rdzv_port, env)
 
 
-def _trainer_argv(argv: List[str]) -> List[str]:
+def trainer_argv(argv: List[str]) -> List[str]:
     argv = script_args(argv, __file__)
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", "ml100k", *argv]
@@ -51,4 +51,4 @@ def _trainer_argv(argv: List[str]) -> List[str]:
 if __name__ == "__main__":
     from missrec_torchrec.cli import main
 
-    sys.exit(main(_trainer_argv(sys.argv[1:])))
+    sys.exit(main(trainer_argv(sys.argv[1:])))

@@ -20,6 +20,12 @@ from torchrec.streamable import Pipelineable
 PAD = -1  # padding value in `history`; item indices are dense 0..N-1
 
 
+
+def row_ids(offsets: torch.Tensor) -> torch.Tensor:
+    """The row of each value of jagged lists given by their offsets (rows + 1, starting anywhere)."""
+    rows = torch.arange(offsets.numel() - 1, device=offsets.device)
+    return torch.repeat_interleave(rows, offsets[1:] - offsets[:-1])
+
 def history_key(table: str) -> str:
     return f"{table}.history"
 
@@ -96,7 +102,7 @@ def collate(
     # Dense left-aligned history: position of each value within its row.
     offsets = torch.zeros(b + 1, dtype=torch.int64)
     torch.cumsum(lengths_t, 0, out=offsets[1:])
-    row = torch.repeat_interleave(torch.arange(b), lengths_t)
+    row = row_ids(offsets)
     col = torch.arange(values_t.numel()) - offsets[row]
     history = torch.full((b, max_len), PAD, dtype=torch.int64)
     history[row, col] = values_t

@@ -139,6 +139,78 @@ def _as_int64(values, what: str) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+def _encoded(user_keys, item_keys, timestamps, origin: str):
+    """(users, user dictionary, items, item dictionary, int64 times) of checked interaction columns."""
+    users, user_dict = encode_keys(user_keys)
+    items, item_dict = encode_keys(item_keys)
+    n_raw = len(users)
+    if len(items) != n_raw:
+        raise DataError(f"{origin}: {n_raw} user keys but {len(items)} item keys")
+    if n_raw == 0:
+        raise DataError(f"{origin}: no interactions")
+    if (users < 0).any() or (items < 0).any():  # dictionary_encode leaves nulls as nulls
+        raise DataError(f"{origin}: null user or item keys")
+    times = np.zeros(n_raw, np.int64) if timestamps is None else _as_int64(timestamps, f"{origin} timestamps")
+    if len(times) != n_raw:
+        raise DataError(f"{origin}: {n_raw} interactions but {len(times)} timestamps")
+    return users, user_dict, items, item_dict, times
+
+
+def _write_users(path: Path, rows_per_group: int, user_out: pa.Array, domain: str, seq_items: np.ndarray,
+                 seq_times: np.ndarray, lengths: np.ndarray) -> UsersWriter:
+    """users.parquet from the users' concatenated sequences (`lengths` each), leave-one-out split."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    writer = UsersWriter(path, rows_per_group)
+    try:
+        for start in range(0, len(lengths), rows_per_group):
+            stop = min(start + rows_per_group, len(lengths))
+            lo, hi = offsets[start], offsets[stop]
+            chunk_offsets = pa.array((offsets[start : stop + 1] - lo).astype(np.int32))
+            n = lengths[start:stop]
+            writer.add(
+                user_out.slice(start, stop - start),
+                domain,
+                pa.ListArray.from_arrays(chunk_offsets, pa.array(seq_items[lo:hi])),
+                train_end=n - 2,
+                valid_end=n - 1,
+                timestamps=pa.ListArray.from_arrays(chunk_offsets, pa.array(seq_times[lo:hi])),
+            )
+    finally:
+        writer.close()
+    return writer
+
+
+def _kept(users: np.ndarray, items: np.ndarray, times: np.ndarray, n_users: int, k_core: int, keep_duplicates: bool,
+          cold_items: float, cold_seed: int):
+    """(rows kept, counts): duplicates dropped (unless kept), the k-core filter, cold items held out,
+    then users left with fewer than MIN_SEQUENCE_LENGTH interactions."""
+    duplicates = np.zeros(len(users), dtype=bool) if keep_duplicates else duplicate_rows(users, items, times)
+    keep, rounds = k_core_mask(users, items, k_core, ~duplicates)
+    n_cold = 0
+    if cold_items > 0:
+        dropped, n_cold = cold_item_rows(users, items, times, keep, cold_items, cold_seed)
+        keep &= ~dropped
+    per_user = np.bincount(users[keep], minlength=n_users)
+    long_enough = per_user >= MIN_SEQUENCE_LENGTH
+    dropped_short = int(((per_user > 0) & ~long_enough).sum())
+    keep &= long_enough[users]
+    return keep, {"duplicates": int(duplicates.sum()), "rounds": rounds, "cold": n_cold, "short": dropped_short}
+
+
+def _keys_by_index(dictionary: pa.Array, codes: np.ndarray, index: np.ndarray, n: int) -> pa.Array:
+    """The original keys in dense-index order."""
+    by_index = np.empty(n, np.int64)
+    by_index[index] = codes
+    return dictionary.take(pa.array(by_index))
+
+
+def _item_texts(item_text: Mapping[str, str], item_keys: pa.Array) -> pa.Array:
+    """Each item's text (null where `item_text` has none), in `item_keys` order."""
+    text_keys = pa.array(list(item_text.keys()), pa.string())
+    text_values = pa.array(list(item_text.values()), pa.string())
+    return text_values.take(pc.index_in(item_keys, value_set=text_keys))
+
+
 def build_sequences(
     user_keys,
     item_keys,
@@ -169,29 +241,10 @@ def build_sequences(
         raise DataError(f"--rows-per-group must be >= 1, got {rows_per_group}")
     if not 0.0 <= cold_items < 1.0:
         raise DataError(f"--cold-items must be in [0, 1), got {cold_items}")
-    users, user_dict = encode_keys(user_keys)
-    items, item_dict = encode_keys(item_keys)
+    users, user_dict, items, item_dict, times = _encoded(user_keys, item_keys, timestamps, origin)
     n_raw = len(users)
-    if len(items) != n_raw:
-        raise DataError(f"{origin}: {n_raw} user keys but {len(items)} item keys")
-    if n_raw == 0:
-        raise DataError(f"{origin}: no interactions")
-    if (users < 0).any() or (items < 0).any():  # dictionary_encode leaves nulls as nulls
-        raise DataError(f"{origin}: null user or item keys")
-    times = np.zeros(n_raw, np.int64) if timestamps is None else _as_int64(timestamps, f"{origin} timestamps")
-    if len(times) != n_raw:
-        raise DataError(f"{origin}: {n_raw} interactions but {len(times)} timestamps")
 
-    duplicates = np.zeros(n_raw, dtype=bool) if keep_duplicates else duplicate_rows(users, items, times)
-    keep, rounds = k_core_mask(users, items, k_core, ~duplicates)
-    n_cold = 0
-    if cold_items > 0:
-        dropped, n_cold = cold_item_rows(users, items, times, keep, cold_items, cold_seed)
-        keep &= ~dropped
-    per_user = np.bincount(users[keep], minlength=len(user_dict))
-    long_enough = per_user >= MIN_SEQUENCE_LENGTH
-    dropped_short = int(((per_user > 0) & ~long_enough).sum())
-    keep &= long_enough[users]
+    keep, counts = _kept(users, items, times, len(user_dict), k_core, keep_duplicates, cold_items, cold_seed)
     if not keep.any():
         raise DataError(
             f"{origin}: no user keeps {MIN_SEQUENCE_LENGTH}+ interactions after the {k_core}-core filter "
@@ -206,39 +259,12 @@ def build_sequences(
     by_user = time_order[np.argsort(user_index[time_order], kind="stable")]
     seq_items, seq_times = item_index[by_user], times[by_user]
     lengths = np.bincount(user_index)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
 
-    # Original keys in dense-index order.
-    user_codes = np.empty(len(lengths), np.int64)
-    user_codes[user_index] = users
-    item_codes = np.empty(int(item_index.max()) + 1, np.int64)
-    item_codes[item_index] = items
-    user_out = user_dict.take(pa.array(user_codes))
-    item_out = item_dict.take(pa.array(item_codes))
+    user_out = _keys_by_index(user_dict, users, user_index, len(lengths))
+    item_out = _keys_by_index(item_dict, items, item_index, int(item_index.max()) + 1)
 
-    writer = UsersWriter(Path(out) / USERS_FILE, rows_per_group)
-    try:
-        for start in range(0, len(lengths), rows_per_group):
-            stop = min(start + rows_per_group, len(lengths))
-            lo, hi = offsets[start], offsets[stop]
-            chunk_offsets = pa.array((offsets[start : stop + 1] - lo).astype(np.int32))
-            n = lengths[start:stop]
-            writer.add(
-                user_out.slice(start, stop - start),
-                domain,
-                pa.ListArray.from_arrays(chunk_offsets, pa.array(seq_items[lo:hi])),
-                train_end=n - 2,
-                valid_end=n - 1,
-                timestamps=pa.ListArray.from_arrays(chunk_offsets, pa.array(seq_times[lo:hi])),
-            )
-    finally:
-        writer.close()
-
-    texts = None
-    if item_text is not None:
-        text_keys = pa.array(list(item_text.keys()), pa.string())
-        text_values = pa.array(list(item_text.values()), pa.string())
-        texts = text_values.take(pc.index_in(item_out, value_set=text_keys))
+    writer = _write_users(Path(out) / USERS_FILE, rows_per_group, user_out, domain, seq_items, seq_times, lengths)
+    texts = _item_texts(item_text, item_out) if item_text is not None else None
     n_items = write_items(Path(out) / ITEMS_FILE, item_out, domain, texts)
 
     return {
@@ -250,10 +276,10 @@ def build_sequences(
         "training_rows": writer.training_rows,
         "filter": {"k_core": int(k_core)},
         "duplicates": "kept" if keep_duplicates else "dropped",
-        "duplicates_dropped": int(duplicates.sum()),
-        "cold_items": {"share": float(cold_items), "seed": int(cold_seed), "items": n_cold},
+        "duplicates_dropped": counts["duplicates"],
+        "cold_items": {"share": float(cold_items), "seed": int(cold_seed), "items": counts["cold"]},
         "split": "leave-one-out",
-        "users_dropped_short": dropped_short,
-        "k_core_rounds": rounds,
+        "users_dropped_short": counts["short"],
+        "k_core_rounds": counts["rounds"],
         "items_with_text": 0 if texts is None else len(texts) - texts.null_count,
     }

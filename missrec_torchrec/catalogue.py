@@ -24,19 +24,10 @@ from datapipes.batch import PAD
 from missrec_torchrec import precision
 from missrec_torchrec.distributed import lookup_rows
 from missrec_torchrec.metrics import RankCounter
-from missrec_torchrec.recommender import ID_GROUP, ID_TABLE, candidates_key
+from missrec_torchrec.recommender import ID_TABLE, candidates_key
 
 LOOKUP_CHUNK = 65536  # catalogue rows fetched from the sharded tables per collective lookup
 SUB_BATCH_SLOTS = 9216  # users x (longest history + most interest tokens) encoded at once
-
-
-def ec_of(session, table: str):
-    """The (sharded) collection holding `table`, modality or ID."""
-    module = session.dmp.module
-    for group, tables in session.kjt_groups.items():
-        if table in tables:
-            return module.ids[group] if group == ID_GROUP else module.features[group]
-    raise KeyError(table)
 
 
 def item_tables(session) -> List[str]:
@@ -51,7 +42,7 @@ def item_vector_chunks(session, table: str, chunk: int = LOOKUP_CHUNK) -> Iterat
 
     Collective: every rank must consume the whole iterator (the rows come from the sharded tables).
     """
-    ec = ec_of(session, table)
+    ec = session.collection(table)
     n = session.num_items
     for lo in range(0, n, chunk):
         ids = torch.arange(lo, min(n, lo + chunk), device=session.device)

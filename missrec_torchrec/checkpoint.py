@@ -42,7 +42,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from datapipes.schema import DataError, atomic_file
+from datapipes.io import staged_file
+from datapipes.schema import DataError
 
 LATEST, BEST = "latest", "best"
 PROGRESS_FILE = "progress.json"
@@ -163,7 +164,7 @@ def _read_pointer(ckpt_dir: Path, name: str) -> Optional[Dict[str, Any]]:
 
 
 def _write_pointer(ckpt_dir: Path, name: str, payload: Dict[str, Any]) -> None:
-    with atomic_file(ckpt_dir / name) as tmp:
+    with staged_file(ckpt_dir / name) as tmp:
         with open(tmp, "w") as f:
             json.dump(payload, f)
             f.flush()
@@ -315,7 +316,7 @@ def _leaf_optimizers(opt: KeyedOptimizer, prefix: str = "") -> Iterator[Tuple[st
 
 def _init_lazy_state(optimizer: KeyedOptimizer, saved_keys: Set[str]) -> None:
     """Create the lazily allocated state (Adam moments) that the checkpoint holds, so DCP has
-    tensors to load into; without it that state would silently not load (torchrec-notes §6)."""
+    tensors to load into; without it that state would silently not load (docs/torchrec-notes.md §6)."""
     for prefix, opt in _leaf_optimizers(optimizer):
         if opt.state or not opt.params:
             continue
@@ -417,7 +418,7 @@ class CheckpointManager:
                 shutil.rmtree(stale)  # interrupted earlier saves (or a retry of this one)
             tmp.mkdir()
         self._barrier()
-        _write_tmp(tmp, self._state(model, optimizer), self.rank, {
+        write_tmp(tmp, self._state(model, optimizer), self.rank, {
             "rng": capture_rng_state(), "user": dict(rank_state or {})})
         _phase("files")
         if self.rank == 0:
@@ -501,7 +502,7 @@ class CheckpointManager:
         return Restored(path=path, progress=progress, rank_state=rank_state)
 
 
-def _write_tmp(tmp: Path, state: Dict[str, Any], rank: int, rank_state: Dict[str, Any]) -> None:
+def write_tmp(tmp: Path, state: Dict[str, Any], rank: int, rank_state: Dict[str, Any]) -> None:
     dcp.save(state, checkpoint_id=str(tmp))
     torch.save(rank_state, tmp / f"rank_{rank}.pt")
 

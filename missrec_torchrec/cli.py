@@ -133,17 +133,16 @@ def _add_evaluate(sub) -> None:
 
 
 def _prepare(args) -> None:
-    from datapipes.sources import prepare
+    from datapipes import sources
 
-    stats = prepare(args.source, args)
-    print(f"wrote {args.out}: {stats['users']:,} users, {stats['items']:,} items, "
-          f"{stats['interactions']:,} interactions")
+    print(sources.summary(args.out, sources.prepare_parsed(args.source, args)))
 
 
 def _features(args) -> None:
     from datapipes import features
 
-    features.run(args)
+    result = features.compute_features(args.dataset, args.modality, args.encoder, **features.options_of(args))
+    print(features.summary(result))
 
 
 def _add_export_atomic(sub) -> None:
@@ -163,7 +162,7 @@ def _add_export_atomic(sub) -> None:
 
 
 def _export_atomic(args) -> None:
-    from datapipes.sources.atomic import write_atomic
+    from datapipes.sources.unisrec_export import write_atomic
 
     out = write_atomic(args.dataset, args.out, args.name, pretrain=args.pretrain, overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -191,14 +190,15 @@ def _train(args) -> None:
 def _announce_run_dir(cfg) -> None:
     """Fix the run folder's name (rank 0's, for every rank), refuse it if it cannot be written, and
     print it before anything else."""
-    from datapipes.schema import check_writable
+    from datapipes.io import check_writable
     from missrec_torchrec.distributed import init_distributed
-    from missrec_torchrec.trainer import _broadcast, log0, run_name
+    from missrec_torchrec.session import broadcast, log0
+    from missrec_torchrec.trainer import run_name
 
     init_distributed()  # the trainer joins the same process group
     c = cfg["checkpoint"]
     if not c["run_dir"]:
-        c["run_dir"] = _broadcast(str(Path(cfg["experiment"]["out_dir"]) / run_name(cfg)))
+        c["run_dir"] = broadcast(str(Path(cfg["experiment"]["out_dir"]) / run_name(cfg)))
     check_writable(c["run_dir"], c["run_dir"])
     log0(f"run folder {c['run_dir']}")
 
@@ -220,9 +220,9 @@ def _check_features(cfg) -> None:
 
 
 def _evaluate(args) -> None:
-    from missrec_torchrec import trainer
+    from missrec_torchrec.evaluate import evaluate_checkpoint
 
-    trainer.evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
+    evaluate_checkpoint(args.checkpoint, args.split, args.overrides)
 
 
 def _positive(text: str) -> int:
@@ -296,9 +296,9 @@ def _add_export_items(sub) -> None:
 
 
 def _export_items(args) -> None:
-    from missrec_torchrec import scoring
+    from missrec_torchrec.export import export_items
 
-    scoring.export_items(args.checkpoint, args.out, args.overwrite, args.overrides)
+    export_items(args.checkpoint, args.out, args.overwrite, args.overrides)
 
 
 def _add_plot(sub) -> None:

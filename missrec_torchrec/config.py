@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     pass
 
 
-def _load_yaml(path: Path) -> Dict[str, Any]:
+def load_yaml(path: Path) -> Dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -63,7 +63,7 @@ def _preset_chain(path: Path, seen: Optional[List[Path]] = None) -> List[Path]:
     seen = seen or []
     if path in seen:
         raise ConfigError(f"{path}: `base` chain loops ({' -> '.join(map(str, seen))})")
-    data = _load_yaml(path)
+    data = load_yaml(path)
     base = data.get("base")
     chain = _preset_chain(resolve_preset(base), seen + [path]) if base else []
     return chain + [path]
@@ -81,11 +81,11 @@ def parse_override(text: str) -> tuple[List[str], Any]:
 
 
 def load_config(preset: str | Path | None = None, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
-    cfg = _load_yaml(DEFAULTS)
+    cfg = load_yaml(DEFAULTS)
     cfg.pop("base", None)
     if preset is not None:
         for path in _preset_chain(resolve_preset(preset)):
-            data = _load_yaml(path)
+            data = load_yaml(path)
             data.pop("base", None)
             _merge(cfg, data, str(path))
     for text in overrides or []:
@@ -250,7 +250,7 @@ def validate_config(cfg: Dict[str, Any]) -> None:
     """Refuse the first invalid value with a ConfigError naming its key; normalise numbers given as
     strings (train.lr=1e-3). Keys without a rule of their own that default to true/false
     (the model's quirk switches) must be true or false."""
-    defaults = _load_yaml(DEFAULTS)
+    defaults = load_yaml(DEFAULTS)
     for section, values in cfg.items():
         if not isinstance(values, dict):
             continue
@@ -299,7 +299,7 @@ def check_resume_config(cfg: Dict[str, Any]) -> List[str]:
     saved_file = Path(c["run_dir"]) / "config.yaml"
     if not saved_file.is_file():
         return []
-    saved, now = _flat(_load_yaml(saved_file)), _flat(cfg)
+    saved, now = _flat(load_yaml(saved_file)), _flat(cfg)
     allowed = set(c["allow_change"] or [])
     unknown = sorted(allowed - set(now))
     if unknown:
@@ -317,3 +317,16 @@ def check_resume_config(cfg: Dict[str, Any]) -> List[str]:
 
 def dump_config(cfg: Dict[str, Any]) -> str:
     return yaml.safe_dump(copy.deepcopy(cfg), sort_keys=True)
+
+
+def for_inference(cfg: Dict[str, Any], run_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """A trained run's config for evaluation, scoring and export: the checkpoint holds every weight
+    (no init_checkpoint), nothing is prepared, computed or logged. `run_dir`: the folder this
+    config is recorded in, if any (never the training run's)."""
+    cfg = copy.deepcopy(cfg)
+    cfg["checkpoint"]["run_dir"] = str(run_dir) if run_dir is not None else None
+    cfg["log"]["tensorboard"] = False
+    cfg["data"]["prepare_source"] = None
+    cfg["data"]["features"] = []
+    cfg["train"]["init_checkpoint"] = None
+    return cfg

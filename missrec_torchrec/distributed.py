@@ -6,7 +6,7 @@ built on the meta device, so no rank ever allocates a whole table: `plan_and_sha
 materialises only the local shards; `load_table_rows` then fills frozen tables from pretrained
 features shard by shard.
 
-Freezing (torchrec-notes §4): a frozen table gets a fused EXACT_SGD with lr 0, which keeps no
+Freezing (docs/torchrec-notes.md §4): a frozen table gets a fused EXACT_SGD with lr 0, which keeps no
 optimizer state, so a frozen table costs no memory beyond its weights and is left out of the training
 optimizer (`build_optimizer`), so no learning-rate schedule can unfreeze it. Models may also
 `.detach()` a frozen collection's output to skip its backward altogether.
@@ -37,10 +37,10 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-# Sharding types verified for EmbeddingCollection on CPU/gloo (notes §2); data_parallel failed there.
+# Sharding types verified for EmbeddingCollection on CPU/gloo (docs/torchrec-notes.md §2); data_parallel failed there.
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
 
-# Fused optimizers that FBGEMM's CPU kernels support (notes §3), by the name used in configs.
+# Fused optimizers that FBGEMM's CPU kernels support (docs/torchrec-notes.md §3), by the name used in configs.
 FUSED_OPTIMIZERS: Dict[str, type] = {
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,  # one accumulator per row: the cheapest adaptive one
     "adagrad": trec_optim.Adagrad,
@@ -143,7 +143,7 @@ def format_plan(plan: ShardingPlan) -> str:
     return str(plan)
 
 
-def _attach_fused_optimizers(
+def attach_fused_optimizers(
     model: nn.Module, frozen_tables: Set[str], trainable_fused: FusedSpec
 ) -> None:
     kind, kwargs = trainable_fused
@@ -187,7 +187,7 @@ def plan_and_shard(
     optimizer `trainable_fused = (kind, kwargs)`, kind in FUSED_OPTIMIZERS. Must be called by every rank.
     """
     frozen_tables = set(frozen_tables)
-    _attach_fused_optimizers(model, frozen_tables, trainable_fused)
+    attach_fused_optimizers(model, frozen_tables, trainable_fused)
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size(pg)))
     plan = plan_sharding(
         model,
@@ -221,7 +221,7 @@ def build_optimizer(
     default) over the dense parameters that require grad.
 
     Frozen tables' fused optimizers are left out, so setting `lr` on every param group (warm-up,
-    schedulers) cannot unfreeze them (notes §4 gotcha); their lr-0 SGD keeps no state to checkpoint.
+    schedulers) cannot unfreeze them (docs/torchrec-notes.md §4); their lr-0 SGD keeps no state to checkpoint.
     Fused optimizers step inside backward; `step()` here only advances the dense one.
     """
     frozen_tables = set(frozen_tables)
@@ -242,7 +242,7 @@ def build_optimizer(
 # -- table I/O -----------------------------------------------------------------------------------
 
 
-def _table_weight(dmp: nn.Module, table: str) -> Any:
+def table_weight(dmp: nn.Module, table: str) -> Any:
     suffix = f"embeddings.{table}.weight"
     matches = [(k, v) for k, v in dmp.state_dict().items() if k == suffix or k.endswith("." + suffix)]
     if len(matches) != 1:
@@ -250,7 +250,7 @@ def _table_weight(dmp: nn.Module, table: str) -> Any:
     return matches[0][1]
 
 
-def _local_shards(weight: Any) -> List[Tuple[torch.Tensor, Sequence[int]]]:
+def local_shards(weight: Any) -> List[Tuple[torch.Tensor, Sequence[int]]]:
     """(local shard tensor, global (row, col) offset) pairs of a table weight, however it is held."""
     if isinstance(weight, DTensor):
         wrapper = weight.to_local()  # LocalShardsWrapper: `.copy_` on it raises; copy per shard
@@ -268,11 +268,11 @@ def load_table_rows(dmp: nn.Module, table: str, rows: Any) -> None:
     reads only the slices it owns. The state_dict tensors are views of the TBE storage, so the copy
     lands in the live weights. Call after `plan_and_shard` on every rank holding shards.
     """
-    weight = _table_weight(dmp, table)
+    weight = table_weight(dmp, table)
     shape = tuple(rows.shape)
     if shape != tuple(weight.shape):
         raise ValueError(f"table {table!r}: rows have shape {shape}, the table is {tuple(weight.shape)}")
-    for shard, (r0, c0) in _local_shards(weight):
+    for shard, (r0, c0) in local_shards(weight):
         if shard.numel() == 0:
             continue
         n, d = shard.shape
@@ -290,6 +290,17 @@ def _feature_order(ec: nn.Module) -> Tuple[List[str], Dict[str, int]]:
 
 
 @torch.no_grad()
+def all_reduce_scalar(value, op: str = "sum", pg: Optional[dist.ProcessGroup] = None,
+                      device: Optional[torch.device] = None, dtype: torch.dtype = torch.float64):
+    """`value` reduced over the ranks of `pg` ("sum", "min" or "max"), as a Python number; the value
+    itself without a process group."""
+    t = torch.tensor([value], dtype=dtype, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
+                        group=pg)
+    return t.item()
+
+
 def lookup_rows(
     ec: nn.Module,
     feature: str,
@@ -312,13 +323,11 @@ def lookup_rows(
         raise KeyError(f"feature {feature!r} is not served by this collection (features: {features})")
     device = ids.device
     ids = ids.to(torch.int64).reshape(-1)
-    num_chunks = torch.tensor([(ids.numel() + chunk_size - 1) // chunk_size], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(num_chunks, op=dist.ReduceOp.MAX, group=pg)
+    num_chunks = all_reduce_scalar((ids.numel() + chunk_size - 1) // chunk_size, "max", pg, device, torch.int64)
     # One row (stride 1): `feature` holds the chunk; every other feature is empty.
     position = features.index(feature)
     out = []
-    for i in range(int(num_chunks.item())):
+    for i in range(num_chunks):
         chunk = ids[i * chunk_size : (i + 1) * chunk_size]
         real = chunk.numel()
         if real == 0:

@@ -1,6 +1,6 @@
 """Full-ranking metrics with one target item per user: HR@K (= Recall@K), NDCG@K and MRR.
 
-Rank rule (protocols.md): rank = 1 + the number of candidates that are not masked, are not the
+Rank rule (docs/protocols.md): rank = 1 + the number of candidates that are not masked, are not the
 target itself, and do not score strictly lower than the target. Ties therefore count against the
 target (pessimistic), and so does a NaN on either side, so a broken model can never look good.
 
@@ -22,6 +22,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from datapipes.batch import row_ids
 
 
 def _check_rows(name: str, tensor: Optional[torch.Tensor], rows: int) -> None:
@@ -55,8 +57,7 @@ class RankCounter:
         # Masked (row, item) pairs sorted by item, so each chunk takes one contiguous slice.
         self._mask_rows = self._mask_items = torch.zeros(0, dtype=torch.int64, device=target.device)
         if exclude_offsets is not None:
-            lengths = exclude_offsets[1:] - exclude_offsets[:-1]
-            mask_rows = torch.repeat_interleave(torch.arange(rows, device=target.device), lengths)
+            mask_rows = row_ids(exclude_offsets.to(target.device))
             mask_items = exclude_values[exclude_offsets[0] : exclude_offsets[-1]].to(torch.int64)
             keep = (mask_items >= 0) & (mask_items != self.target[mask_rows])
             mask_rows, mask_items = mask_rows[keep], mask_items[keep]

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from datapipes.schema import DataError, atomic_file, check_writable
+from datapipes.io import check_writable, staged_file
+from datapipes.schema import DataError
 
 DEFAULT_TAGS = ("train/loss", "valid/ndcg@10")
 Series = List[Tuple[int, float]]
@@ -75,7 +76,7 @@ def plot_runs(
         fig.suptitle(title)
     fig.tight_layout()
     out = Path(out)
-    with atomic_file(out) as tmp:
+    with staged_file(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return drawn

@@ -8,73 +8,28 @@ the best checkpoint is reloaded and the test split evaluated.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
-import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from datapipes.batch import SeqBatch, add_candidates
-from datapipes.schema import DataError, DatasetInfo, atomic_file, creating
-from datapipes.stream import SequenceStream, make_loader
-from missrec_torchrec import checkpoint as ckpt
+from datapipes.io import creating, staged_file
+from datapipes.schema import DataError, DatasetInfo
+from datapipes.stream import make_loader
 from missrec_torchrec import distributed as mdist
+from missrec_torchrec import evaluate as evaluation
 from missrec_torchrec import precision
-from missrec_torchrec.catalogue import ItemBank, ec_of
-from missrec_torchrec.config import ConfigError, check_resume_config, dump_config
-from missrec_torchrec.metrics import RankingMetrics, early_stopping, target_ranks
-from missrec_torchrec.model.config import ModelConfig
+from missrec_torchrec.config import check_resume_config, dump_config
 from missrec_torchrec.model.core import peft_trainable
-from missrec_torchrec.model.interest import discover_interests
-from missrec_torchrec.recommender import AUG_TABLE, ID_TABLE, MISSRecModel, candidates_key
-
-CORE_FILE = "core.pt"  # the dense core + its config, for fine-tuning on another catalogue
-
-
-def log0(*args) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# Data set-up
-
-
-def ensure_dataset(cfg: Dict[str, Any]) -> DatasetInfo:
-    """Prepare the dataset and its feature tables on rank 0 when missing; every rank then opens it."""
-    from missrec_torchrec.cli import main as cli_main
-
-    data = cfg["data"]
-    root = Path(data["dataset"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        if not root.exists():
-            if not data.get("prepare_source"):
-                raise DataError(f"{root}: dataset not found and data.prepare_source is null")
-            log0(f"preparing {root} from {data['prepare_source']}")
-            rc = cli_main(["prepare", data["prepare_source"], "--out", str(root), *map(str, data["prepare_args"])])
-            if rc:
-                raise DataError(f"{root}: `missrec prepare {data['prepare_source']}` failed")
-        have = DatasetInfo.open(root).modalities
-        for spec in data.get("features") or []:
-            if spec["modality"] not in have:
-                log0(f"computing {spec['modality']} features with {spec['encoder']}")
-                rc = cli_main(["features", str(root), "--modality", spec["modality"], "--encoder", spec["encoder"]])
-                if rc:
-                    raise DataError(f"{root}: `missrec features --modality {spec['modality']}` failed")
-    if dist.is_initialized():
-        dist.barrier()
-    info = DatasetInfo.open(root)
-    missing = [m for m in data["modalities"] if m not in info.modalities]
-    if missing:
-        raise DataError(f"{root}: no feature table for modalities {missing} (have {sorted(info.modalities)})")
-    return info
+from missrec_torchrec.metrics import early_stopping
+from missrec_torchrec.recommender import ID_TABLE, MISSRecModel, candidates_key
+from missrec_torchrec.session import CORE_FILE, Session, broadcast, build_model, log0
 
 
 def run_name(cfg: Dict[str, Any]) -> str:
@@ -95,126 +50,45 @@ def run_name(cfg: Dict[str, Any]) -> str:
     return "-".join(parts) + time.strftime("-%Y%m%d-%H%M%S")
 
 
-def _broadcast(obj):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: Dict[str, Any], info: DatasetInfo) -> MISSRecModel:
-    """The unsharded model (tables on the meta device) for a config and a prepared dataset."""
-    mods = info.modalities
-    names = cfg["data"]["modalities"]
-    missing = [m for m in names if m not in mods]
-    if missing:
-        raise DataError(f"{info.root}: no feature table for modalities {missing} (have {sorted(mods)})")
-    model_cfg = ModelConfig.from_dict(cfg["model"])
-    t = cfg["train"]
-    aug_dim = mods[AUG_TABLE].dim if (t["mode"] == "pretrain" and AUG_TABLE in mods and "text" in names) else None
-    points = (
-        sum(mods[m].present for m in names) if model_cfg.mask_missing_modality else info.num_items * len(names)
-    )
-    return MISSRecModel(
-        model_cfg,
-        {m: mods[m].dim for m in names},
-        info.num_items,
-        mode=t["mode"],
-        loss=t["loss"],
-        aug_dim=aug_dim,
-        cluster_points=points,
-        dense_ids=t["sparse_optimizer"] == "dense_adam",
-        mixed_negatives=t["in_batch_negatives"],
-    )
-
-
 # ------------------------------------------------------------------------------------------------
 
 
 class Trainer:
+    """Training on a `Session`: the optimizer, the run folder, checkpoints, logging and the epochs."""
+
     def __init__(self, cfg: Dict[str, Any], write_config: bool = True):
         self.cfg = cfg
         # Before anything is prepared or written (config.yaml is rewritten below): a resumed run's
         # config must match the saved one, apart from the keys the user allowed to change.
         changes = check_resume_config(cfg) if write_config else []
-        self.rank, self.world, self.device, self.pg = mdist.init_distributed()
         for change in changes:
             log0(f"resuming with a changed {change}")
-        seed_everything(cfg["experiment"]["seed"])
-        self.info = ensure_dataset(cfg)
-        self.num_items = self.info.num_items
-        d, t = cfg["data"], cfg["train"]
-        if t["softmax_items"] not in ("all", "training"):
-            raise ConfigError(f"train.softmax_items must be all or training, got {t['softmax_items']!r}")
-        self.model_cfg = ModelConfig.from_dict(cfg["model"])
-        # Same seed on every rank: identical dense initialisation (DDP also broadcasts rank 0's).
-        self.model = build_model(cfg, self.info)
-        self.modality_dims = {m: self.info.modalities[m].dim for m in d["modalities"]}
-        if t.get("init_checkpoint"):
-            self._load_core(Path(t["init_checkpoint"]))
-            if t["peft"]:
-                peft_trainable(self.model.head.core)
+        self.session = s = Session(cfg)
+        # The names the training loop reads, from the session.
+        self.rank, self.world, self.device, self.pg = s.rank, s.world, s.device, s.pg
+        self.info, self.dmp, self.head, self.model_cfg = s.info, s.dmp, s.head, s.model_cfg
+        self.precision, self.modality_dims = s.precision, s.modality_dims
         self.run_dir = self._make_run_dir(write_config)
-        # dense_adam: the dense table in the head trains; the sharded ID table only mirrors it.
-        dense_ids = self.model.head.id_table is not None
-        fused_frozen = self.model.frozen_tables + ([ID_TABLE] if dense_ids else [])
-        self.dmp = mdist.plan_and_shard(
-            self.model,
-            sharding_type=t["sharding"],
-            frozen_tables=fused_frozen,
-            trainable_fused=("sgd" if dense_ids else t["sparse_optimizer"], {"lr": t["sparse_lr"]}),
-            pg=self.pg,
-            device=self.device,
-        )
-        self.head = self.dmp.module.head if hasattr(self.dmp.module, "head") else self.model.head
-        self.precision = precision.resolve(t["precision"], self.device)
-        self.head.precision = self.precision
-        self.head.gather_history = bool(t["gather_history"])
-        self._load_frozen_tables()
-        self.publish_ids()
-        self._warm: Optional[torch.Tensor] = None  # items in some training sequence (cold start)
-        if t["softmax_items"] == "training":
-            self.head.softmax_items.copy_(self._training_items())
-            self.head.restrict_softmax = True
-        if self.head.mixed_negatives and t["loss"] == "sampled_softmax":
-            counts = torch.from_numpy(self.info.target_counts()).double()
-            self.head.target_logq.copy_((counts.clamp(min=1) / counts.sum()).log())
+        t = cfg["train"]
         self.optimizer = mdist.build_optimizer(
             self.dmp,
-            frozen_tables=fused_frozen,
+            frozen_tables=s.fused_frozen,
             # fused: one pass over each tensor for the whole update (foreach makes ~10; 5x slower here).
             dense_kwargs={"lr": t["lr"], "weight_decay": t["weight_decay"], "fused": True},
         )
         # Dropout and augmentation differ per rank; data order comes from the streams' own seeds.
         torch.manual_seed(cfg["experiment"]["seed"] * 1000 + self.rank)
-        self.kjt_groups = self.model.kjt_groups
-        self.all_items = torch.arange(self.num_items, dtype=torch.int64)
         self.writer = None
         if self.rank == 0 and cfg["log"]["tensorboard"]:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # slow to import; only when logging
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        # Frozen feature tables are reloaded from the dataset, so checkpoints leave them out.
-        frozen_keys = tuple(k for k in self.dmp.state_dict()
-                            if any(f".{m}." in k for m in self.model.frozen_tables) and k.startswith("features."))
-        self.ckpt = ckpt.CheckpointManager(self.ckpt_dir, keep_last=cfg["checkpoint"]["keep"], mode="max",
-                                           pg=self.pg, skip_prefixes=frozen_keys,
-                                           ties=cfg["eval"]["recbole_stopping"])
-
-    # -- set-up helpers ------------------------------------------------------------------------
+        self.ckpt = s.checkpoints(self.run_dir / "checkpoints", keep_last=cfg["checkpoint"]["keep"])
 
     def _make_run_dir(self, write_config: bool) -> Path:
         c = self.cfg["checkpoint"]
         name = c["run_dir"] or str(Path(self.cfg["experiment"]["out_dir"]) / run_name(self.cfg))
-        run_dir = Path(_broadcast(name))
+        run_dir = Path(broadcast(name))
         # A resumed run's config.yaml is replaced only once its checkpoint has loaded (`load`), so a
         # refused resume leaves the run folder as it was.
         self._config_pending = False
@@ -226,122 +100,27 @@ class Trainer:
                     (run_dir / "config.yaml").write_text(dump_config(self.cfg))
         return run_dir
 
-    def _load_core(self, path: Path) -> None:
-        core_file = path if path.is_file() and path.name == CORE_FILE else resolve(path) / CORE_FILE
-        if not core_file.is_file():
-            raise DataError(f"{core_file}: no {CORE_FILE} in the init checkpoint")
-        saved = torch.load(core_file, map_location="cpu", weights_only=True)
-        dims = saved["modality_dims"]
-        if dims != self.modality_dims:
-            raise DataError(f"{core_file}: checkpoint modalities {dims} differ from dataset {self.info.root}'s "
-                            f"{self.modality_dims}")
-        try:
-            missing, unexpected = self.model.head.core.load_state_dict(saved["core"], strict=False)
-        except RuntimeError as e:  # "size mismatch for ...": other model settings
-            reason = next((l.strip() for l in str(e).splitlines() if "mismatch" in l), str(e).splitlines()[0])
-            raise DataError(f"{core_file}: core weights do not fit this model ({reason[:300]})") from None
-        bad = [k for k in missing + unexpected if not k.startswith("fusion_alpha")]
-        if bad:
-            raise DataError(f"{core_file}: core weights do not match this model ({bad[:4]} ...)")
-        log0(f"loaded the pre-trained core from {core_file}")
-
-    def _load_frozen_tables(self) -> None:
-        for m in self.model.frozen_tables:
-            vectors, present = self.info.load_features(m)
-            mdist.load_table_rows(self.dmp, m, vectors)
-            if m in self.modality_dims:
-                getattr(self.head, f"present_{m}").copy_(torch.from_numpy(present))
-
-    def _stream(self, split: str) -> SequenceStream:
-        d = self.cfg["data"]
-        train = split == "train"
-        return SequenceStream(
-            self.info.root,
-            split=split,
-            batch_size=d["batch_size"] if train else d["eval_batch_size"],
-            max_len=self.model_cfg.max_len,
-            kjt_groups=self.kjt_groups,
-            rank=self.rank,
-            world_size=self.world,
-            seed=self.cfg["experiment"]["seed"],
-            shuffle_buffer=d["shuffle_buffer"],
-            prefix_sample=d["prefix_sample"] if train else 1.0,
-            with_seen=(not train) and self.cfg["eval"]["mask_history"],
-            steps_per_epoch=self.cfg["train"]["max_steps_per_epoch"] if train else None,
-            num_workers=d["num_workers"] if train else 0,
-            # Fast modes: batches padded to their own longest history; causal = one row per window.
-            length_buckets=d["length_buckets"],
-            windows=train and self.model_cfg.causal,
-        )
-
     def _candidates(self) -> torch.Tensor:
         t = self.cfg["train"]
         if t["mode"] == "pretrain":
-            return self.all_items[:0]
+            return self.session.all_items[:0]
         if t["loss"] == "sampled_softmax":
-            return torch.randint(self.num_items, (t["num_negatives"],))
-        return self.all_items
+            return torch.randint(self.session.num_items, (t["num_negatives"],))
+        return self.session.all_items
 
-    def _with_candidates(self, batches, candidates_fn) -> Iterator[SeqBatch]:
+    def _with_candidates(self, batches) -> Iterator[SeqBatch]:
         for batch in batches:
-            candidates = candidates_fn()
+            candidates = self._candidates()
             rows = not self.head.gathers_rows(candidates.numel())
-            yield add_candidates(batch, self.kjt_groups, candidates, sequence_rows=rows)
+            yield add_candidates(batch, self.session.kjt_groups, candidates, sequence_rows=rows)
 
-    # -- interest discovery --------------------------------------------------------------------
+    # -- interests and evaluation: the session's -----------------------------------------------
 
-    @torch.no_grad()
     def recluster(self, epoch: int, position: int = 0) -> Dict[str, float]:
-        """k-means over the catalogue's adapted modality vectors; each rank clusters its item slice."""
-        t0 = time.time()
-        head, core = self.head, self.head.core
-        if not head.modalities:  # ID-only model: no modality vectors, no interests
-            return {"clusters": 0.0, "seconds": 0.0}
-        was_training = core.training
-        core.eval()
-        lo = self.rank * self.num_items // self.world
-        hi = (self.rank + 1) * self.num_items // self.world
-        ids = self.all_items[lo:hi].to(self.device)
-        points, present = {}, {}
-        for m in head.modalities:
-            ec = ec_of(self, m)
-            raw = mdist.lookup_rows(ec, candidates_key(m), ids, pg=self.pg)
-            points[m] = core.adapt({m: raw})[m].float()
-            present[m] = getattr(head, f"present_{m}")[lo:hi]
-        gen = torch.Generator().manual_seed(self.cfg["experiment"]["seed"] + 1_000_003 * epoch + position)
-        table, local = discover_interests(
-            points, self.model_cfg, present, generator=gen, group=self.pg, k=head.num_clusters
-        )
-        head.centroids.copy_(table)
-        for m, assign_local in local.items():
-            full = self._gather_slices(assign_local, lo, hi)
-            getattr(head, f"assign_{m}").copy_(full)
-        core.train(was_training)
-        sizes = torch.zeros(head.num_clusters + 1, dtype=torch.int64)
-        for m in head.modalities:
-            sizes += torch.bincount(getattr(head, f"assign_{m}").cpu(), minlength=head.num_clusters + 1)
-        used = sizes[1:]
-        stats = {
-            "clusters": float(head.num_clusters),
-            "clusters_used": float((used > 0).sum()),
-            "largest_cluster": float(used.max()),
-            "seconds": time.time() - t0,
-        }
-        return stats
+        return self.session.refresh_interests(epoch, position)
 
-    def _gather_slices(self, local: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        if self.world == 1:
-            return local.cpu()
-        size = -(-self.num_items // self.world) + 1
-        padded = torch.zeros(size, dtype=local.dtype, device=local.device)
-        padded[: local.numel()] = local
-        gathered = [torch.zeros_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded, group=self.pg)
-        parts = []
-        for r, g in enumerate(gathered):
-            rlo, rhi = r * self.num_items // self.world, (r + 1) * self.num_items // self.world
-            parts.append(g[: rhi - rlo])
-        return torch.cat(parts).cpu()
+    def evaluate(self, split: str) -> Dict[str, float]:
+        return evaluation.evaluate(self.session, split)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -352,12 +131,12 @@ class Trainer:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
         skip = int(progress.get("skip_batches", 0))
-        stream = self._stream("train")
+        stream = self.session.stream("train")
         stream.set_epoch(epoch)
         if skip:
             stream.load_state_dict({"epoch": epoch, "batches": skip})
         steps = len(stream) - skip
-        batches = self._with_candidates(iter(make_loader(stream)), self._candidates)
+        batches = self._with_candidates(iter(make_loader(stream)))
         self.dmp.train()
         self.head.aug_generator = None
         bar = None
@@ -393,16 +172,7 @@ class Trainer:
                 for k in totals:
                     if k in out:
                         totals[k] = totals[k] + out[k].detach()
-                if bar is not None:
-                    bar.update(1)
-                    if step % every == 0:
-                        bar.set_postfix(loss=f"{float(out['loss']):.4f}")
-                if self.writer is not None and step % every == 0:
-                    self.writer.add_scalar("train/loss", float(out["loss"]), step)
-                    self.writer.add_scalar("train/main", float(out.get("main", out["loss"])), step)
-                    self.writer.add_scalar("train/regulariser", float(out.get("reg", 0.0)), step)
-                    self.writer.add_scalar("train/lr", self.cfg["train"]["lr"], step)
-                    self.writer.add_scalar("train/samples_per_s", done * rows / max(time.time() - t0, 1e-9), step)
+                self._log_step(out, step, bar, every, done * rows / max(time.time() - t0, 1e-9))
                 self._maybe_fail(step)
             pipeline.detach()
             if done == before:
@@ -417,19 +187,32 @@ class Trainer:
                     progress["skip_batches"] = position
                     self.save(progress)
         progress["skip_batches"] = 0
-        self.publish_ids()
+        self.session.publish_ids()
         if bar is not None:
             bar.close()
-        seconds = time.time() - t0
+        return self._epoch_stats(totals, done, rows, time.time() - t0)
+
+    def _log_step(self, out: Dict[str, torch.Tensor], step: int, bar, every: int, samples_per_s: float) -> None:
+        if bar is not None:
+            bar.update(1)
+            if step % every == 0:
+                bar.set_postfix(loss=f"{float(out['loss']):.4f}")
+        if self.writer is not None and step % every == 0:
+            self.writer.add_scalar("train/loss", float(out["loss"]), step)
+            self.writer.add_scalar("train/main", float(out.get("main", out["loss"])), step)
+            self.writer.add_scalar("train/regulariser", float(out.get("reg", 0.0)), step)
+            self.writer.add_scalar("train/lr", self.cfg["train"]["lr"], step)
+            self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
+
+    def _epoch_stats(self, totals: Dict[str, Any], done: int, rows: int, seconds: float) -> Dict[str, float]:
         # Next-item predictions trained on, all ranks: one per row, or (causal) one per real position,
         # which the causal forward counts.
         counted = float(totals.pop("targets"))
-        targets = torch.tensor([counted if self.model_cfg.causal else float(done * self.cfg["data"]["batch_size"])])
-        if self.world > 1:
-            dist.all_reduce(targets, group=self.pg)
+        targets = mdist.all_reduce_scalar(counted if self.model_cfg.causal else float(done * self.cfg["data"]["batch_size"]),
+                                          "sum", self.pg, self.device)
         stats = {k: float(v) / max(done, 1) for k, v in totals.items()}
         stats.update(steps=done, seconds=seconds, samples_per_s=done * rows / max(seconds, 1e-9),
-                     targets_per_s=float(targets) / max(seconds, 1e-9))
+                     targets_per_s=targets / max(seconds, 1e-9))
         return stats
 
     def _maybe_fail(self, step: int) -> None:
@@ -438,54 +221,6 @@ class Trainer:
         if fail_at and step == int(fail_at):
             raise SystemExit(f"MISSREC_FAIL_AT_STEP={fail_at}: simulated crash")
 
-    # -- evaluation ----------------------------------------------------------------------------
-
-    def _training_items(self) -> torch.Tensor:
-        """Whether each item occurs in some training sequence; read once (a pass over users.parquet)."""
-        if self._warm is None:
-            self._warm = torch.from_numpy(self.info.training_items())
-        return self._warm
-
-    @torch.no_grad()
-    def publish_ids(self) -> None:
-        """dense_adam: copy the dense ID table into its sharded mirror, which evaluation, scoring,
-        export and checkpoints read (at set-up, after every epoch, before evaluating and saving)."""
-        if self.head.id_table is not None:
-            mdist.load_table_rows(self.dmp, ID_TABLE, self.head.id_table.weight[: self.num_items].detach())
-
-    @torch.no_grad()
-    def evaluate(self, split: str) -> Dict[str, float]:
-        self.publish_ids()
-        ev = self.cfg["eval"]
-        groups = {"": RankingMetrics(ks=ev["ks"])}
-        if ev["cold_start"]:
-            warm = self._training_items()
-            groups["cold/"] = RankingMetrics(ks=ev["ks"])
-        stream = self._stream(split)
-        self.dmp.eval()
-        for batch, ranks in self._ranked(stream, ev):
-            for prefix, metrics in groups.items():
-                weight = batch.weight
-                if prefix:  # cold start: only targets that no training sequence contains
-                    weight = weight * (~warm[batch.target.cpu()]).to(weight)
-                metrics.update_ranks(ranks, weight)
-        self.dmp.train()
-        return {f"{prefix}{k}": v for prefix, metrics in groups.items() for k, v in metrics.compute(self.pg).items()}
-
-    def _ranked(self, stream: SequenceStream, ev: Dict[str, Any]) -> Iterator:
-        """(batch, target ranks) over a split. eval.engine=catalogue: the catalogue adapted once,
-        users encoded in cost-sorted sub-batches, items scored in chunks (catalogue.py);
-        dmp: each batch through the sharded model's forward with the catalogue as candidates."""
-        bank = ItemBank(self, self.precision) if ev["engine"] == "catalogue" else None
-        batches = stream if bank is not None else self._with_candidates(stream, lambda: self.all_items)
-        for batch in batches:
-            batch = batch.to(self.device)
-            exclude = (batch.seen_offsets, batch.seen_values) if ev["mask_history"] else (None, None)
-            if bank is not None:
-                yield batch, bank.ranks(bank.encode(batch.history), batch.target, ev["chunk_items"], *exclude)
-            else:
-                yield batch, target_ranks(self.dmp(batch)[1]["scores"], batch.target, *exclude)
-
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self, progress: Dict[str, Any], metric: Optional[float] = None) -> Path:
@@ -493,15 +228,12 @@ class Trainer:
         # written into the step folder before the folder is published and the pointers move.
         core = {"core": self.head.core.state_dict(), "modality_dims": self.modality_dims,
                 "model": self.model_cfg.to_dict()}
-        self.publish_ids()
+        self.session.publish_ids()
         return self.ckpt.save(progress["step"], self.dmp, self.optimizer, progress=progress, metric=metric,
                               extra_files={CORE_FILE: core})
 
     def load(self, which: Any = "latest", optimizer: bool = True) -> Optional[Dict[str, Any]]:
-        try:
-            restored = self.ckpt.load(self.dmp, self.optimizer if optimizer else None, which=which)
-        except ckpt.CheckpointMismatch as e:
-            raise DataError(ckpt.describe_mismatch(e, self.info.root, self.num_items, self.modality_dims)) from None
+        restored = self.session.load(self.ckpt, which, self.optimizer if optimizer else None)
         if self._config_pending:  # the resumed checkpoint fits: the run's config.yaml may now change
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
             self._config_pending = False
@@ -562,7 +294,7 @@ class Trainer:
             "history": progress["history"],
         }
         if self.rank == 0:
-            with atomic_file(self.run_dir / "results.json") as tmp:
+            with staged_file(self.run_dir / "results.json") as tmp:
                 Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
             if self.writer is not None:
                 hparams = {
@@ -580,15 +312,14 @@ class Trainer:
     def _write_fingerprint(self) -> None:
         """Per rank: a hash of the dense weights and whether every frozen table still equals its
         features. Ranks must agree (DDP) and frozen tables must never move; tests read these files."""
-        import hashlib
-
         digest = hashlib.sha256()
         for name, tensor in sorted(self.head.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         unchanged = True
-        for m in self.model.frozen_tables:
-            rows = mdist.lookup_rows(ec_of(self, m), candidates_key(m), self.all_items.to(self.device), pg=self.pg)
+        for m in self.session.model.frozen_tables:
+            rows = mdist.lookup_rows(self.session.collection(m), candidates_key(m), self.session.all_items.to(self.device),
+                                     pg=self.pg)
             unchanged &= bool(torch.equal(rows.cpu(), torch.from_numpy(self.info.load_features(m)[0])))
         record = {"rank": self.rank, "dense": digest.hexdigest(), "frozen_tables_unchanged": unchanged}
         (self.run_dir / f"fingerprint.rank{self.rank}.json").write_text(json.dumps(record) + "\n")
@@ -652,30 +383,3 @@ def dry_run(cfg: Dict[str, Any], world_size: Optional[int] = None) -> Dict[str, 
 
 def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return Trainer(cfg).fit()
-
-
-def resolve(path: Path) -> Path:
-    try:
-        return ckpt.resolve_checkpoint(path)
-    except ckpt.CheckpointError as e:
-        raise DataError(str(e)) from None
-
-
-def evaluate_checkpoint(checkpoint: Path, split: str = "test", overrides: Optional[List[str]] = None) -> Dict[str, float]:
-    """Evaluate a saved checkpoint (a `step_N` folder or a run's `checkpoints/` folder) on `split`."""
-    from missrec_torchrec.config import load_config
-
-    checkpoint = resolve(checkpoint)
-    run_dir = checkpoint.parent.parent
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise DataError(f"{config_file}: missing; is {checkpoint} inside a run folder?")
-    cfg = load_config(config_file, overrides)
-    cfg["checkpoint"]["run_dir"] = str(run_dir)
-    cfg["log"]["tensorboard"] = False
-    cfg["train"]["init_checkpoint"] = None  # the checkpoint below holds every weight
-    trainer = Trainer(cfg, write_config=False)
-    trainer.load(checkpoint, optimizer=False)
-    result = trainer.evaluate(split)
-    log0(f"{split} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())))
-    return result

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from missrec_torchrec.cli import main
-from missrec_torchrec.config import DEFAULTS, RULES, _load_yaml, load_config
+from missrec_torchrec.config import DEFAULTS, RULES, load_yaml, load_config
 
 BAD = [
     # (overrides, key named in the error, fragment of the error)
@@ -81,7 +81,7 @@ def test_good_values_are_accepted_and_normalised():
 
 
 def test_every_default_key_has_a_rule():
-    defaults = _load_yaml(DEFAULTS)
+    defaults = load_yaml(DEFAULTS)
     keys = {f"{s}.{k}" for s, v in defaults.items() if isinstance(v, dict) for k in v}
     assert set(RULES) <= keys
     unchecked = {k for k in keys - set(RULES) if not isinstance(defaults[k.split(".")[0]][k.split(".")[1]], bool)}

@@ -247,9 +247,9 @@ def test_atomic_history_contradicts_sequence(toy, tmp_path, capsys):
 
 
 def test_atomic_error_line_counts_across_blocks(tmp_path, capsys, monkeypatch):
-    from datapipes.sources import atomic
+    from datapipes.sources import unisrec_import
 
-    monkeypatch.setattr(atomic, "TRAIN_BLOCK_BYTES", 256)  # many small batches
+    monkeypatch.setattr(unisrec_import, "TRAIN_BLOCK_BYTES", 256)  # many small batches
     rng = np.random.default_rng(1)
     folder = write_atomic_folder(tmp_path / "Toy", sequences=[list(rng.integers(0, N_ITEMS, size=40)) for _ in range(4)])
     path = folder / "Toy.train.inter"

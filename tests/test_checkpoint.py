@@ -152,13 +152,13 @@ def test_crash_mid_save_keeps_latest_on_the_previous_checkpoint(tmp_path, monkey
     monkeypatch.undo()
     assert (tmp_path / "step_3.tmp").is_dir() and not (tmp_path / "step_3").exists()
     assert latest_checkpoint(tmp_path) == tmp_path / "step_2"
-    real_write = checkpoint._write_tmp
+    real_write = checkpoint.write_tmp
 
     def crash_after_dcp(tmp, state, rank, rank_state):
         real_write(tmp, state, rank, rank_state)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(checkpoint, "_write_tmp", crash_after_dcp)  # dies half-way through the files
+    monkeypatch.setattr(checkpoint, "write_tmp", crash_after_dcp)  # dies half-way through the files
     with pytest.raises(RuntimeError, match="simulated"):
         manager.save(4, model, optimizer)
     monkeypatch.undo()

@@ -73,8 +73,8 @@ def test_design_card_torchx_command_runs_the_trainer_module():
     import sys
     from pathlib import Path
 
-    from components.score import _score_argv
-    from components.train import _trainer_argv
+    from components.score import score_argv
+    from components.train import trainer_argv
 
     repo = Path(__file__).resolve().parent.parent
     torchx = Path(sys.executable).parent / "torchx"
@@ -85,6 +85,6 @@ def test_design_card_torchx_command_runs_the_trainer_module():
     text = " ".join(out.stdout.split())
     assert "--nnodes 2 --nproc_per_node 8" in text and "-m components.train components/train.py --" in text
     argv = ["components/train.py", "--", "--config", "ml100k", "train.epochs=1"]
-    assert _trainer_argv(argv) == ["train", "--config", "ml100k", "train.epochs=1"]
-    assert _trainer_argv(["components/train.py"]) == ["train", "--config", "ml100k"]
-    assert _score_argv(["components/score.py", "--", "--checkpoint", "r"]) == ["score", "--checkpoint", "r"]
+    assert trainer_argv(argv) == ["train", "--config", "ml100k", "train.epochs=1"]
+    assert trainer_argv(["components/train.py"]) == ["train", "--config", "ml100k"]
+    assert score_argv(["components/score.py", "--", "--checkpoint", "r"]) == ["score", "--checkpoint", "r"]

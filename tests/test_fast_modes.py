@@ -34,21 +34,21 @@ def _seeded_interests(head: MISSRecHead, seed: int = 0) -> None:
         head.assign_image[::5] = 0
 
 
-def _model(config: ModelConfig, dims=DIMS, loss: str = "full_softmax") -> MISSRecModel:
+def make_model(config: ModelConfig, dims=DIMS, loss: str = "full_softmax") -> MISSRecModel:
     torch.manual_seed(0)
     model = MISSRecModel(config, dims, NUM_ITEMS, loss=loss, table_device=torch.device("cpu"))
     _seeded_interests(model.head)
     return model
 
 
-def _rows(n: int, max_len: int, seed: int = 1):
+def make_rows(n: int, max_len: int, seed: int = 1):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, max_len // 2 + 1, n)  # every row shorter than max_len: trimming bites
     values = rng.integers(0, NUM_ITEMS, int(lengths.sum()))
     return values, lengths, rng.integers(0, NUM_ITEMS, n), np.arange(n)
 
 
-def _batch(model, rows, width, candidates=None):
+def make_batch(model, rows, width, candidates=None):
     values, lengths, target, user = rows
     batch = collate(values, lengths, target, user, width, model.kjt_groups)
     return add_candidates(batch, model.kjt_groups, torch.arange(NUM_ITEMS) if candidates is None else candidates)
@@ -64,9 +64,9 @@ def _batch(model, rows, width, candidates=None):
     ids=["inductive", "transductive", "paper"],
 )
 def test_trimmed_padding_gives_the_padded_scores_and_loss(config):
-    model = _model(config)
-    rows = _rows(24, config.max_len)
-    padded, trimmed = _batch(model, rows, config.max_len), _batch(model, rows, int(rows[1].max()))
+    model = make_model(config)
+    rows = make_rows(24, config.max_len)
+    padded, trimmed = make_batch(model, rows, config.max_len), make_batch(model, rows, int(rows[1].max()))
     assert trimmed.history.shape[1] < padded.history.shape[1]
     model.train()  # dropout 0: the training loss is deterministic
     loss_p, out_p = model(padded)
@@ -176,10 +176,10 @@ def test_causal_loss_is_the_mean_over_positions_of_prefix_rows(loss):
     from missrec_torchrec.model import losses
 
     config = replace(SMALL, causal=True, use_id=True)
-    model = _model(config, loss=loss)
-    values, lengths, target, user = _rows(5, config.max_len, seed=7)
+    model = make_model(config, loss=loss)
+    values, lengths, target, user = make_rows(5, config.max_len, seed=7)
     cands = torch.randperm(NUM_ITEMS, generator=torch.Generator().manual_seed(2))[:15]
-    window = _batch(model, (values, lengths, target, user), config.max_len, cands if loss == "sampled_softmax" else None)
+    window = make_batch(model, (values, lengths, target, user), config.max_len, cands if loss == "sampled_softmax" else None)
     _, out = model.train()(window)
     # The implied prefix rows: position p of a row has history seq[:p+1] and target seq[p+1].
     starts = np.cumsum(lengths) - lengths
@@ -188,7 +188,7 @@ def test_causal_loss_is_the_mean_over_positions_of_prefix_rows(loss):
     hist = np.concatenate([h for h, _ in pre])
     tgt = torch.tensor([t for _, t in pre])
     with torch.no_grad():
-        _, ev = model.eval()(_batch(model, (hist, np.array([len(h) for h, _ in pre]), tgt.numpy(), tgt.numpy()),
+        _, ev = model.eval()(make_batch(model, (hist, np.array([len(h) for h, _ in pre]), tgt.numpy(), tgt.numpy()),
                                     config.max_len))
     scores = ev["scores"]  # every prefix against the whole catalogue
     if loss == "full_softmax":
@@ -224,9 +224,9 @@ def test_window_rows_cover_every_training_target_once(synthetic_mm):
 
 def test_id_only_core_scores_with_ids_alone():
     config = replace(SMALL, use_id=True)
-    model = _model(config, dims={})
+    model = make_model(config, dims={})
     assert not model.features and model.head.core.fusion_alpha is None
-    batch = _batch(model, _rows(8, config.max_len), config.max_len)
+    batch = make_batch(model, make_rows(8, config.max_len), config.max_len)
     model.eval()
     with torch.no_grad():
         _, out = model(batch)

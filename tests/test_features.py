@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from datapipes import features
-from datapipes.features import EncoderOptions, compute_features, parts_dir
+from datapipes import encoders
+from datapipes.encoders import EncoderOptions
+from datapipes.features import compute_features, parts_dir
 from datapipes.schema import (
     ITEMS_FILE,
     USERS_FILE,
@@ -274,7 +275,7 @@ def test_vector_errors_name_the_file_and_row(tmp_path):
 
 def count_encode_calls(monkeypatch, fail_on_call=None):
     calls = []
-    real = features.VectorsEncoder.encode
+    real = encoders.VectorsEncoder.encode
 
     def encode(self, batch):
         calls.append(int(batch[0]))
@@ -282,7 +283,7 @@ def count_encode_calls(monkeypatch, fail_on_call=None):
             raise RuntimeError("killed mid-run")
         return real(self, batch)
 
-    monkeypatch.setattr(features.VectorsEncoder, "encode", encode)
+    monkeypatch.setattr(encoders.VectorsEncoder, "encode", encode)
     return calls
 
 

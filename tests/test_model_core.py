@@ -37,7 +37,7 @@ def _count(module, trainable_only=False):
 
 def test_parameter_counts_match_the_reference_logs():
     core = MISSRecCore(ModelConfig.paper("inductive_ft"), {"text": 512, "image": 512})
-    assert _count(core) == 1_719_513  # from scratch, inductive (spec section 10)
+    assert _count(core) == 1_719_513  # from scratch, inductive (docs/model.md section 10)
     assert peft_trainable(core) == 308_401  # adapters + input LayerNorm + alpha
     assert _count(core, trainable_only=True) == 308_401
     assert not any(p.requires_grad for p in core.encoder.parameters())
@@ -59,7 +59,7 @@ def test_config_paper_reproduces_and_defaults_fix():
         ModelConfig(fusion="sum")
 
 
-def _batch(b=5, length=6, m=7, k=9, dim=16, seed=0):
+def make_batch(b=5, length=6, m=7, k=9, dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([length, 1, 3, length - 1, 2][:b])
     hist_mask = torch.arange(length) < lengths[:, None]
@@ -86,7 +86,7 @@ def test_encode_matches_nn_transformer_with_the_reference_forward():
     missing, unexpected = core.load_state_dict(mine, strict=False)
     assert unexpected == [] and all(not k.startswith(("encoder.", "decoder.")) for k in missing)
 
-    raw, hist_mask, tokens, centroids = _batch()
+    raw, hist_mask, tokens, centroids = make_batch()
     adapted = core.adapt(raw)
     u, memory, memory_mask = core.encode(adapted, hist_mask, tokens, centroids)
 
@@ -105,7 +105,7 @@ def test_encode_matches_nn_transformer_with_the_reference_forward():
 
 def test_user_vector_ignores_padding_and_interest_order():
     core = MISSRecCore(SMALL, {"text": 12, "image": 10}).eval()
-    raw, hist_mask, tokens, centroids = _batch()
+    raw, hist_mask, tokens, centroids = make_batch()
     u, _, _ = core.encode(core.adapt(raw), hist_mask, tokens, centroids)
     assert torch.allclose(u.norm(dim=-1), torch.ones(5))
     # Garbage in pad positions, more pad columns, shuffled interest tokens: same user vectors.
@@ -130,7 +130,7 @@ def test_user_vector_ignores_padding_and_interest_order():
 @pytest.mark.parametrize("mask_missing", [True, False])
 def test_missing_modality_masking_in_tokens(mask_missing):
     core = MISSRecCore(replace(SMALL, mask_missing_modality=mask_missing), {"text": 12, "image": 10}).eval()
-    raw, hist_mask, tokens, centroids = _batch()
+    raw, hist_mask, tokens, centroids = make_batch()
     present = {"text": torch.ones_like(hist_mask), "image": torch.rand(hist_mask.shape) < 0.5}
     u, _, _ = core.encode(core.adapt(raw), hist_mask, tokens, centroids, present=present)
     other = dict(raw, image=torch.where(present["image"][..., None], raw["image"], raw["image"] + 3))

@@ -94,8 +94,8 @@ def test_next_run_removes_what_a_killed_run_left(world):
     out = world / "out"
     killed = subprocess.run([sys.executable, "-c", (
         "import os, sys\n"
-        "from datapipes.schema import atomic_dir\n"
-        f"with atomic_dir({str(out)!r}) as tmp:\n"
+        "from datapipes.io import staged_dir\n"
+        f"with staged_dir({str(out)!r}) as tmp:\n"
         "    (tmp / 'users.parquet').write_text('half')\n"
         "    os._exit(9)  # killed: no cleanup runs\n")], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert killed.returncode == 9

@@ -12,9 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from datapipes.batch import add_candidates
+from datapipes.batch import add_candidates, row_ids
 from datapipes.schema import USERS_SCHEMA
-from missrec_torchrec import scoring
+from missrec_torchrec import export, scoring, topk
+from missrec_torchrec.catalogue import ItemBank
+from missrec_torchrec.config import for_inference
+from missrec_torchrec.session import load_run, open_session
 from missrec_torchrec.cli import main
 from test_train import run_cli, small_overrides
 
@@ -66,22 +69,20 @@ def rows(path: Path) -> dict:
 
 def brute_force(run_dir: Path, split: str, mask_history: bool, k: int = TOPK):
     """Each user's top-k from the model's own evaluation forward: one B x N matrix of all items."""
-    step_dir, cfg = scoring.load_run(run_dir, QUIET)
+    step_dir, cfg = load_run(run_dir, QUIET)
     cfg["eval"]["mask_history"] = mask_history
-    trainer = scoring.open_model(scoring._inference_config(cfg, None), step_dir)
+    session = open_session(for_inference(cfg), step_dir)
     with torch.no_grad():
-        return _brute_force(trainer, split, mask_history, k)
+        return _brute_force(session, split, mask_history, k)
 
 
-def _brute_force(trainer, split, mask_history, k):
+def _brute_force(session, split, mask_history, k):
     out = {}
-    for batch in trainer._stream(split):
-        _, res = trainer.dmp(add_candidates(batch, trainer.kjt_groups, trainer.all_items))
+    for batch in session.stream(split):
+        _, res = session.dmp(add_candidates(batch, session.kjt_groups, session.all_items))
         scores = res["scores"]
         if mask_history:
-            o = batch.seen_offsets
-            r = torch.repeat_interleave(torch.arange(batch.batch_size), o[1:] - o[:-1])
-            scores[r, batch.seen_values] = float("-inf")
+            scores[row_ids(batch.seen_offsets), batch.seen_values] = float("-inf")
         top, idx = scores.topk(k, dim=1)
         for b in torch.nonzero(batch.user >= 0).squeeze(1).tolist():
             out[int(batch.user[b])] = (idx[b].tolist(), top[b].tolist())
@@ -110,7 +111,7 @@ def test_exact_matches_brute_force(run_dir, tmp_path, split, mask):
     assert not scoring.parts_folder(out).exists()
     assert all(keys == [str(i) for i in items] for keys, items in zip(got["item_keys"], got["items"]))
     if mask:  # nothing the user has seen comes back
-        dataset = Path(scoring.load_run(run_dir, QUIET)[1]["data"]["dataset"])
+        dataset = Path(load_run(run_dir, QUIET)[1]["data"]["dataset"])
         users = pq.read_table(dataset / "users.parquet")
         seq = dict(zip(users.column("user_index").to_pylist(), users.column("items").to_pylist()))
         assert all(not set(items) & set(seq[u]) for u, items in zip(got["user_index"], got["items"]))
@@ -161,7 +162,7 @@ def test_approx_recall_and_certificate(run_dir, tmp_path):
     exact, approx = tmp_path / "exact.parquet", tmp_path / "approx.parquet"
     run_score(run_dir, exact)
     summary = run_score(run_dir, approx, "--approx", "20", "--recall-sample", "60")
-    r = scoring.topk_recall(approx, exact)
+    r = topk.topk_recall(approx, exact)
     assert r >= 0.9, r
     assert summary["recall_users"] == 60 and summary["recall"] >= 0.9
     assert 0 < summary["certified"] <= 1
@@ -173,27 +174,27 @@ def test_approx_recall_and_certificate(run_dir, tmp_path):
     full = tmp_path / "full.parquet"
     summary = run_score(run_dir, full, "--approx", "1000")
     assert summary["certified"] == 1.0
-    assert scoring.topk_recall(full, exact) == 1.0
+    assert topk.topk_recall(full, exact) == 1.0
 
 
 def test_export_items(run_dir, tmp_path):
     out = tmp_path / "export"
     assert main(["export-items", "--checkpoint", str(run_dir), "--out", str(out), *QUIET]) == 0
-    step_dir, cfg = scoring.load_run(run_dir, QUIET)
-    trainer = scoring.open_model(scoring._inference_config(cfg, None), step_dir)
-    record = json.loads((out / scoring.EXPORT_FILE).read_text())
+    step_dir, cfg = load_run(run_dir, QUIET)
+    session = open_session(for_inference(cfg), step_dir)
+    record = json.loads((out / export.EXPORT_FILE).read_text())
     assert set(record["tables"]) == {"text", "image", "item_id"} and record["use_id"]
     for m in ("text", "image"):
         table = pq.read_table(out / f"{m}.parquet")
-        features, present = trainer.info.load_features(m)
-        expect = trainer.head.core.adapt({m: torch.from_numpy(features)})[m].detach().numpy()
+        features, present = session.info.load_features(m)
+        expect = session.head.core.adapt({m: torch.from_numpy(features)})[m].detach().numpy()
         got = np.stack(table.column("vector").to_numpy(zero_copy_only=False))
         assert table.column("item_index").to_pylist() == list(range(120))
         np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
         assert table.column("present").to_pylist() == present.tolist()
-    from missrec_torchrec.distributed import _local_shards, _table_weight
+    from missrec_torchrec.distributed import local_shards, table_weight
 
-    (weights, _), = _local_shards(_table_weight(trainer.dmp, "item_id"))
+    (weights, _), = local_shards(table_weight(session.dmp, "item_id"))
     ids = np.stack(pq.read_table(out / "item_id.parquet").column("vector").to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(ids, weights.detach().numpy())
 
@@ -216,7 +217,7 @@ def test_bad_inputs_leave_nothing(run_dir, tmp_path, capsys):
     capsys.readouterr()
     # Bad data met half-way (an item index past the catalogue in the last row group): the parts go too.
     bad = tmp_path / "bad"
-    shutil.copytree(Path(scoring.load_run(run_dir, QUIET)[1]["data"]["dataset"]), bad / "data")
+    shutil.copytree(Path(load_run(run_dir, QUIET)[1]["data"]["dataset"]), bad / "data")
     users = pq.read_table(bad / "data" / "users.parquet").to_pylist()
     users[-1]["items"][0] = 10_000
     pq.write_table(pa.Table.from_pylist(users, schema=USERS_SCHEMA), bad / "data" / "users.parquet", row_group_size=64)
@@ -245,17 +246,17 @@ def test_help_explains_every_flag(capsys):
 
 def test_certificate_implies_exact(run_dir):
     """Random user directions (harder than trained ones): a certified row is the exact top-k."""
-    step_dir, cfg = scoring.load_run(run_dir, QUIET)
-    trainer = scoring.open_model(scoring._inference_config(cfg, None), step_dir)
-    bank = scoring.ItemBank(trainer)
+    step_dir, cfg = load_run(run_dir, QUIET)
+    session = open_session(for_inference(cfg), step_dir)
+    bank = ItemBank(session)
     gen = torch.Generator().manual_seed(0)
-    u = torch.nn.functional.normalize(torch.randn(300, trainer.head.config.hidden, generator=gen), dim=-1)
-    seen = scoring.Seen(torch.arange(300).repeat_interleave(5), torch.randint(0, 120, (1500,), generator=gen))
+    u = torch.nn.functional.normalize(torch.randn(300, session.head.config.hidden, generator=gen), dim=-1)
+    seen = topk.Seen(torch.arange(300).repeat_interleave(5), torch.randint(0, 120, (1500,), generator=gen))
     with torch.no_grad():
-        _, exact = scoring.exact_topk(bank, u, TOPK, 50, seen)
+        _, exact = topk.exact_topk(bank, u, TOPK, 50, seen)
         certified_any = 0
         for per_table in (5, 15, 40):
-            _, items, certified = scoring.approx_topk(bank, u, TOPK, per_table, 50, seen)
+            _, items, certified = topk.approx_topk(bank, u, TOPK, per_table, 50, seen)
             for row in torch.nonzero(certified).squeeze(1).tolist():
                 assert sorted(items[row].tolist()) == sorted(exact[row].tolist())
             certified_any += int(certified.sum())

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datapipes.schema import DatasetInfo, read_stats
-from datapipes.sources.atomic import write_atomic
+from datapipes.sources.unisrec_export import write_atomic
 from datapipes.sources.movielens import bundled_folder
 from missrec_torchrec.cli import main
 
@@ -155,7 +155,7 @@ def test_ml1m_prepares_all_ratings(tmp_path):
     out = tmp_path / "ml-1m"
     prepare("movielens-1m", "--out", out, "--k-core", 0)
     stats = read_stats(out)
-    # protocols.md: all 1,000,209 ratings, 6,040 users, 3,706 rated movies.
+    # docs/protocols.md: all 1,000,209 ratings, 6,040 users, 3,706 rated movies.
     assert stats["interactions_raw"] == stats["interactions"] == 1_000_209
     assert (stats["users"], stats["items"]) == (6040, 3706)
     items = dict(zip(read_item_keys(out), pq.read_table(out / "items.parquet")["text"].to_pylist()))
@@ -353,12 +353,12 @@ def test_atomic_import_rebuilds_full_sequences(atomic_domains):
 
 
 def test_atomic_import_streams_train_file_in_blocks(atomic_domains, tmp_path, monkeypatch):
-    from datapipes.sources import atomic
+    from datapipes.sources import unisrec_import
 
     _, domains = atomic_domains
     folder, ds, _, _ = domains["Sci"]
-    monkeypatch.setattr(atomic, "TRAIN_BLOCK_BYTES", 512)  # ~4-30 rows per block instead of one block
-    assert len(list(atomic.iter_inter(folder / "Sci.train.inter"))) > 20
+    monkeypatch.setattr(unisrec_import, "TRAIN_BLOCK_BYTES", 512)  # ~4-30 rows per block instead of one block
+    assert len(list(unisrec_import.iter_inter(folder / "Sci.train.inter"))) > 20
     prepare("missrec-atomic", "--path", folder, "--feat-dim", 8, "--out", tmp_path / "ds")
     assert read_users(tmp_path / "ds") == read_users(ds)
 

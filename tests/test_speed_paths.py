@@ -13,11 +13,12 @@ from datapipes.batch import add_candidates
 from datapipes.stream import SequenceStream
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ItemBank
-from missrec_torchrec.recommender import ID_TABLE
+from missrec_torchrec.evaluate import evaluate
 from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.model.attention import Attention
 from missrec_torchrec.model.dropout import fast_dropout, quantised
-from test_fast_modes import SMALL, _batch, _model, _rows
+from missrec_torchrec.recommender import ID_TABLE
+from test_fast_modes import SMALL, make_batch, make_model, make_rows
 from test_train import small_overrides
 
 # ---- fast dropout --------------------------------------------------------------------------------
@@ -110,9 +111,9 @@ CONFIGS = [SMALL, replace(SMALL, use_id=True),
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["inductive", "transductive", "paper"])
 def test_gathered_history_gives_the_adapted_history_loss_gradients_and_scores(config):
-    model = _model(config)
-    rows = _rows(24, config.max_len)
-    padded, trimmed = _batch(model, rows, config.max_len), _batch(model, rows, int(rows[1].max()))
+    model = make_model(config)
+    rows = make_rows(24, config.max_len)
+    padded, trimmed = make_batch(model, rows, config.max_len), make_batch(model, rows, int(rows[1].max()))
     model.train()  # dropout 0: deterministic
 
     def loss_and_grads(batch, gather):
@@ -142,7 +143,7 @@ def test_gathered_history_gives_the_adapted_history_loss_gradients_and_scores(co
 
 
 @pytest.fixture(scope="module")
-def trainer(synthetic_mm, tmp_path_factory):
+def session(synthetic_mm, tmp_path_factory):
     """A small paper-like transductive model on real (synthetic) data, fp32, dropout off."""
     from missrec_torchrec.config import load_config
     from missrec_torchrec.trainer import Trainer
@@ -154,53 +155,53 @@ def trainer(synthetic_mm, tmp_path_factory):
     t = Trainer(cfg)
     t.recluster(0)
     t.dmp.eval()
-    return t
+    return t.session
 
 
-def _padded_batch(trainer, split="valid"):
-    stream = SequenceStream(trainer.info.root, split=split, batch_size=64, max_len=20, kjt_groups=trainer.kjt_groups,
+def _padded_batch(session, split="valid"):
+    stream = SequenceStream(session.info.root, split=split, batch_size=64, max_len=20, kjt_groups=session.kjt_groups,
                             length_buckets=False, with_seen=True)
     return next(iter(stream))
 
 
-def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(trainer):
-    batch = _padded_batch(trainer)
+def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(session):
+    batch = _padded_batch(session)
     assert batch.history.shape[1] == 20 and int(batch.lengths.min()) < 20
-    trainer.head.gather_history = False
+    session.head.gather_history = False
     with torch.no_grad():
-        _, ref = trainer.dmp(add_candidates(batch, trainer.kjt_groups, trainer.all_items))
-    trainer.head.gather_history = True
-    bank = ItemBank(trainer, "fp32")
+        _, ref = session.dmp(add_candidates(batch, session.kjt_groups, session.all_items))
+    session.head.gather_history = True
+    bank = ItemBank(session, "fp32")
     u = bank.encode(batch.history, slots=16 * 20)  # cost-sorted sub-batches, each trimmed
     torch.testing.assert_close(u, ref["user"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bank.chunk_scores(u, 0, trainer.num_items), ref["scores"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bank.chunk_scores(u, 0, session.num_items), ref["scores"], rtol=1e-5, atol=1e-5)
 
 
-def test_gathering_models_skip_the_history_lookups_with_the_same_loss_and_gradients(trainer):
-    batch = next(iter(SequenceStream(trainer.info.root, split="train", batch_size=64, max_len=20,
-                                     kjt_groups=trainer.kjt_groups)))
-    assert trainer.head.gathers_rows(trainer.num_items)
+def test_gathering_models_skip_the_history_lookups_with_the_same_loss_and_gradients(session):
+    batch = next(iter(SequenceStream(session.info.root, split="train", batch_size=64, max_len=20,
+                                     kjt_groups=session.kjt_groups)))
+    assert session.head.gathers_rows(session.num_items)
     # The ID table's fused optimizer steps inside backward: both runs start from the same rows.
-    state = trainer.dmp.state_dict()
+    state = session.dmp.state_dict()
     ids = state[next(k for k in state if k.endswith("embeddings.item_id.weight"))]
     ids = ids.local_shards()[0].tensor if hasattr(ids, "local_shards") else ids
     start = ids.detach().clone()
     results = []
-    trainer.dmp.train()
+    session.dmp.train()
     try:
         for rows in (True, False):
             ids.detach().copy_(start)
-            full = add_candidates(batch, trainer.kjt_groups, trainer.all_items, sequence_rows=rows)
-            history = full.sparse[next(iter(trainer.kjt_groups))].to_dict()
+            full = add_candidates(batch, session.kjt_groups, session.all_items, sequence_rows=rows)
+            history = full.sparse[next(iter(session.kjt_groups))].to_dict()
             assert (history[next(k for k in history if k.endswith(".history"))].values().numel() > 0) == rows
-            trainer.dmp.zero_grad(set_to_none=True)
-            loss, _ = trainer.dmp(full)
+            session.dmp.zero_grad(set_to_none=True)
+            loss, _ = session.dmp(full)
             loss.backward()
-            grads = {n: p.grad.clone() for n, p in trainer.dmp.named_parameters() if p.grad is not None}
+            grads = {n: p.grad.clone() for n, p in session.dmp.named_parameters() if p.grad is not None}
             results.append((loss.detach(), grads))
     finally:
-        trainer.dmp.eval()
-        trainer.dmp.zero_grad(set_to_none=True)
+        session.dmp.eval()
+        session.dmp.zero_grad(set_to_none=True)
         ids.detach().copy_(start)
     assert torch.equal(results[0][0], results[1][0])
     assert results[0][1].keys() == results[1][1].keys() and results[0][1]
@@ -231,10 +232,10 @@ def test_folded_single_query_attention_equals_the_projected_one_with_gradients(s
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_projected_centroids_give_the_same_user_vectors_and_gradients(trainer):
-    batch = _padded_batch(trainer)
-    head, core = trainer.head, trainer.head.core
-    bank = ItemBank(trainer, "fp32")
+def test_projected_centroids_give_the_same_user_vectors_and_gradients(session):
+    batch = _padded_batch(session)
+    head, core = session.head, session.head.core
+    bank = ItemBank(session, "fp32")
     safe = batch.history.clamp(min=0)
     results = []
     for project in (False, True):
@@ -257,13 +258,13 @@ def test_projected_centroids_give_the_same_user_vectors_and_gradients(trainer):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_chunks(trainer, masked):
-    ev = trainer.cfg["eval"]
+def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_chunks(session, masked):
+    ev = session.cfg["eval"]
     ev["mask_history"] = masked
     results = {}
     for engine, chunk in [("dmp", 8192), ("catalogue", 8192), ("catalogue", 7)]:
         ev["engine"], ev["chunk_items"] = engine, chunk
-        results[engine, chunk] = trainer.evaluate("valid")
+        results[engine, chunk] = evaluate(session, "valid")
     ev.update(engine="catalogue", chunk_items=8192, mask_history=False)
     assert results["catalogue", 7] == results["catalogue", 8192]  # chunking changes nothing
     ref = results["dmp", 8192]
@@ -277,16 +278,16 @@ def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_
 BF16_ATOL = 0.02
 
 
-def test_bf16_stays_within_the_stated_tolerance_of_fp32(trainer):
-    batch = _padded_batch(trainer)
-    fp32 = ItemBank(trainer, "fp32")
-    bf16 = ItemBank(trainer, "bf16")
+def test_bf16_stays_within_the_stated_tolerance_of_fp32(session):
+    batch = _padded_batch(session)
+    fp32 = ItemBank(session, "fp32")
+    bf16 = ItemBank(session, "bf16")
     u32, u16 = fp32.encode(batch.history), bf16.encode(batch.history)
     assert u16.dtype == torch.float32
     assert not torch.equal(u16, u32)  # autocast really ran in bf16
     torch.testing.assert_close(u16, u32, rtol=0, atol=BF16_ATOL)
     assert float((u16 * u32).sum(-1).min()) > 0.99
-    s32, s16 = fp32.chunk_scores(u32, 0, trainer.num_items), bf16.chunk_scores(u16, 0, trainer.num_items)
+    s32, s16 = fp32.chunk_scores(u32, 0, session.num_items), bf16.chunk_scores(u16, 0, session.num_items)
     torch.testing.assert_close(s16, s32, rtol=0, atol=BF16_ATOL)
 
 
@@ -304,8 +305,8 @@ def test_precision_auto_follows_the_cpu_flags(monkeypatch):
 @pytest.mark.parametrize("layers", [1, 2])
 def test_last_query_only_gives_every_position_s_user_vectors_and_gradients(layers):
     config = replace(CONFIGS[2], n_dec_layers=layers)
-    model = _model(config)
-    batch = _batch(model, _rows(24, config.max_len), config.max_len)
+    model = make_model(config)
+    batch = make_batch(model, make_rows(24, config.max_len), config.max_len)
     model.train()  # dropout 0
 
     def run(last_only):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections import Counter
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from datapipes.batch import history_key, target_key
 from datapipes.schema import DataError, UsersWriter, write_items, write_stats
-from datapipes.sources import prepare, synthetic
+from datapipes.sources import prepare
 from datapipes.stream import SequenceStream, make_loader
 
 torch.set_num_threads(1)
@@ -27,12 +26,8 @@ MAX_LEN = 5  # short, so histories get truncated
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stream") / "syn"
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", type=Path)
-    synthetic.add_arguments(p)
-    args = p.parse_args(["--out", str(out), "--users", "300", "--items", "200", "--topics", "8", "--mean-len", "9",
-                         "--min-len", "3", "--modalities", "", "--rows-per-group", "64", "--seed", "5"])
-    prepare("synthetic", args)
+    prepare("synthetic", out, ["--users", "300", "--items", "200", "--topics", "8", "--mean-len", "9",
+                               "--min-len", "3", "--modalities", "", "--rows-per-group", "64", "--seed", "5"])
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -16,11 +15,7 @@ from datapipes.sources import synthetic
 
 
 def make(out: Path, *flags: str) -> dict:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", type=Path)
-    p.add_argument("--overwrite", action="store_true")
-    synthetic.add_arguments(p)
-    return prepare("synthetic", p.parse_args(["--out", str(out), *flags]))
+    return prepare("synthetic", out, flags)
 
 
 SMALL = ("--users", "300", "--items", "400", "--topics", "8", "--mean-len", "12", "--min-len", "3",
@@ -133,3 +128,16 @@ def test_bad_flags_raise_and_leave_nothing(tmp_path, flags, message):
     with pytest.raises(DataError, match=re.escape(message)):
         make(tmp_path / "bad", *flags)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_api_options_replace_flags_and_bad_input_is_a_data_error(tmp_path):
+    by_flags = make(tmp_path / "flags", *SMALL, "--seed", "3")
+    by_option = prepare("synthetic", tmp_path / "option", SMALL, seed=3)
+    assert by_option == by_flags
+    for a, b in zip(tables(tmp_path / "flags").values(), tables(tmp_path / "option").values()):
+        assert a.equals(b)
+    with pytest.raises(DataError, match="unknown options \\['no_such'\\]"):
+        prepare("synthetic", tmp_path / "x", SMALL, no_such=1)
+    with pytest.raises(DataError, match="missrec prepare synthetic: .*--no-such-flag"):
+        prepare("synthetic", tmp_path / "y", [*SMALL, "--no-such-flag"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flags", "option"]

@@ -87,7 +87,7 @@ class ModelConfig:
 
     @classmethod
     def paper(cls, stage: str = "transductive_ft", **overrides: Any) -> "ModelConfig":
-        """The official code's setting for one of its stages (spec sections 9, 10 and 13).
+        """The official code's setting for one of its stages (docs/model.md sections 9, 10 and 13).
 
         The fine-tuning ratio is 0.5 (the Office transductive runs used 0.3: pass it as an override).
         """

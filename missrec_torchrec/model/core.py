@@ -9,6 +9,8 @@ The encoder and decoder layers are written on `F.scaled_dot_product_attention` r
 the key-padding mask to B*heads x T x S. Here the mask stays B x 1 x 1 x S and SDPA picks its
 kernel. Parameter names and shapes are those of `nn.Transformer` (`encoder.layers.0.self_attn.
 in_proj_weight`, ...), so the reference's `trm_model.*` weights load unchanged (tested).
+
+"Spec section N" below is section N of docs/model.md.
 """
 
 from __future__ import annotations

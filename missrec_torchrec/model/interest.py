@@ -5,6 +5,8 @@ learning rate), but in plain torch and split across ranks: every rank passes onl
 points, the ranks step through their shards in lock-step, and each step's per-cluster sums and
 counts are combined with `all_reduce`, so every rank holds the same centroids and no point is
 assigned twice. Without a process group (or with world size 1) the same code runs locally.
+
+"Spec section N" below is section N of docs/model.md.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from .config import ModelConfig
 
 # Elements of one distance block in `assign`: 2**24 floats = 64 MiB, whatever N and K are.
 ASSIGN_BLOCK_ELEMENTS = 1 << 24
-PAD = -1  # padding in item histories (datapipes.batch.PAD)
 
 
 def num_clusters(ratio: float, n_points: int, cap: Optional[int] = None) -> int:

@@ -3,6 +3,8 @@
 Every loss takes scores BEFORE temperature (what `MISSRecCore.score` returns) and an optional
 per-row `weight` (1 real, 0 for rows padded in so that no rank is empty): the loss is the weighted
 mean, and a zero-weight row is never anyone's negative in the in-batch losses.
+
+"Spec section N" below is section N of docs/model.md.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-PAD = -1  # padding in item histories (datapipes.batch.PAD)
 
 
 def _weighted_mean(per_row: Tensor, weight: Optional[Tensor]) -> Tensor:

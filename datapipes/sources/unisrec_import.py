@@ -1,6 +1,6 @@
-"""The official MISSRec / UniSRec atomic folder: import it, and export a prepared dataset back to it.
+"""The official MISSRec / UniSRec atomic folder as a `missrec prepare` source (`unisrec_export` writes it back).
 
-A downstream folder ``NAME/`` holds (spec: missrec-model.md §11)::
+A downstream folder ``NAME/`` holds (docs/model.md section 11)::
 
     NAME.train.inter  NAME.valid.inter  NAME.test.inter   TSV: user_id, item_id_list, item_id
     NAME.feat1CLS  NAME.feat3CLS  [NAME.feat2CLS]          raw little-endian float32, N x 512
@@ -29,20 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from datapipes.schema import (
-    DEFAULT_USERS_PER_ROW_GROUP,
-    ITEMS_FILE,
-    USERS_FILE,
-    DataError,
-    DatasetInfo,
-    FeatureWriter,
-    UsersWriter,
-    atomic_dir,
-    feature_path,
-    write_items,
-)
+from datapipes.schema import DEFAULT_USERS_PER_ROW_GROUP, ITEMS_FILE, USERS_FILE, DataError, FeatureWriter, UsersWriter, feature_path, write_items
 from datapipes.sequences import encode_keys
 from datapipes.sources.interactions import physical_lines
 
@@ -205,7 +193,7 @@ class TokenParser:
 
 
 @dataclass
-class Rows:
+class InterRows:
     """Parsed .inter rows: user keys, histories as (offsets, item indices), targets."""
 
     path: Path
@@ -246,7 +234,7 @@ def iter_inter(path: Path) -> Iterator[Tuple[int, pa.RecordBatch]]:
         raise DataError(f"{path}: {physical_lines(e)}") from None
 
 
-def parse_rows(path: Path, first_line: int, batch: pa.RecordBatch, tokens: TokenParser) -> Rows:
+def parse_rows(path: Path, first_line: int, batch: pa.RecordBatch, tokens: TokenParser) -> InterRows:
     users, history, target = (batch.column(i) for i in range(3))
     for column, what in ((users, "user id"), (history, "history (item_id_list)"), (target, "target item")):
         empty = pc.equal(column, "").to_numpy(zero_copy_only=False)
@@ -263,10 +251,10 @@ def parse_rows(path: Path, first_line: int, batch: pa.RecordBatch, tokens: Token
         targets = tokens(target)
     except BadToken as bad:
         raise DataError(f"{path}: line {first_line + bad.position}: target {bad.reason}") from None
-    return Rows(path, first_line, users, offsets - offsets[0], items, targets)
+    return InterRows(path, first_line, users, offsets - offsets[0], items, targets)
 
 
-def read_split(path: Path, tokens: TokenParser) -> Rows:
+def read_split(path: Path, tokens: TokenParser) -> InterRows:
     """A whole valid/test file (one row per user), with duplicate users rejected."""
     batches = [b for _, b in iter_inter(path)]
     table = pa.Table.from_batches(batches, schema=pa.schema([(h, pa.string()) for h in HEADER])).combine_chunks()
@@ -282,7 +270,7 @@ def read_split(path: Path, tokens: TokenParser) -> Rows:
     return rows
 
 
-def user_positions(rows: Rows, users: pa.Array, other: Path) -> np.ndarray:
+def user_positions(rows: InterRows, users: pa.Array, other: Path) -> np.ndarray:
     """Index of each row's user in `users` (the valid file's users); error if absent."""
     pos = pc.index_in(rows.users, value_set=users)
     if pos.null_count:
@@ -291,7 +279,7 @@ def user_positions(rows: Rows, users: pa.Array, other: Path) -> np.ndarray:
     return pos.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def check_windows(rows: Rows, seq_start: np.ndarray, k: np.ndarray, sequences: np.ndarray) -> None:
+def check_windows(rows: InterRows, seq_start: np.ndarray, k: np.ndarray, sequences: np.ndarray) -> None:
     """Row r's history must be the last <= 50 of its user's first k[r] items."""
     want = np.minimum(k, HISTORY_WINDOW)
     wrong_length = rows.lengths != want
@@ -317,7 +305,7 @@ def check_windows(rows: Rows, seq_start: np.ndarray, k: np.ndarray, sequences: n
 # Import
 
 
-def rebuild_sequences(layout: Layout, tokens: TokenParser, valid: Rows, test: Rows):
+def rebuild_sequences(layout: Layout, tokens: TokenParser, valid: InterRows, test: InterRows):
     """Full item sequences of the valid file's users: (offsets, flat items, train rows per user)."""
     train_path = layout.inter("train")
     n_users = len(valid)
@@ -437,122 +425,3 @@ def run(args: argparse.Namespace, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Export
-
-
-def write_atomic(dataset_dir: Path | str, out_folder: Path | str, name: str, *, pretrain: Optional[bool] = None,
-                 overwrite: bool = False) -> Path:
-    """Write a prepared leave-one-out dataset as an atomic folder `out_folder` (files NAME.*).
-
-    Train rows follow UniSRec's order (per user, longest prefix first); users keep their order.
-    `pretrain` (default: for multi-domain datasets and those imported from a pre-training folder) writes "<domainIdx>-<id>" item tokens, NAME.pt_datasets and per-domain feature files.
-    Modalities text, image and text_aug become .feat1CLS, .feat3CLS and .feat2CLS (float32).
-    """
-    info = DatasetInfo.open(dataset_dir)
-    domains = list(info.stats["domains"])
-    if pretrain is None:
-        pretrain = (
-            len(domains) > 1
-            or info.stats.get("source") == "multi-domain"
-            or info.stats.get("atomic", {}).get("layout") == "pretrain"
-        )
-    tokens, domain_offsets = _item_tokens(info, domains, pretrain)
-    with atomic_dir(Path(out_folder), overwrite=overwrite, inputs=[info.root]) as tmp:
-        _write_inter_files(info, tokens, tmp, name)
-        for modality, suffix in MODALITY_SUFFIX.items():
-            if modality in info.modalities:
-                stems = domains if pretrain else [name]
-                _write_feature_files(info, modality, [tmp / f"{s}.{suffix}" for s in stems], domain_offsets)
-        if pretrain:
-            (tmp / f"{name}.pt_datasets").write_text(",".join(domains) + "\n")
-    return Path(out_folder)
-
-
-def _item_tokens(info: DatasetInfo, domains: List[str], pretrain: bool) -> Tuple[pa.Array, np.ndarray]:
-    n = info.num_items
-    if not pretrain:
-        return pc.cast(pa.array(np.arange(n)), pa.string()), np.array([0, n])
-    item_domain = pc.index_in(pq.read_table(info.items_path, columns=["domain"])["domain"], value_set=pa.array(domains))
-    if item_domain.null_count:
-        raise DataError(f"{info.items_path}: an item's domain is not in stats.json domains {domains}")
-    item_domain = item_domain.to_numpy().astype(np.int64)
-    if (np.diff(item_domain) < 0).any():
-        raise DataError(f"{info.items_path}: items are not grouped by domain in stats.json order {domains}")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(item_domain, minlength=len(domains)))])
-    local = np.arange(n) - offsets[item_domain]
-    tokens = pc.binary_join_element_wise(
-        pc.cast(pa.array(item_domain), pa.string()), pc.cast(pa.array(local), pa.string()), "-"
-    )
-    return tokens, offsets
-
-
-def _windows(tokens: pa.Array, values: np.ndarray, seq_start: np.ndarray, k: np.ndarray) -> pa.Array:
-    """For each row, the space-joined tokens of the last <= 50 items before position k."""
-    size = np.minimum(k, HISTORY_WINDOW)
-    offsets = np.concatenate([[0], np.cumsum(size)])
-    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], size)
-    flat = tokens.take(pa.array(values[np.repeat(seq_start + k - size, size) + within]))
-    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int64)).cast(pa.int32()), flat), " ")
-
-
-def _write_inter_files(info: DatasetInfo, tokens: pa.Array, folder: Path, name: str) -> None:
-    schema = pa.schema([(h, pa.string()) for h in HEADER])
-    # pyarrow quotes header names, the reference does not: write the header line ourselves.
-    options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    sinks, writers = {}, {}
-    for split in ("train", "valid", "test"):
-        sinks[split] = open(folder / f"{name}.{split}.inter", "wb")
-        sinks[split].write(("\t".join(HEADER) + "\n").encode())
-        writers[split] = pacsv.CSVWriter(sinks[split], schema, write_options=options)
-    try:
-        users = pq.ParquetFile(info.users_path)
-        for group in range(users.num_row_groups):
-            table = users.read_row_group(group, columns=["user_key", "items", "train_end", "valid_end"])
-            keys = table["user_key"].combine_chunks()
-            lists = table["items"].combine_chunks()
-            offsets = np.asarray(lists.offsets, dtype=np.int64)
-            values = lists.values.to_numpy()[offsets[0] : offsets[-1]]
-            start, n = offsets[:-1] - offsets[0], np.diff(offsets)
-            train_end = table["train_end"].to_numpy().astype(np.int64)
-            valid_end = table["valid_end"].to_numpy().astype(np.int64)
-            not_loo = (valid_end != train_end + 1) | (n != valid_end + 1) | (train_end < 1)
-            if not_loo.any():
-                raise DataError(f"{info.users_path}: user {keys[int(np.argmax(not_loo))]}: the atomic format needs "
-                                "leave-one-out splits (train_end = n - 2 >= 1, valid_end = n - 1)")
-            spaced = pc.match_substring_regex(keys, r"\s").to_numpy(zero_copy_only=False)
-            if spaced.any():
-                raise DataError(f"{info.users_path}: user key {keys[int(np.argmax(spaced))]} contains whitespace")
-            # UniSRec order: per user, targets train_end-1, ..., 1 (longest prefix first).
-            per_user = train_end - 1
-            row_user = np.repeat(np.arange(len(n)), per_user)
-            rank = np.arange(len(row_user)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
-            k = train_end[row_user] - 1 - rank
-            for split, u, pos in (
-                ("train", row_user, k),
-                ("valid", np.arange(len(n)), train_end),
-                ("test", np.arange(len(n)), valid_end),
-            ):
-                target = tokens.take(pa.array(values[start[u] + pos]))
-                history = _windows(tokens, values, start[u], pos)
-                writers[split].write_table(pa.table([keys.take(pa.array(u)), history, target], schema=schema))
-    finally:
-        for split in writers:
-            writers[split].close()
-            sinks[split].close()
-
-
-def _write_feature_files(info: DatasetInfo, modality: str, paths: List[Path], domain_offsets: np.ndarray) -> None:
-    """Rows of features/<modality>.parquet (checked) as raw float32, split at domain_offsets into `paths`."""
-    files = [open(p, "wb") for p in paths]
-    try:
-        row = 0
-        for matrix in info.iter_features(modality, FEATURE_CHUNK_ROWS):
-            matrix = matrix.astype("<f4")
-            for d, f in enumerate(files):
-                lo = max(domain_offsets[d], row) - row
-                hi = min(domain_offsets[d + 1], row + len(matrix)) - row
-                if hi > lo:
-                    f.write(matrix[lo:hi].tobytes())
-            row += len(matrix)
-    finally:
-        for f in files:
-            f.close()

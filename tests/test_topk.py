@@ -1,0 +1,47 @@
+"""Pure-torch checks of the top-K pieces that scoring builds on (no model, no files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from missrec_torchrec.topk import RunningTopK, Seen, recall
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 50])
+def test_running_topk_over_chunks_equals_one_topk(chunk):
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(5, 50, generator=gen)
+    scores[:, 10] = scores[:, 40] = 2.0  # a tie inside the top k: the smaller item comes first
+    top = RunningTopK(5, 8, torch.device("cpu"))
+    for lo in range(0, 50, chunk):
+        hi = min(50, lo + chunk)
+        top.add(scores[:, lo:hi], torch.arange(lo, hi))
+    got_scores, got_items = top.result()
+    for row in range(5):
+        # Descending score, then ascending item among equal scores.
+        expect = sorted(range(50), key=lambda i: (-float(scores[row, i]), i))[:8]
+        assert got_items[row].tolist() == expect
+        assert got_scores[row].tolist() == [float(scores[row, i]) for i in expect]
+
+
+def test_running_topk_with_fewer_items_than_k_pads_with_item_minus_one():
+    top = RunningTopK(2, 4, torch.device("cpu"))
+    top.add(torch.tensor([[0.5, float("-inf")], [0.1, 0.2]]), torch.tensor([7, 9]))
+    scores, items = top.result()
+    assert items.tolist() == [[7, -1], [9, 7]]
+    assert scores[0, 1] == float("-inf")
+
+
+def test_seen_masks_only_its_rows_items_inside_the_chunk():
+    seen = Seen(torch.tensor([0, 0, 1]), torch.tensor([2, 5, 3]))
+    scores = seen.mask(torch.zeros(2, 4), lo=2, hi=6)  # items 2..5
+    assert torch.isinf(scores).nonzero().tolist() == [[0, 0], [0, 3], [1, 1]]
+    sub = seen.subset(torch.tensor([1]), rows=2)  # keep row 1 only, renumbered 0
+    assert sub.rows.tolist() == [0] and sub.items.tolist() == [3]
+
+
+def test_recall_counts_valid_entries_and_is_nan_without_exact_items():
+    r = recall(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[3, 9, -1], [-1, -1, -1]]))
+    assert r[0] == 0.5 and np.isnan(r[1])
