@@ -301,6 +301,14 @@ def _export_items(args) -> None:
     export_items(args.checkpoint, args.out, args.overwrite, args.overrides)
 
 
+def _add_baselines(sub) -> None:
+    from missrec_torchrec import baselines  # its flags and code live there
+
+    p = sub.add_parser("baselines", help=baselines.HELP, description=baselines.__doc__.split("\n\n")[0])
+    baselines.add_arguments(p)
+    p.set_defaults(run=baselines.run)
+
+
 def _add_plot(sub) -> None:
     p = sub.add_parser(
         "plot",
@@ -367,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_items(sub)
     _add_plot(sub)
     _add_summarize(sub)
+    _add_baselines(sub)
     return parser
 
 

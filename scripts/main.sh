@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The README's main job: set up (idempotent), then prepare MovieLens-100K with MiniLM text features
-# (skipped when already there), train MISSRec a few epochs, and evaluate the best checkpoint on test.
+# (skipped when already there), train MISSRec, evaluate the best checkpoint on test, and print the
+# model's test row next to the popularity / Markov / item-kNN baselines of the same protocol.
 # Extra arguments are config overrides, e.g. `bash scripts/main.sh train.epochs=1`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/missrec train --config ml100k "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+.venv/bin/missrec train --config ml100k-transductive "$@" | tee "$log"
+run=$(sed -n 's/^run folder //p' "$log" | head -n 1)
 .venv/bin/missrec inspect data/ml-100k --rows 0
+.venv/bin/missrec baselines --split test --run "$run" --label "MISSRec (ml100k-transductive)" ml100k-transductive "$@"

@@ -192,6 +192,14 @@ CASES = [
     ("summarize: unfinished run", lambda w: ["summarize", w.root / "nope"], ["nope: no results.json"]),
     ("summarize: unknown metric", lambda w: ["summarize", w.run, "--metric", "hr@200"],
      ["results.json has no test hr@200"]),
+    # -- baselines
+    ("baselines: not a dataset", lambda w: ["baselines", w.notds], ["notds/stats.json: not valid JSON"]),
+    ("baselines: unknown preset", lambda w: ["baselines", "nope"], ["config 'nope' not found"]),
+    ("baselines: unknown kNN modality", lambda w: ["baselines", "--knn-modality", "audio", w.ds],
+     ["no 'audio' feature table for item-kNN"]),
+    ("baselines: --knn-last 0", lambda w: ["baselines", "--knn-last", "0", w.ds], ["--knn-last 0 is not >= 1"]),
+    ("baselines: a run of another protocol", lambda w: ["baselines", "--run", w.run, w.ds, "eval.mask_history=true"],
+     ["run: evaluated with"]),
     # -- no command
     ("no command", lambda w: [], ["required: COMMAND"]),
 ]

@@ -22,7 +22,7 @@ NUM_ITEMS = 40
 SMALL = ModelConfig(hidden=16, heads=2, ffn=24, max_len=10, dropout=0.0, interest_ratio=0.2)
 
 
-def _seeded_interests(head: MISSRecHead, seed: int = 0) -> None:
+def seed_interests(head: MISSRecHead, seed: int = 0) -> None:
     """Random centroids and item->cluster tables, some items missing their image."""
     g = torch.Generator().manual_seed(seed)
     head.centroids.copy_(torch.randn(head.centroids.shape, generator=g))
@@ -37,7 +37,7 @@ def _seeded_interests(head: MISSRecHead, seed: int = 0) -> None:
 def make_model(config: ModelConfig, dims=DIMS, loss: str = "full_softmax") -> MISSRecModel:
     torch.manual_seed(0)
     model = MISSRecModel(config, dims, NUM_ITEMS, loss=loss, table_device=torch.device("cpu"))
-    _seeded_interests(model.head)
+    seed_interests(model.head)
     return model
 
 
@@ -138,7 +138,7 @@ def test_bucketed_stream_resumes_mid_epoch(synthetic_mm):
 def _causal_head(config, dims=DIMS):
     torch.manual_seed(0)
     head = MISSRecHead(config, dims, NUM_ITEMS)
-    _seeded_interests(head)
+    seed_interests(head)
     return head.eval()
 
 

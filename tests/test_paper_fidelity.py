@@ -96,12 +96,11 @@ def paper_trainer(synthetic_mm, tmp_path_factory):
 
 def test_paper_id_table_starts_as_the_reference_and_trains_by_dense_adam(paper_trainer):
     from missrec_torchrec import distributed as mdist
-    from missrec_torchrec.catalogue import ec_of
     from missrec_torchrec.recommender import ID_TABLE, candidates_key
 
     tr = paper_trainer
     table = tr.head.id_table.weight
-    n = tr.num_items
+    n = tr.session.num_items
     assert table.shape == (n + 1, tr.model_cfg.hidden)
     rows = table[:n].detach()
     assert abs(rows.mean().item()) < 0.002 and rows.std().item() == pytest.approx(0.02, rel=0.05)
@@ -125,8 +124,9 @@ def test_paper_id_table_starts_as_the_reference_and_trains_by_dense_adam(paper_t
     assert moved.max().item() == pytest.approx(1e-3, rel=0.02)
     assert torch.equal(table[n].detach(), torch.zeros_like(table[n]))
     # Evaluation reads the sharded mirror: publishing copies the dense rows there.
-    tr.publish_ids()
-    mirror = mdist.lookup_rows(ec_of(tr, ID_TABLE), candidates_key(ID_TABLE), tr.all_items, pg=tr.pg)
+    tr.session.publish_ids()
+    items = tr.session.all_items
+    mirror = mdist.lookup_rows(tr.session.collection(ID_TABLE), candidates_key(ID_TABLE), items, pg=tr.pg)
     assert torch.equal(mirror, after)
 
 
@@ -147,21 +147,21 @@ def test_sampled_softmax_uses_in_batch_and_uniform_negatives_with_their_own_log_
     from dataclasses import replace
 
     from missrec_torchrec.recommender import MISSRecModel
-    from test_fast_modes import DIMS, NUM_ITEMS, SMALL, _batch, _rows, _seeded_interests
+    from test_fast_modes import DIMS, NUM_ITEMS, SMALL, make_batch, make_rows, seed_interests
 
     config = replace(SMALL, use_id=True)
     torch.manual_seed(0)
     model = MISSRecModel(config, DIMS, NUM_ITEMS, loss="sampled_softmax", table_device=torch.device("cpu"),
                          mixed_negatives=True)
-    _seeded_interests(model.head)
+    seed_interests(model.head)
     share = torch.rand(NUM_ITEMS, generator=torch.Generator().manual_seed(1)) + 0.1
     model.head.target_logq.copy_((share / share.sum()).log())
-    values, lengths, target, user = _rows(8, config.max_len, seed=3)
+    values, lengths, target, user = make_rows(8, config.max_len, seed=3)
     target[1] = target[0]  # a shared target: those two rows are not each other's negatives
     cands = torch.randperm(NUM_ITEMS, generator=torch.Generator().manual_seed(2))[:12]
-    _, out = model.train()(_batch(model, (values, lengths, target, user), config.max_len, cands))
+    _, out = model.train()(make_batch(model, (values, lengths, target, user), config.max_len, cands))
     with torch.no_grad():
-        _, ev = model.eval()(_batch(model, (values, lengths, target, user), config.max_len))
+        _, ev = model.eval()(make_batch(model, (values, lengths, target, user), config.max_len))
     scores, tgt = ev["scores"], torch.from_numpy(target)
     pos = scores[torch.arange(len(tgt)), tgt]
     expected = losses.mixed_negative_softmax(
