@@ -238,7 +238,7 @@ class MISSRecHead(nn.Module):
                 out["loss"] = loss
                 return loss, out
             tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
-            main = self._finetune_main(u, scores, batch.candidates, batch.target, tgt_adapted, tgt_id, batch.weight)
+            main = self.finetune_loss(u, scores, batch.candidates, batch.target, tgt_adapted, tgt_id, batch.weight)
             loss = main + cfg.gamma * reg
             out.update(loss=loss.detach(), main=main.detach(), reg=reg.detach())
             return loss, out
@@ -284,7 +284,7 @@ class MISSRecHead(nn.Module):
         tgt_id = ids[target_key(ID_TABLE)].values() if self.config.use_id else None
         return self.core.adapt(tgt_raw), tgt_id
 
-    def _finetune_main(self, u, scores, cands, target, tgt_adapted, tgt_id, weight) -> torch.Tensor:
+    def finetune_loss(self, u, scores, cands, target, tgt_adapted, tgt_id, weight) -> torch.Tensor:
         """Full softmax over the catalogue, or sampled softmax against the candidates (rows of u)."""
         cfg = self.config
         if self.restrict_softmax:
@@ -340,7 +340,7 @@ class MISSRecHead(nn.Module):
         if tgt_adapted is not None:
             tgt_adapted = {m: _next_items(adapted[m].float(), v.float(), last)[valid] for m, v in tgt_adapted.items()}
             tgt_id = _next_items(hist_id, tgt_id, last)[valid] if tgt_id is not None else None
-        main = self._finetune_main(u, scores, batch.candidates, target, tgt_adapted, tgt_id, weight)
+        main = self.finetune_loss(u, scores, batch.candidates, target, tgt_adapted, tgt_id, weight)
         reg = self.core.regulariser(memory, memory_mask)
         loss = main + self.config.gamma * reg
         out = {"user": y[torch.arange(y.shape[0], device=y.device), last]}

@@ -277,13 +277,13 @@ def test_softmax_over_training_items_ignores_the_rest():
     head.restrict_softmax = True
     scores = (0.05 * torch.randn(4, NUM_ITEMS, generator=torch.Generator().manual_seed(0))).requires_grad_()
     target = torch.tensor([0, 7, 29, 3])
-    loss = head._finetune_main(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4))
+    loss = head.finetune_loss(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4))
     expected = torch.nn.functional.cross_entropy(scores[:, :30].detach() / SMALL.temperature, target)
     torch.testing.assert_close(loss.detach(), expected)
     loss.backward()
     assert scores.grad[:, 30:].abs().sum() == 0 and scores.grad[:, :30].abs().sum() > 0
     head.restrict_softmax = False  # the default: the whole catalogue
-    everything = head._finetune_main(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4))
+    everything = head.finetune_loss(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4))
     assert everything > loss
 
 
