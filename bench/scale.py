@@ -52,10 +52,9 @@ def setup_path() -> None:
 def model_config(cap: Optional[int], loss: str):
     setup_path()
     from missrec_torchrec.config import load_config
-    from missrec_torchrec.model.config import ModelConfig
 
     cfg = load_config("paper", [f"model.interest_cap={'null' if cap is None else cap}", f"train.loss={loss}"])
-    return ModelConfig.from_dict(cfg["model"])
+    return cfg.model
 
 
 def build(n: int, cap: Optional[int], loss: str, table_device: str = "meta"):

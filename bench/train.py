@@ -154,15 +154,15 @@ def measure(overrides: List[str], warmup: int, steps: int, seconds: float, max_s
     progress = {"step": 0, "skip_batches": 0}
     # The stream reads the step cap from the live config each epoch, so one Trainer does both epochs
     # and the measured one starts with a warm allocator and autocast cache.
-    cfg["train"]["max_steps_per_epoch"] = warmup
+    cfg.train.max_steps_per_epoch = warmup
     warm = trainer.train_epoch(0, progress)
-    cfg["train"]["max_steps_per_epoch"] = measured_steps(trainer, warm, steps, seconds, max_steps)
+    cfg.train.max_steps_per_epoch = measured_steps(trainer, warm, steps, seconds, max_steps)
     stats = trainer.train_epoch(1, progress)
     stats.update(world=trainer.world, precision=trainer.precision)
     if trainer.world == 1:
         trainer.evaluate("valid")  # warm-up: first-call allocations and weight casts, not measured
         for masked in (False, True):
-            cfg["eval"]["mask_history"] = masked
+            cfg.eval.mask_history = masked
             rates = []
             # A pass takes well under a second when fast: the median of several is the figure.
             for _ in range(eval_passes):

@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from datapipes.schema import STATS_FILE, DataError
+from missrec_torchrec.config import Config, load_config
 
 HELP = "popularity, first-order Markov and item-kNN rows under the evaluation protocol"
 NAMES = ("popularity", "markov", "knn")
@@ -111,17 +112,17 @@ def scores(name: str, fit: Fitted, history: np.ndarray, lengths: np.ndarray) -> 
     return (fit.features @ mean.T).T.astype(np.float64)
 
 
-def evaluate(cfg: Dict, fit: Fitted, split: str, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
+def evaluate(cfg: Config, fit: Fitted, split: str, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """Each baseline's metrics over one split, batch by batch through the trainer's metric code."""
     import torch
 
     from datapipes.stream import SequenceStream
     from missrec_torchrec.metrics import RankingMetrics
 
-    mask = cfg["eval"]["mask_history"]
-    stream = SequenceStream(cfg["data"]["dataset"], split, batch_size=cfg["data"]["eval_batch_size"],
-                            max_len=cfg["model"]["max_len"], with_seen=mask)
-    metrics = {n: RankingMetrics(cfg["eval"]["ks"]) for n in names}
+    mask = cfg.eval.mask_history
+    stream = SequenceStream(cfg.data.dataset, split, batch_size=cfg.data.eval_batch_size,
+                            max_len=cfg.model.max_len, with_seen=mask)
+    metrics = {n: RankingMetrics(cfg.eval.ks) for n in names}
     for batch in stream:
         exclude = (batch.seen_offsets, batch.seen_values) if mask else (None, None)
         history, lengths = batch.history.numpy(), batch.lengths.numpy()
@@ -131,20 +132,18 @@ def evaluate(cfg: Dict, fit: Fitted, split: str, names: Sequence[str]) -> Dict[s
     return {n: m.compute() for n, m in metrics.items()}
 
 
-def load_protocol(target: str, overrides: List[str]) -> Dict:
+def load_protocol(target: str, overrides: List[str]) -> Config:
     """The config of a preset / YAML path, or of a prepared dataset folder (defaults + its path)."""
-    from missrec_torchrec.config import load_config
-
     if (Path(target) / STATS_FILE).is_file():
         return load_config(None, [f"data.dataset={target}", *overrides])
     return load_config(target, overrides)
 
 
-def knn_modality(cfg: Dict, info, given: Optional[str]) -> Optional[str]:
+def knn_modality(cfg: Config, info, given: Optional[str]) -> Optional[str]:
     """--knn-modality, else the config's first modality the dataset has, else the dataset's first."""
     if given is not None:
         return given
-    have = [m for m in cfg["data"]["modalities"] if m in info.modalities] or list(info.modalities)
+    have = [m for m in cfg.data.modalities if m in info.modalities] or list(info.modalities)
     return have[0] if have else None
 
 
@@ -163,7 +162,7 @@ def run_rows(runs: Sequence[Path], split: str, metric_names: Sequence[str]) -> L
     return rows
 
 
-def check_run_protocol(run: Path, cfg: Dict) -> None:
+def check_run_protocol(run: Path, cfg: Config) -> None:
     """Refuse a run evaluated on another dataset, history cap or masking than the baselines."""
     import yaml
 
@@ -172,7 +171,7 @@ def check_run_protocol(run: Path, cfg: Dict) -> None:
         raise DataError(f"{run}: no config.yaml (not a run folder)")
     theirs = yaml.safe_load(path.read_text())
     for section, key in (("data", "dataset"), ("model", "max_len"), ("eval", "mask_history")):
-        a, b = theirs[section][key], cfg[section][key]
+        a, b = theirs[section][key], getattr(getattr(cfg, section), key)
         same = Path(a).resolve() == Path(b).resolve() if key == "dataset" else a == b
         if not same:
             raise DataError(f"{run}: evaluated with {section}.{key}={a}, the baselines with {b}")
@@ -201,20 +200,20 @@ def run(args: argparse.Namespace) -> None:
     if args.knn_last < 1:
         raise DataError(f"--knn-last {args.knn_last} is not >= 1")
     cfg = load_protocol(args.target, args.overrides)
-    info = DatasetInfo.open(cfg["data"]["dataset"])
+    info = DatasetInfo.open(cfg.data.dataset)
     for r in args.runs:
         check_run_protocol(r, cfg)
     modality = knn_modality(cfg, info, args.knn_modality)
     features = normalised_features(info, modality)
     names = [n for n in NAMES if n != "knn" or modality is not None]
-    popularity, transitions = count(info.root, info.num_items, cfg["data"]["eval_batch_size"])
+    popularity, transitions = count(info.root, info.num_items, cfg.data.eval_batch_size)
     fit = Fitted(popularity, transitions, features, args.knn_last)
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     results = {s: evaluate(cfg, fit, s, names) for s in splits}
-    ks = cfg["eval"]["ks"]
+    ks = cfg.eval.ks
     print(f"baselines on {info.root}: {info.num_users:,} users, {info.num_items:,} items, full ranking, "
-          f"histories of the last {cfg['model']['max_len']} items, history "
-          f"{'masked' if cfg['eval']['mask_history'] else 'not masked'}; counts from the training parts; "
+          f"histories of the last {cfg.model.max_len} items, history "
+          f"{'masked' if cfg.eval.mask_history else 'not masked'}; counts from the training parts; "
           + (f"knn: {modality} features, mean of the last {args.knn_last} items" if modality else "knn: no features"))
     metric_names = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")] + ["mrr"]
     print(table(results, args.runs, args.label, metric_names))

@@ -176,8 +176,8 @@ def _train(args) -> None:
     if args.resume:
         overrides.append("checkpoint.resume=true")
     cfg = load_config(args.config, overrides)
-    cfg["checkpoint"]["allow_change"] += [k.strip() for given in args.allow_change for k in given.split(",") if k.strip()]
-    if args.resume and not cfg["checkpoint"]["run_dir"]:
+    cfg.checkpoint.allow_change += [k.strip() for given in args.allow_change for k in given.split(",") if k.strip()]
+    if args.resume and not cfg.checkpoint.run_dir:
         raise ConfigError("--resume needs checkpoint.run_dir=DIR (the run folder to continue)")
     if args.dry_run:
         trainer.dry_run(cfg, args.world_size)
@@ -196,11 +196,11 @@ def _announce_run_dir(cfg) -> None:
     from missrec_torchrec.trainer import run_name
 
     init_distributed()  # the trainer joins the same process group
-    c = cfg["checkpoint"]
-    if not c["run_dir"]:
-        c["run_dir"] = broadcast(str(Path(cfg["experiment"]["out_dir"]) / run_name(cfg)))
-    check_writable(c["run_dir"], c["run_dir"])
-    log0(f"run folder {c['run_dir']}")
+    c = cfg.checkpoint
+    if not c.run_dir:
+        c.run_dir = broadcast(str(Path(cfg.experiment.out_dir) / run_name(cfg)))
+    check_writable(c.run_dir, c.run_dir)
+    log0(f"run folder {c.run_dir}")
 
 
 def _check_features(cfg) -> None:
@@ -209,11 +209,11 @@ def _check_features(cfg) -> None:
     from datapipes.schema import STATS_FILE, DatasetInfo
     from missrec_torchrec.recommender import AUG_TABLE
 
-    root = Path(cfg["data"]["dataset"])
+    root = Path(cfg.data.dataset)
     if not (root / STATS_FILE).is_file():
         return
     info = DatasetInfo.open(root)
-    used = [*cfg["data"]["modalities"], *([AUG_TABLE] if cfg["train"]["mode"] == "pretrain" else [])]
+    used = [*cfg.data.modalities, *([AUG_TABLE] if cfg.train.mode == "pretrain" else [])]
     for name in used:
         if name in info.modalities:
             info.check_features(name)

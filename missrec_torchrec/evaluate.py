@@ -8,25 +8,25 @@ sharded model's forward with the whole catalogue as candidates.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
 from datapipes.batch import add_candidates
-from missrec_torchrec.config import for_inference
+from missrec_torchrec.config import EvalConfig
 from missrec_torchrec.metrics import RankingMetrics, target_ranks
 from missrec_torchrec.session import Session, load_run, log0, open_session, resolve
 
 
-def ranked(session: Session, split: str, ev: Dict[str, Any]) -> Iterator:
+def ranked(session: Session, split: str, ev: EvalConfig) -> Iterator:
     """(batch, target ranks) over a split's users (see module doc for the engines)."""
     stream = session.stream(split)
-    bank = session.item_bank() if ev["engine"] == "catalogue" else None
+    bank = session.item_bank() if ev.engine == "catalogue" else None
     for batch in stream:
         batch = batch.to(session.device)
-        exclude = (batch.seen_offsets, batch.seen_values) if ev["mask_history"] else (None, None)
+        exclude = (batch.seen_offsets, batch.seen_values) if ev.mask_history else (None, None)
         if bank is not None:
-            yield batch, bank.ranks(bank.encode(batch.history), batch.target, ev["chunk_items"], *exclude)
+            yield batch, bank.ranks(bank.encode(batch.history), batch.target, ev.chunk_items, *exclude)
         else:
             rows = not session.head.gathers_rows(session.num_items)
             full = add_candidates(batch, session.kjt_groups, session.all_items, sequence_rows=rows)
@@ -39,11 +39,11 @@ def evaluate(session: Session, split: str) -> Dict[str, float]:
     """HR/NDCG/MRR over `split` (eval.* settings); with eval.cold_start also cold/* over the targets
     that no training sequence contains."""
     session.publish_ids()
-    ev = session.cfg["eval"]
-    groups = {"": RankingMetrics(ks=ev["ks"])}
-    if ev["cold_start"]:
+    ev = session.cfg.eval
+    groups = {"": RankingMetrics(ks=ev.ks)}
+    if ev.cold_start:
         warm = session.training_items()
-        groups["cold/"] = RankingMetrics(ks=ev["ks"])
+        groups["cold/"] = RankingMetrics(ks=ev.ks)
     session.dmp.eval()
     for batch, ranks in ranked(session, split, ev):
         for prefix, metrics in groups.items():
@@ -58,7 +58,7 @@ def evaluate(session: Session, split: str) -> Dict[str, float]:
 def evaluate_checkpoint(checkpoint: Path, split: str = "test", overrides: Optional[List[str]] = None) -> Dict[str, float]:
     """Evaluate a saved checkpoint (a `step_N` folder or a run's `checkpoints/` folder) on `split`."""
     step_dir, cfg = load_run(resolve(checkpoint), overrides)
-    session = open_session(for_inference(cfg), step_dir)
+    session = open_session(cfg.for_inference(), step_dir)
     result = evaluate(session, split)
     log0(f"{split} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())))
     return result

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from datapipes.io import staged_dir
 from datapipes.schema import DataError
 from missrec_torchrec.catalogue import item_tables, item_vector_chunks
-from missrec_torchrec.config import dump_config, for_inference
+from missrec_torchrec.config import dump_config
 from missrec_torchrec.model import fusion
 from missrec_torchrec.score_parts import Keys
 from missrec_torchrec.session import load_run, log0, open_session, process_rank
@@ -74,9 +74,9 @@ def export_items(checkpoint: Path | str, out: Path | str, overwrite: bool = Fals
     if out.exists() and not overwrite:
         raise DataError(f"{out}: output folder exists (pass --overwrite to replace it)")
     # Only rank 0 writes; the others take part in the collective lookups.
-    inputs = [step_dir, Path(cfg["data"]["dataset"])]
+    inputs = [step_dir, Path(cfg.data.dataset)]
     with staged_dir(out, overwrite=True, inputs=inputs) if process_rank() == 0 else nullcontext(None) as tmp:
-        cfg = for_inference(cfg, tmp)
+        cfg = cfg.for_inference(tmp)
         session = open_session(cfg, step_dir)
         if session.rank == 0:  # serving reads the model settings next to the vectors
             (tmp / "config.yaml").write_text(dump_config(cfg))

@@ -77,7 +77,7 @@ class InterestState:
             raw = lookup_rows(s.collection(m), candidates_key(m), ids, pg=s.pg)
             points[m] = core.adapt({m: raw})[m].float()
             present[m] = presence[m][lo:hi]
-        gen = torch.Generator().manual_seed(s.cfg["experiment"]["seed"] + 1_000_003 * epoch + position)
+        gen = torch.Generator().manual_seed(s.cfg.experiment.seed + 1_000_003 * epoch + position)
         table, local = discover_interests(points, s.model_cfg, present, generator=gen, group=s.pg, k=head.num_clusters)
         self.set(table, {m: gather_slices(a, s.world, s.num_items, s.pg) for m, a in local.items()})
         core.train(was_training)

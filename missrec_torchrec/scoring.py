@@ -31,7 +31,7 @@ from datapipes.batch import SeqBatch
 from datapipes.io import check_writable
 from datapipes.schema import DataError
 from missrec_torchrec.catalogue import ItemBank
-from missrec_torchrec.config import ConfigError, for_inference
+from missrec_torchrec.config import ConfigError
 from missrec_torchrec.distributed import all_reduce_scalar
 from missrec_torchrec.score_parts import Keys, RankParts, merge_parts, rank_folder, score_table
 from missrec_torchrec.session import load_run, log0, open_session, process_rank
@@ -151,7 +151,7 @@ def _run_batches(session, stream, parts: RankParts, scorer: BatchScorer, opts: S
     if start:
         stream.load_state_dict({"epoch": stream.epoch, "batches": start})
     bar = None
-    if session.rank == 0 and session.cfg["log"]["progress"]:
+    if session.rank == 0 and session.cfg.log.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc="score", unit="batch", dynamic_ncols=True)
@@ -188,14 +188,14 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
     if opts.overwrite and not opts.resume and process_rank() == 0 and parts.exists():
         shutil.rmtree(parts)
     ours = not parts.exists()  # made by this invocation: removed again if the input turns out bad
-    cfg = for_inference(cfg, parts)
-    cfg["eval"]["mask_history"] = opts.mask_history
+    cfg = cfg.for_inference(parts)
+    cfg.eval.mask_history = opts.mask_history
     if opts.batch_size:
-        cfg["data"]["eval_batch_size"] = opts.batch_size
+        cfg.data.eval_batch_size = opts.batch_size
     try:
         session = open_session(cfg, step_dir)
         stream = session.stream(opts.split)
-        plan = _plan(opts, step_dir, session.world, cfg["data"]["eval_batch_size"], stream)
+        plan = _plan(opts, step_dir, session.world, cfg.data.eval_batch_size, stream)
         rank_parts = RankParts(rank_folder(parts, session.rank), plan, opts.resume)
         bank = session.item_bank()
         scorer = BatchScorer(bank, opts, stream.num_users)

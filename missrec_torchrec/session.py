@@ -25,9 +25,8 @@ from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ItemBank
-from missrec_torchrec.config import ConfigError, load_config
+from missrec_torchrec.config import Config, load_config
 from missrec_torchrec.interest_state import InterestState
-from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.recommender import AUG_TABLE, ID_GROUP, ID_TABLE, MISSRecModel
 
@@ -67,7 +66,7 @@ def resolve(path: Path) -> Path:
         raise DataError(str(e)) from None
 
 
-def load_run(checkpoint: Path | str, overrides: Optional[List[str]] = None) -> Tuple[Path, Dict[str, Any]]:
+def load_run(checkpoint: Path | str, overrides: Optional[List[str]] = None) -> Tuple[Path, Config]:
     """(complete checkpoint folder, the run's config with overrides) from a run or checkpoint path."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
@@ -79,8 +78,8 @@ def load_run(checkpoint: Path | str, overrides: Optional[List[str]] = None) -> T
     return step_dir, load_config(config_file, overrides)
 
 
-def open_session(cfg: Dict[str, Any], step_dir: Path) -> "Session":
-    """The model of an inference config (`config.for_inference`) with the checkpoint's weights, in eval mode."""
+def open_session(cfg: Config, step_dir: Path) -> "Session":
+    """The model of an inference config (`Config.for_inference`) with the checkpoint's weights, in eval mode."""
     session = Session(cfg, prepare=False)
     session.load_weights(step_dir)
     return session
@@ -90,41 +89,41 @@ def open_session(cfg: Dict[str, Any], step_dir: Path) -> "Session":
 # Dataset and model
 
 
-def ensure_dataset(cfg: Dict[str, Any]) -> DatasetInfo:
+def ensure_dataset(cfg: Config) -> DatasetInfo:
     """Prepare the dataset and its feature tables on rank 0 when missing; every rank then opens it."""
-    data = cfg["data"]
-    root = Path(data["dataset"])
+    data = cfg.data
+    root = Path(data.dataset)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         if not root.exists():
-            if not data.get("prepare_source"):
+            if not data.prepare_source:
                 raise DataError(f"{root}: dataset not found and data.prepare_source is null")
-            log0(f"preparing {root} from {data['prepare_source']}")
-            log0(sources.summary(root, sources.prepare(data["prepare_source"], root, data["prepare_args"])))
+            log0(f"preparing {root} from {data.prepare_source}")
+            log0(sources.summary(root, sources.prepare(data.prepare_source, root, data.prepare_args)))
         have = DatasetInfo.open(root).modalities
-        for spec in data.get("features") or []:
+        for spec in data.features or []:
             if spec["modality"] not in have:
                 log0(f"computing {spec['modality']} features with {spec['encoder']}")
                 log0(features.summary(features.compute_features(root, spec["modality"], spec["encoder"])))
     if dist.is_initialized():
         dist.barrier()
     info = DatasetInfo.open(root)
-    missing = [m for m in data["modalities"] if m not in info.modalities]
+    missing = [m for m in data.modalities if m not in info.modalities]
     if missing:
         raise DataError(f"{root}: no feature table for modalities {missing} (have {sorted(info.modalities)})")
     return info
 
 
-def build_model(cfg: Dict[str, Any], info: DatasetInfo) -> MISSRecModel:
+def build_model(cfg: Config, info: DatasetInfo) -> MISSRecModel:
     """The unsharded model (tables on the meta device) for a config and a prepared dataset."""
     mods = info.modalities
-    names = cfg["data"]["modalities"]
+    names = cfg.data.modalities
     missing = [m for m in names if m not in mods]
     if missing:
         raise DataError(f"{info.root}: no feature table for modalities {missing} (have {sorted(mods)})")
-    model_cfg = ModelConfig.from_dict(cfg["model"])
-    t = cfg["train"]
-    aug_dim = mods[AUG_TABLE].dim if (t["mode"] == "pretrain" and AUG_TABLE in mods and "text" in names) else None
+    model_cfg = cfg.model
+    t = cfg.train
+    aug_dim = mods[AUG_TABLE].dim if (t.mode == "pretrain" and AUG_TABLE in mods and "text" in names) else None
     points = (
         sum(mods[m].present for m in names) if model_cfg.mask_missing_modality else info.num_items * len(names)
     )
@@ -132,12 +131,12 @@ def build_model(cfg: Dict[str, Any], info: DatasetInfo) -> MISSRecModel:
         model_cfg,
         {m: mods[m].dim for m in names},
         info.num_items,
-        mode=t["mode"],
-        loss=t["loss"],
+        mode=t.mode,
+        loss=t.loss,
         aug_dim=aug_dim,
         cluster_points=points,
-        dense_ids=t["sparse_optimizer"] == "dense_adam",
-        mixed_negatives=t["in_batch_negatives"],
+        dense_ids=t.sparse_optimizer == "dense_adam",
+        mixed_negatives=t.in_batch_negatives,
     )
 
 
@@ -168,45 +167,43 @@ class Session:
     """The sharded model on its dataset (see module doc). `prepare`: build a missing dataset and its
     feature tables first (training); inference opens what is there."""
 
-    def __init__(self, cfg: Dict[str, Any], prepare: bool = True):
+    def __init__(self, cfg: Config, prepare: bool = True):
         self.cfg = cfg
         self.rank, self.world, self.device, self.pg = mdist.init_distributed()
-        seed_everything(cfg["experiment"]["seed"])
-        self.info = ensure_dataset(cfg) if prepare else DatasetInfo.open(cfg["data"]["dataset"])
+        seed_everything(cfg.experiment.seed)
+        self.info = ensure_dataset(cfg) if prepare else DatasetInfo.open(cfg.data.dataset)
         self.num_items = self.info.num_items
-        d, t = cfg["data"], cfg["train"]
-        if t["softmax_items"] not in ("all", "training"):
-            raise ConfigError(f"train.softmax_items must be all or training, got {t['softmax_items']!r}")
-        self.model_cfg = ModelConfig.from_dict(cfg["model"])
+        d, t = cfg.data, cfg.train
+        self.model_cfg = cfg.model
         # Same seed on every rank: identical dense initialisation (DDP also broadcasts rank 0's).
         self.model = build_model(cfg, self.info)
-        self.modality_dims = {m: self.info.modalities[m].dim for m in d["modalities"]}
-        if t.get("init_checkpoint"):
-            load_core(self.model, Path(t["init_checkpoint"]), self.modality_dims, self.info.root)
-            if t["peft"]:
+        self.modality_dims = {m: self.info.modalities[m].dim for m in d.modalities}
+        if t.init_checkpoint:
+            load_core(self.model, Path(t.init_checkpoint), self.modality_dims, self.info.root)
+            if t.peft:
                 peft_trainable(self.model.head.core)
         # dense_adam: the dense table in the head trains; the sharded ID table only mirrors it.
         dense_ids = self.model.head.id_table is not None
         self.fused_frozen = self.model.frozen_tables + ([ID_TABLE] if dense_ids else [])
         self.dmp = mdist.plan_and_shard(
             self.model,
-            sharding_type=t["sharding"],
+            sharding_type=t.sharding,
             frozen_tables=self.fused_frozen,
-            trainable_fused=("sgd" if dense_ids else t["sparse_optimizer"], {"lr": t["sparse_lr"]}),
+            trainable_fused=("sgd" if dense_ids else t.sparse_optimizer, {"lr": t.sparse_lr}),
             pg=self.pg,
             device=self.device,
         )
         self.head = self.dmp.module.head if hasattr(self.dmp.module, "head") else self.model.head
-        self.precision = precision.resolve(t["precision"], self.device)
+        self.precision = precision.resolve(t.precision, self.device)
         self.head.precision = self.precision
-        self.head.gather_history = bool(t["gather_history"])
+        self.head.gather_history = bool(t.gather_history)
         self._load_frozen_tables()
         self.publish_ids()
         self._warm: Optional[torch.Tensor] = None  # items in some training sequence (cold start)
-        if t["softmax_items"] == "training":
+        if t.softmax_items == "training":
             self.head.softmax_items.copy_(self.training_items())
             self.head.restrict_softmax = True
-        if self.head.mixed_negatives and t["loss"] == "sampled_softmax":
+        if self.head.mixed_negatives and t.loss == "sampled_softmax":
             counts = torch.from_numpy(self.info.target_counts()).double()
             self.head.target_logq.copy_((counts.clamp(min=1) / counts.sum()).log())
         self.kjt_groups = self.model.kjt_groups
@@ -235,24 +232,24 @@ class Session:
 
     def stream(self, split: str) -> SequenceStream:
         """The split's batches for this rank: training rows, or one row per user to evaluate."""
-        d = self.cfg["data"]
+        d = self.cfg.data
         train = split == "train"
         return SequenceStream(
             self.info.root,
             split=split,
-            batch_size=d["batch_size"] if train else d["eval_batch_size"],
+            batch_size=d.batch_size if train else d.eval_batch_size,
             max_len=self.model_cfg.max_len,
             kjt_groups=self.kjt_groups,
             rank=self.rank,
             world_size=self.world,
-            seed=self.cfg["experiment"]["seed"],
-            shuffle_buffer=d["shuffle_buffer"],
-            prefix_sample=d["prefix_sample"] if train else 1.0,
-            with_seen=(not train) and self.cfg["eval"]["mask_history"],
-            steps_per_epoch=self.cfg["train"]["max_steps_per_epoch"] if train else None,
-            num_workers=d["num_workers"] if train else 0,
+            seed=self.cfg.experiment.seed,
+            shuffle_buffer=d.shuffle_buffer,
+            prefix_sample=d.prefix_sample if train else 1.0,
+            with_seen=(not train) and self.cfg.eval.mask_history,
+            steps_per_epoch=self.cfg.train.max_steps_per_epoch if train else None,
+            num_workers=d.num_workers if train else 0,
             # Fast modes: batches padded to their own longest history; causal = one row per window.
-            length_buckets=d["length_buckets"],
+            length_buckets=d.length_buckets,
             windows=train and self.model_cfg.causal,
         )
 
@@ -284,7 +281,7 @@ class Session:
     def checkpoints(self, folder: Path, keep_last: int = 3) -> ckpt.CheckpointManager:
         """A checkpoint manager for this model's state (frozen tables left out)."""
         return ckpt.CheckpointManager(folder, keep_last=keep_last, mode="max", pg=self.pg,
-                                      skip_prefixes=self.frozen_keys, ties=self.cfg["eval"]["recbole_stopping"])
+                                      skip_prefixes=self.frozen_keys, ties=self.cfg.eval.recbole_stopping)
 
     def load(self, manager: ckpt.CheckpointManager, which: Any, optimizer=None) -> Optional[ckpt.Restored]:
         """`which` into the model (and optimizer); a checkpoint of another dataset or model is one line."""

@@ -25,28 +25,28 @@ from datapipes.stream import make_loader
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec import evaluate as evaluation
 from missrec_torchrec import precision
-from missrec_torchrec.config import check_resume_config, dump_config
+from missrec_torchrec.config import Config, check_resume_config, dump_config
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.metrics import early_stopping
 from missrec_torchrec.recommender import ID_TABLE, MISSRecModel, candidates_key
 from missrec_torchrec.session import CORE_FILE, Session, broadcast, build_model, log0
 
 
-def run_name(cfg: Dict[str, Any]) -> str:
-    m, t, d = cfg["model"], cfg["train"], cfg["data"]
+def run_name(cfg: Config) -> str:
+    m, t, d = cfg.model, cfg.train, cfg.data
     parts = [
-        cfg["experiment"]["name"],
-        t["mode"],
-        "trans" if m["use_id"] else "induct",
-        "+".join(d["modalities"]) or "idonly",
-        f"d{m['hidden']}",
-        f"lr{t['lr']:g}",
-        f"b{d['batch_size']}",
-        f"s{cfg['experiment']['seed']}",
-        precision.resolve(t["precision"], torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        cfg.experiment.name,
+        t.mode,
+        "trans" if m.use_id else "induct",
+        "+".join(d.modalities) or "idonly",
+        f"d{m.hidden}",
+        f"lr{t.lr:g}",
+        f"b{d.batch_size}",
+        f"s{cfg.experiment.seed}",
+        precision.resolve(t.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
     ]
-    if t.get("init_checkpoint"):
-        parts.append("peft" if t["peft"] else "ft")
+    if t.init_checkpoint:
+        parts.append("peft" if t.peft else "ft")
     return "-".join(parts) + time.strftime("-%Y%m%d-%H%M%S")
 
 
@@ -56,7 +56,7 @@ def run_name(cfg: Dict[str, Any]) -> str:
 class Trainer:
     """Training on a `Session`: the optimizer, the run folder, checkpoints, logging and the epochs."""
 
-    def __init__(self, cfg: Dict[str, Any], write_config: bool = True):
+    def __init__(self, cfg: Config, write_config: bool = True):
         self.cfg = cfg
         # Before anything is prepared or written (config.yaml is rewritten below): a resumed run's
         # config must match the saved one, apart from the keys the user allowed to change.
@@ -69,25 +69,25 @@ class Trainer:
         self.info, self.dmp, self.head, self.model_cfg = s.info, s.dmp, s.head, s.model_cfg
         self.precision, self.modality_dims = s.precision, s.modality_dims
         self.run_dir = self._make_run_dir(write_config)
-        t = cfg["train"]
+        t = cfg.train
         self.optimizer = mdist.build_optimizer(
             self.dmp,
             frozen_tables=s.fused_frozen,
             # fused: one pass over each tensor for the whole update (foreach makes ~10; 5x slower here).
-            dense_kwargs={"lr": t["lr"], "weight_decay": t["weight_decay"], "fused": True},
+            dense_kwargs={"lr": t.lr, "weight_decay": t.weight_decay, "fused": True},
         )
         # Dropout and augmentation differ per rank; data order comes from the streams' own seeds.
-        torch.manual_seed(cfg["experiment"]["seed"] * 1000 + self.rank)
+        torch.manual_seed(cfg.experiment.seed * 1000 + self.rank)
         self.writer = None
-        if self.rank == 0 and cfg["log"]["tensorboard"]:
+        if self.rank == 0 and cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow to import; only when logging
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        self.ckpt = s.checkpoints(self.run_dir / "checkpoints", keep_last=cfg["checkpoint"]["keep"])
+        self.ckpt = s.checkpoints(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep)
 
     def _make_run_dir(self, write_config: bool) -> Path:
-        c = self.cfg["checkpoint"]
-        name = c["run_dir"] or str(Path(self.cfg["experiment"]["out_dir"]) / run_name(self.cfg))
+        c = self.cfg.checkpoint
+        name = c.run_dir or str(Path(self.cfg.experiment.out_dir) / run_name(self.cfg))
         run_dir = Path(broadcast(name))
         # A resumed run's config.yaml is replaced only once its checkpoint has loaded (`load`), so a
         # refused resume leaves the run folder as it was.
@@ -95,17 +95,17 @@ class Trainer:
         if self.rank == 0 and write_config:
             with creating(run_dir):
                 run_dir.mkdir(parents=True, exist_ok=True)
-                self._config_pending = bool(c["resume"]) and (run_dir / "config.yaml").is_file()
+                self._config_pending = bool(c.resume) and (run_dir / "config.yaml").is_file()
                 if not self._config_pending:
                     (run_dir / "config.yaml").write_text(dump_config(self.cfg))
         return run_dir
 
     def _candidates(self) -> torch.Tensor:
-        t = self.cfg["train"]
-        if t["mode"] == "pretrain":
+        t = self.cfg.train
+        if t.mode == "pretrain":
             return self.session.all_items[:0]
-        if t["loss"] == "sampled_softmax":
-            return torch.randint(self.session.num_items, (t["num_negatives"],))
+        if t.loss == "sampled_softmax":
+            return torch.randint(self.session.num_items, (t.num_negatives,))
         return self.session.all_items
 
     def _with_candidates(self, batches) -> Iterator[SeqBatch]:
@@ -140,17 +140,17 @@ class Trainer:
         self.dmp.train()
         self.head.aug_generator = None
         bar = None
-        if self.rank == 0 and self.cfg["log"]["progress"]:
+        if self.rank == 0 and self.cfg.log.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
-        every = max(1, int(self.cfg["log"]["every"]))
-        ckpt_every = int(self.cfg["checkpoint"]["every_steps"] or 0)
-        recluster_every = int(self.cfg["train"]["recluster_every"] or 0)
+        every = max(1, int(self.cfg.log.every))
+        ckpt_every = int(self.cfg.checkpoint.every_steps or 0)
+        recluster_every = int(self.cfg.train.recluster_every or 0)
         totals = {"loss": 0.0, "main": 0.0, "reg": 0.0, "targets": 0.0}
         done = 0
         t0 = time.time()
-        rows = self.cfg["data"]["batch_size"] * self.world
+        rows = self.cfg.data.batch_size * self.world
         while done < steps:
             # A segment ends where the next checkpoint or re-clustering is due (positions in the epoch).
             n = steps - done
@@ -201,14 +201,14 @@ class Trainer:
             self.writer.add_scalar("train/loss", float(out["loss"]), step)
             self.writer.add_scalar("train/main", float(out.get("main", out["loss"])), step)
             self.writer.add_scalar("train/regulariser", float(out.get("reg", 0.0)), step)
-            self.writer.add_scalar("train/lr", self.cfg["train"]["lr"], step)
+            self.writer.add_scalar("train/lr", self.cfg.train.lr, step)
             self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
 
     def _epoch_stats(self, totals: Dict[str, Any], done: int, rows: int, seconds: float) -> Dict[str, float]:
         # Next-item predictions trained on, all ranks: one per row, or (causal) one per real position,
         # which the causal forward counts.
         counted = float(totals.pop("targets"))
-        targets = mdist.all_reduce_scalar(counted if self.model_cfg.causal else float(done * self.cfg["data"]["batch_size"]),
+        targets = mdist.all_reduce_scalar(counted if self.model_cfg.causal else float(done * self.cfg.data.batch_size),
                                           "sum", self.pg, self.device)
         stats = {k: float(v) / max(done, 1) for k, v in totals.items()}
         stats.update(steps=done, seconds=seconds, samples_per_s=done * rows / max(seconds, 1e-9),
@@ -244,17 +244,17 @@ class Trainer:
     # -- the whole run -------------------------------------------------------------------------
 
     def fit(self) -> Dict[str, Any]:
-        t, ev = self.cfg["train"], self.cfg["eval"]
-        metric = ev["metric"]
+        t, ev = self.cfg.train, self.cfg.eval
+        metric = ev.metric
         progress: Dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0,
                                     "skip_batches": 0, "history": [], "interest": {}}
-        if self.cfg["checkpoint"]["resume"]:
+        if self.cfg.checkpoint.resume:
             restored = self.load("latest")
             if restored is not None:
                 progress.update({k: v for k, v in restored.items() if k in progress})
                 log0(f"resumed from {restored['path']} (epoch {progress['epoch']}, step {progress['step']}, "
                      f"batch {progress['skip_batches']} of the epoch)")
-        while progress["epoch"] < t["epochs"]:
+        while progress["epoch"] < t.epochs:
             epoch = progress["epoch"]
             if not progress["skip_batches"]:
                 progress["interest"] = self.recluster(epoch)
@@ -263,12 +263,12 @@ class Trainer:
             row: Dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
             row.update({f"interest/{k}": v for k, v in progress.get("interest", {}).items()})
             value, stop = None, False
-            if (epoch + 1) % ev["every"] == 0 or epoch + 1 == t["epochs"]:
+            if (epoch + 1) % ev.every == 0 or epoch + 1 == t.epochs:
                 valid = self.evaluate("valid")
                 row.update({f"valid/{k}": v for k, v in valid.items()})
                 value = valid[metric]
                 improved, bad, stop = early_stopping(value, progress["best"], progress["bad_epochs"],
-                                                     ev["patience"], ev["recbole_stopping"])
+                                                     ev.patience, ev.recbole_stopping)
                 progress["bad_epochs"] = bad
                 if improved:
                     progress.update(best=value, best_epoch=epoch)
@@ -277,14 +277,14 @@ class Trainer:
             self.save(progress, metric=value)
             self._log_epoch(row)
             if stop:
-                log0(f"early stop: no {metric} improvement for {ev['patience']} validations")
+                log0(f"early stop: no {metric} improvement for {ev.patience} validations")
                 break
         if self.load("best", optimizer=False) is None:
             # train.epochs=0: the initial (e.g. pre-trained, zero-shot) weights, with fresh interests.
             log0("no validated checkpoint: testing the initial weights")
             progress["interest"] = self.recluster(progress["epoch"])
         test = self.evaluate("test")
-        if self.cfg["log"]["fingerprint"]:
+        if self.cfg.log.fingerprint:
             self._write_fingerprint()
         result = {
             "run_dir": str(self.run_dir),
@@ -298,8 +298,8 @@ class Trainer:
                 Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
             if self.writer is not None:
                 hparams = {
-                    "mode": t["mode"], "use_id": self.model_cfg.use_id, "hidden": self.model_cfg.hidden,
-                    "lr": t["lr"], "batch_size": self.cfg["data"]["batch_size"],
+                    "mode": t.mode, "use_id": self.model_cfg.use_id, "hidden": self.model_cfg.hidden,
+                    "lr": t.lr, "batch_size": self.cfg.data.batch_size,
                     "modalities": "+".join(self.modality_dims), "world_size": self.world,
                     "precision": self.precision,
                 }
@@ -363,16 +363,16 @@ def count_parameters(model: MISSRecModel) -> Dict[str, int]:
     }
 
 
-def dry_run(cfg: Dict[str, Any], world_size: Optional[int] = None) -> Dict[str, Any]:
+def dry_run(cfg: Config, world_size: Optional[int] = None) -> Dict[str, Any]:
     """Build the model, plan its sharding for `world_size` ranks, print plan and parameter counts."""
-    info = DatasetInfo.open(cfg["data"]["dataset"])
-    t = cfg["train"]
+    info = DatasetInfo.open(cfg.data.dataset)
+    t = cfg.train
     model = build_model(cfg, info)
-    dims = {m: info.modalities[m].dim for m in cfg["data"]["modalities"]}
-    if t.get("init_checkpoint") and t["peft"]:
+    dims = {m: info.modalities[m].dim for m in cfg.data.modalities}
+    if t.init_checkpoint and t.peft:
         peft_trainable(model.head.core)
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    plan = mdist.plan_sharding(model, sharding_type=t["sharding"], world_size=world, compute_device="cpu")
+    plan = mdist.plan_sharding(model, sharding_type=t.sharding, world_size=world, compute_device="cpu")
     counts = count_parameters(model)
     print(f"dataset {info.root}: {info.num_items:,} items, modalities {dims}")
     print(f"sharding plan for {world} rank(s):")
@@ -381,5 +381,5 @@ def dry_run(cfg: Dict[str, Any], world_size: Optional[int] = None) -> Dict[str, 
     return counts
 
 
-def train(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def train(cfg: Config) -> Dict[str, Any]:
     return Trainer(cfg).fit()

@@ -3,12 +3,14 @@ line naming the key (unknown keys are covered in test_cli_train.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 
 from missrec_torchrec.cli import main
-from missrec_torchrec.config import DEFAULTS, RULES, load_yaml, load_config
+from missrec_torchrec.config import ConfigError, load_config, section_types
+from missrec_torchrec.config_checks import RULES
 
 BAD = [
     # (overrides, key named in the error, fragment of the error)
@@ -74,18 +76,18 @@ def test_bad_value_is_one_line_naming_the_key_and_writes_nothing(tmp_path, monke
 
 def test_good_values_are_accepted_and_normalised():
     cfg = load_config("ml100k", ["train.lr=1e-3", "train.sharding=row_wise", "eval.metric=mrr", "model.dropout=0"])
-    assert cfg["train"]["lr"] == 0.001 and isinstance(cfg["train"]["lr"], float)
+    assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
     cfg = load_config("ml100k", ["eval.cold_start=true", "eval.metric=cold/ndcg@50", "eval.ks=[5, 50]",
                                  "train.sharding={text: table_wise}", "model.hidden=32", "model.heads=4"])
-    assert cfg["eval"]["metric"] == "cold/ndcg@50"
+    assert cfg.eval.metric == "cold/ndcg@50"
 
 
-def test_every_default_key_has_a_rule():
-    defaults = load_yaml(DEFAULTS)
-    keys = {f"{s}.{k}" for s, v in defaults.items() if isinstance(v, dict) for k in v}
-    assert set(RULES) <= keys
-    unchecked = {k for k in keys - set(RULES) if not isinstance(defaults[k.split(".")[0]][k.split(".")[1]], bool)}
-    assert unchecked == set()
+def test_every_key_has_a_rule_or_is_a_switch():
+    keys = {f"{s}.{f.name}": f.type for s, kind in section_types().items() for f in dataclasses.fields(kind)}
+    assert set(RULES) <= set(keys)
+    assert {k: t for k, t in keys.items() if k not in RULES and t != "bool"} == {}
+    with pytest.raises(ConfigError, match="config key model.fast_dropout: must be true or false, got 1"):
+        load_config("ml100k", ["model.fast_dropout=1"])  # a switch without a rule of its own
 
 
 def test_allowed_names_match_the_code_that_uses_them():

@@ -46,7 +46,7 @@ def test_paper_from_scratch_counts(paper_dims_dataset, capsys):
 
 def test_overrides_and_unknown_keys():
     cfg = load_config("ml100k", ["train.epochs=7", "data.modalities=[text,image]"])
-    assert cfg["train"]["epochs"] == 7 and cfg["data"]["modalities"] == ["text", "image"]
+    assert cfg.train.epochs == 7 and cfg.data.modalities == ["text", "image"]
     with pytest.raises(ConfigError, match="train.epoch"):
         load_config("ml100k", ["train.epoch=7"])
     with pytest.raises(ConfigError, match="not found"):
@@ -57,7 +57,7 @@ def test_overrides_and_unknown_keys():
 def test_every_preset_resolves(preset):
     # A preset with a misspelt key or a missing base only fails when someone runs it: catch it here.
     cfg = load_config(preset)
-    assert cfg["experiment"]["name"]
+    assert cfg.experiment.name
 
 
 def test_unknown_key_is_a_one_line_cli_error(capsys):

@@ -16,7 +16,6 @@ from datapipes.batch import add_candidates, row_ids
 from datapipes.schema import USERS_SCHEMA
 from missrec_torchrec import export, scoring, topk
 from missrec_torchrec.catalogue import ItemBank
-from missrec_torchrec.config import for_inference
 from missrec_torchrec.session import load_run, open_session
 from missrec_torchrec.cli import main
 from test_train import run_cli, small_overrides
@@ -70,8 +69,8 @@ def rows(path: Path) -> dict:
 def brute_force(run_dir: Path, split: str, mask_history: bool, k: int = TOPK):
     """Each user's top-k from the model's own evaluation forward: one B x N matrix of all items."""
     step_dir, cfg = load_run(run_dir, QUIET)
-    cfg["eval"]["mask_history"] = mask_history
-    session = open_session(for_inference(cfg), step_dir)
+    cfg.eval.mask_history = mask_history
+    session = open_session(cfg.for_inference(), step_dir)
     with torch.no_grad():
         return _brute_force(session, split, mask_history, k)
 
@@ -111,7 +110,7 @@ def test_exact_matches_brute_force(run_dir, tmp_path, split, mask):
     assert not scoring.parts_folder(out).exists()
     assert all(keys == [str(i) for i in items] for keys, items in zip(got["item_keys"], got["items"]))
     if mask:  # nothing the user has seen comes back
-        dataset = Path(load_run(run_dir, QUIET)[1]["data"]["dataset"])
+        dataset = Path(load_run(run_dir, QUIET)[1].data.dataset)
         users = pq.read_table(dataset / "users.parquet")
         seq = dict(zip(users.column("user_index").to_pylist(), users.column("items").to_pylist()))
         assert all(not set(items) & set(seq[u]) for u, items in zip(got["user_index"], got["items"]))
@@ -181,7 +180,7 @@ def test_export_items(run_dir, tmp_path):
     out = tmp_path / "export"
     assert main(["export-items", "--checkpoint", str(run_dir), "--out", str(out), *QUIET]) == 0
     step_dir, cfg = load_run(run_dir, QUIET)
-    session = open_session(for_inference(cfg), step_dir)
+    session = open_session(cfg.for_inference(), step_dir)
     record = json.loads((out / export.EXPORT_FILE).read_text())
     assert set(record["tables"]) == {"text", "image", "item_id"} and record["use_id"]
     for m in ("text", "image"):
@@ -217,7 +216,7 @@ def test_bad_inputs_leave_nothing(run_dir, tmp_path, capsys):
     capsys.readouterr()
     # Bad data met half-way (an item index past the catalogue in the last row group): the parts go too.
     bad = tmp_path / "bad"
-    shutil.copytree(Path(load_run(run_dir, QUIET)[1]["data"]["dataset"]), bad / "data")
+    shutil.copytree(Path(load_run(run_dir, QUIET)[1].data.dataset), bad / "data")
     users = pq.read_table(bad / "data" / "users.parquet").to_pylist()
     users[-1]["items"][0] = 10_000
     pq.write_table(pa.Table.from_pylist(users, schema=USERS_SCHEMA), bad / "data" / "users.parquet", row_group_size=64)
@@ -247,7 +246,7 @@ def test_help_explains_every_flag(capsys):
 def test_certificate_implies_exact(run_dir):
     """Random user directions (harder than trained ones): a certified row is the exact top-k."""
     step_dir, cfg = load_run(run_dir, QUIET)
-    session = open_session(for_inference(cfg), step_dir)
+    session = open_session(cfg.for_inference(), step_dir)
     bank = ItemBank(session)
     gen = torch.Generator().manual_seed(0)
     u = torch.nn.functional.normalize(torch.randn(300, session.head.config.hidden, generator=gen), dim=-1)

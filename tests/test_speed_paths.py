@@ -259,13 +259,13 @@ def test_projected_centroids_give_the_same_user_vectors_and_gradients(session):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_chunks(session, masked):
-    ev = session.cfg["eval"]
-    ev["mask_history"] = masked
+    ev = session.cfg.eval
+    ev.mask_history = masked
     results = {}
     for engine, chunk in [("dmp", 8192), ("catalogue", 8192), ("catalogue", 7)]:
-        ev["engine"], ev["chunk_items"] = engine, chunk
+        ev.engine, ev.chunk_items = engine, chunk
         results[engine, chunk] = evaluate(session, "valid")
-    ev.update(engine="catalogue", chunk_items=8192, mask_history=False)
+    ev.engine, ev.chunk_items, ev.mask_history = "catalogue", 8192, False
     assert results["catalogue", 7] == results["catalogue", 8192]  # chunking changes nothing
     ref = results["dmp", 8192]
     assert ref["count"] == 240

@@ -2,6 +2,8 @@
 
 Defaults fix the quirks; `ModelConfig.paper(stage)` reproduces the official code
 (`gimpong/MM23-MISSRec`) exactly. Every switch is explained in docs/quirks.md.
+A run's `model` section (missrec_torchrec/config.py: `Config.model`) is a ModelConfig whose values
+come from configs/defaults.yaml and the preset, already checked there with errors naming the key.
 """
 
 from __future__ import annotations
