@@ -27,6 +27,7 @@ import numpy as np
 
 from datapipes.schema import STATS_FILE, DataError
 from missrec_torchrec.config import Config, load_config
+from missrec_torchrec.config_checks import metric_names
 
 HELP = "popularity, first-order Markov and item-kNN rows under the evaluation protocol"
 NAMES = ("popularity", "markov", "knn")
@@ -117,19 +118,28 @@ def evaluate(cfg: Config, fit: Fitted, split: str, names: Sequence[str]) -> Dict
     import torch
 
     from datapipes.stream import SequenceStream
-    from missrec_torchrec.metrics import RankingMetrics
+    from missrec_torchrec.metrics import RankingMetrics, target_ranks
 
     mask = cfg.eval.mask_history
     stream = SequenceStream(cfg.data.dataset, split, batch_size=cfg.data.eval_batch_size,
                             max_len=cfg.model.max_len, with_seen=mask)
-    metrics = {n: RankingMetrics(cfg.eval.ks) for n in names}
+    prefixes = ["", "cold/"] if cfg.eval.cold_start else [""]
+    metrics = {(n, p): RankingMetrics(cfg.eval.ks) for n in names for p in prefixes}
+    # Cold targets as `missrec train` counts them: items in no user's training part.
+    cold = torch.from_numpy(fit.popularity == 0)
     for batch in stream:
         exclude = (batch.seen_offsets, batch.seen_values) if mask else (None, None)
         history, lengths = batch.history.numpy(), batch.lengths.numpy()
+        weights = {"": batch.weight, "cold/": batch.weight * cold[batch.target].to(batch.weight)}
         for n in names:
             s = torch.from_numpy(np.ascontiguousarray(scores(n, fit, history, lengths)))
-            metrics[n].update(s, batch.target, batch.weight, *exclude)
-    return {n: m.compute() for n, m in metrics.items()}
+            ranks = target_ranks(s, batch.target, *exclude)
+            for p in prefixes:
+                metrics[n, p].update_ranks(ranks, weights[p])
+    out: Dict[str, Dict[str, float]] = {n: {} for n in names}
+    for (n, p), m in metrics.items():
+        out[n].update({f"{p}{k}": v for k, v in m.compute().items()})
+    return out
 
 
 def load_protocol(target: str, overrides: List[str]) -> Config:
@@ -215,8 +225,8 @@ def run(args: argparse.Namespace) -> None:
           f"histories of the last {cfg.model.max_len} items, history "
           f"{'masked' if cfg.eval.mask_history else 'not masked'}; counts from the training parts; "
           + (f"knn: {modality} features, mean of the last {args.knn_last} items" if modality else "knn: no features"))
-    metric_names = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")] + ["mrr"]
-    print(table(results, args.runs, args.label, metric_names))
+    shown = metric_names(ks, cfg.eval.cold_start)
+    print(table(results, args.runs, args.label, shown))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -95,6 +95,19 @@ def test_masking_the_history_follows_eval_mask_history(toy, capsys):
         assert rows[("test", name)][:2] == pytest.approx(list(by_hand(ranks, 1)), abs=6e-5)
 
 
+def test_cold_start_rows_cover_only_targets_absent_from_every_training_part(toy, capsys):
+    # Item 4 is in no training part (popularity 0), so the only cold target is user 1's test item:
+    # cold/* are that user's ranks alone (popularity 5, Markov 5); no validation target is cold.
+    rows = run_cli(capsys, str(toy), "eval.ks=[1,5]", "eval.metric=ndcg@5", "eval.cold_start=true", "model.max_len=2")
+    for name in ("popularity", "markov"):
+        hr5, nd5 = by_hand([5], 5)
+        assert rows[("test", name)][5:] == pytest.approx([0.0, 0.0, hr5, nd5, 1 / 5], abs=6e-5), name
+        assert rows[("test", name)][:5] == pytest.approx(
+            [*by_hand(RANKS[("test", name)], 1), *by_hand(RANKS[("test", name)], 5),
+             sum(1 / r for r in RANKS[("test", name)]) / 3], abs=6e-5), name
+        assert all(math.isnan(c) for c in rows[("valid", name)][5:]), name
+
+
 def test_knn_is_the_cosine_to_the_mean_of_the_last_items(toy):
     feats = baselines.normalised_features(DatasetInfo.open(toy), "text")
     fit = baselines.Fitted(np.zeros(5), None, feats, knn_last=2)
