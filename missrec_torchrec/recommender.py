@@ -171,14 +171,13 @@ class MISSRecHead(nn.Module):
         all_positions: bool = False,
         interests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ):
-        """core.encode (or, with all_positions, core.encode_positions) of a batch's histories;
-        `interests`: their `interests(history)`, if already computed (trailing pad columns allowed)."""
+        """core.encode of a batch's histories; `interests`: their `interests(history)`, if already
+        computed (trailing pad columns allowed)."""
         valid = history != PAD
         tokens, first = interests if interests is not None else self.interests(history)
-        fn = self.core.encode_positions if all_positions else self.core.encode
-        return fn(
+        return self.core.encode(
             adapted, valid, tokens, self.centroids, id_emb=hist_id, present=self._present_at(history, valid),
-            interest_first=first,
+            interest_first=first, all_positions=all_positions,
         )
 
     def forward(
@@ -296,7 +295,7 @@ class MISSRecHead(nn.Module):
                 scores = torch.cat([scores, self._pad_scores(u)], dim=1)
             return losses.full_softmax_ce(scores, target, cfg.temperature, weight)
         with _fp32(u):
-            pos = self.core.score_pairs(
+            pos = self.core.score(
                 u,
                 {m: v.float().unsqueeze(1) for m, v in tgt_adapted.items()},
                 tgt_id.float().unsqueeze(1) if tgt_id is not None else None,
