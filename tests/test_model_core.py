@@ -36,7 +36,7 @@ def _count(module, trainable_only=False):
 
 def test_parameter_counts_match_the_reference_logs():
     core = MISSRecCore(ModelConfig.paper("inductive_ft"), {"text": 512, "image": 512})
-    assert _count(core) == 1_719_513  # from scratch, inductive (docs/model.md section 10)
+    assert _count(core) == 1_719_513  # from scratch, inductive (docs/model.md §10)
     assert peft_trainable(core) == 308_401  # adapters + input LayerNorm + alpha
     assert _count(core, trainable_only=True) == 308_401
     assert not any(p.requires_grad for p in core.encoder.parameters())
