@@ -145,7 +145,7 @@ def test_pair_fusion_equals_the_softmax_over_modalities_with_gradients(fusion):
 @pytest.mark.parametrize("n_modalities", [1, 2, 3])
 @pytest.mark.parametrize("use_id", [False, True])
 def test_upper_bound_holds_for_every_item_whose_cosines_are_below_the_bounds(n_modalities, use_id):
-    """What `topk._certified` relies on: with every cosine at most its bound, no fused score (any
+    """What the certificate of `topk.approx_topk` relies on: with every cosine at most its bound, no fused score (any
     alpha, any missing modalities) exceeds `upper_bound`; and an item at the bounds can reach it."""
     gen = torch.Generator().manual_seed(n_modalities + 10 * use_id)
     rows, items = 64, 500
