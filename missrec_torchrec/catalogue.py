@@ -132,9 +132,8 @@ class ItemBank:
         """Exact scores of items `idx` (C shared by the rows, or B x S) from their cosines `sims`."""
         present = {m: p[idx] for m, p in self.present.items()}
         if self.summed:
-            fn = self.core.score if idx.dim() == 1 else self.core.score_pairs
             items = {m: self.adapted[m][idx] for m in self.modalities}
-            return fn(u, items, self.adapted[ID_TABLE][idx], present=present, item_index=idx)
+            return self.core.score(u, items, self.adapted[ID_TABLE][idx], present=present, item_index=idx)
         modal = {m: sims[m] for m in self.modalities}
         return self.core.fuse(modal, sims.get(ID_TABLE), present, item_index=idx)
 

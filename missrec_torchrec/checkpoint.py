@@ -19,43 +19,45 @@ only ever names a folder that already holds every file of its checkpoint. A load
 missing, truncated or altered since the save stops with one line naming the file and the newest intact
 checkpoint (checkpoints from before manifests existed load unchecked).
 
-Learning rates are not saved (torchrec's KeyedOptimizer leaves param groups out): the trainer derives
+Reading that layout (pointers, manifests, verification) is `checkpoint_files.py`; each rank's RNG
+state is `rng_state.py`'s. Learning rates are not saved (torchrec's KeyedOptimizer leaves param groups out): the trainer derives
 them from its config and the restored step.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from datapipes.io import staged_file
-from datapipes.schema import DataError
+from missrec_torchrec.checkpoint_files import (
+    BEST,
+    LATEST,
+    PROGRESS_FILE,
+    CheckpointError,
+    best_checkpoint,
+    check_intact,
+    complete_checkpoints,
+    latest_checkpoint,
+    pointed,
+    read_pointer,
+    write_manifest,
+    write_pointer,
+)
+from missrec_torchrec.rng_state import capture_rng_state, restore_rng_state
 
-LATEST, BEST = "latest", "best"
-PROGRESS_FILE = "progress.json"
-MANIFEST_FILE = "manifest.json"
 # Test hook: MISSREC_CKPT_FAIL_AT=<phase> simulates a crash right after that phase of a save.
 FAIL_AT_ENV = "MISSREC_CKPT_FAIL_AT"
 SAVE_PHASES = ("files", "extra", "manifest", "rename", "best", "latest")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(DataError, RuntimeError):
-    """A missing, incomplete or damaged checkpoint; a DataError, so the CLI reports it in one line."""
 
 
 class CheckpointMismatch(CheckpointError):
@@ -111,88 +113,6 @@ def describe_mismatch(error: CheckpointMismatch, dataset: Path | str, num_items:
     return f"checkpoint {error.path} does not match dataset {dataset}: {'; '.join(found)}"
 
 
-# -- RNG -----------------------------------------------------------------------------------------
-
-
-def capture_rng_state() -> Dict[str, Any]:
-    """This process's torch (CPU and CUDA), numpy and Python RNG states, in torch.load-safe types."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached_gaussian": cached},
-        "python": random.getstate(),
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-# -- pointers ------------------------------------------------------------------------------------
-
-
-def _step_of(path: Path) -> Optional[int]:
-    m = _STEP_DIR.match(path.name)
-    return int(m.group(1)) if m and path.is_dir() else None
-
-
-def complete_checkpoints(ckpt_dir: Path | str) -> Dict[int, Path]:
-    """Complete checkpoints by step (renamed folders only; `.tmp` ones are never complete)."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return {}
-    found = [(_step_of(p), p) for p in root.iterdir()]
-    return dict(sorted((s, p) for s, p in found if s is not None and (p / PROGRESS_FILE).exists()))
-
-
-def _read_pointer(ckpt_dir: Path, name: str) -> Optional[Dict[str, Any]]:
-    try:
-        return json.loads((ckpt_dir / name).read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{ckpt_dir / name}: pointer file is not JSON") from None
-
-
-def _write_pointer(ckpt_dir: Path, name: str, payload: Dict[str, Any]) -> None:
-    with staged_file(ckpt_dir / name) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _pointed(ckpt_dir: Path | str, name: str) -> Optional[Path]:
-    root = Path(ckpt_dir)
-    pointer = _read_pointer(root, name)
-    if pointer is None:
-        return None
-    path = root / pointer["checkpoint"]
-    return path if (path / PROGRESS_FILE).exists() else None
-
-
-def latest_checkpoint(ckpt_dir: Path | str) -> Optional[Path]:
-    """The newest complete checkpoint: the `latest` pointer, else (pointer lost) the highest step."""
-    pointed = _pointed(ckpt_dir, LATEST)
-    if pointed is not None:
-        return pointed
-    complete = complete_checkpoints(ckpt_dir)
-    return complete[max(complete)] if complete else None
-
-
-def best_checkpoint(ckpt_dir: Path | str) -> Optional[Path]:
-    return _pointed(ckpt_dir, BEST)
-
-
 def resolve_checkpoint(path: Path | str) -> Path:
     """A complete checkpoint folder from what users pass: a run folder, its `checkpoints/` folder
     (the best checkpoint, else the latest), a `latest`/`best` pointer file, or a `step_N` folder."""
@@ -200,7 +120,7 @@ def resolve_checkpoint(path: Path | str) -> Path:
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if path.name in (LATEST, BEST) and path.is_file():
-        found = _pointed(path.parent, path.name)
+        found = pointed(path.parent, path.name)
     elif (path / PROGRESS_FILE).exists():
         found = path
     else:
@@ -208,98 +128,6 @@ def resolve_checkpoint(path: Path | str) -> Path:
     if found is None:
         raise CheckpointError(f"{path}: no complete checkpoint there")
     return check_intact(found)
-
-
-# -- manifest ------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files_digest(files: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def write_manifest(folder: Path) -> None:
-    """Record the size and sha256 of every file in `folder` (the manifest also checksums itself)."""
-    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
-    with open(folder / MANIFEST_FILE, "w") as f:
-        json.dump({"files": files, "sha256": _files_digest(files)}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# Checkpoints verified by this process, with the (size, mtime) of each file then: evaluation and
-# scoring resolve a checkpoint and then load it, and need not hash it twice.
-_verified: Dict[Path, Tuple] = {}
-
-
-def _stats(path: Path, names) -> Tuple:
-    stats = [(path / name).stat() for name in names]
-    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in zip(names, stats))
-
-
-def verify_checkpoint(path: Path | str) -> None:
-    """Raise CheckpointError naming the first file of checkpoint `path` that is missing, truncated or
-    altered since its manifest was written. A checkpoint without a manifest (older code) passes."""
-    path = Path(path)
-    manifest_file = path / MANIFEST_FILE
-    if not manifest_file.is_file():
-        return
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        files = manifest["files"]
-        intact = manifest["sha256"] == _files_digest(files)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        intact = False
-    if not intact:
-        raise CheckpointError(f"{manifest_file}: damaged (its own checksum does not match)")
-    for name in sorted(files):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing from the checkpoint")
-    key = path.resolve()
-    stats = _stats(path, sorted(files))
-    if _verified.get(key) == stats:
-        return
-    for name, entry in sorted(files.items()):
-        size = (path / name).stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(f"{path / name}: truncated or extended ({size:,} bytes, "
-                                  f"the manifest says {entry['bytes']:,})")
-        if _sha256(path / name) != entry["sha256"]:
-            raise CheckpointError(f"{path / name}: damaged (sha256 differs from the manifest)")
-    _verified[key] = stats
-
-
-def newest_intact(ckpt_dir: Path | str, exclude: Sequence[Path] = ()) -> Optional[Path]:
-    """The highest complete step under `ckpt_dir` that verifies, other than `exclude`."""
-    for path in reversed(list(complete_checkpoints(ckpt_dir).values())):
-        if path in exclude:
-            continue
-        try:
-            verify_checkpoint(path)
-        except CheckpointError:
-            continue
-        return path
-    return None
-
-
-def check_intact(path: Path) -> Path:
-    """`path` once verified; a damaged one is refused naming the file and the newest intact step."""
-    try:
-        verify_checkpoint(path)
-    except CheckpointError as e:
-        fallback = newest_intact(path.parent, exclude=[path])
-        hint = (f"newest intact checkpoint: {fallback} (remove {path} to fall back to it)" if fallback
-                else f"no intact checkpoint in {path.parent}")
-        raise CheckpointError(f"{e}; {hint}") from None
-    return path
 
 
 # -- optimizer state -----------------------------------------------------------------------------
@@ -387,7 +215,7 @@ class CheckpointManager:
         return state
 
     def _better(self, metric: float) -> bool:
-        best = _read_pointer(self.dir, BEST)
+        best = read_pointer(self.dir, BEST)
         if best is None or not (self.dir / best["checkpoint"]).is_dir():
             return True
         if self.ties and metric == best["metric"]:
@@ -436,7 +264,7 @@ class CheckpointManager:
         return self.dir / f"step_{step}"
 
     def _retain(self) -> None:
-        protected = {_pointed(self.dir, BEST), _pointed(self.dir, LATEST)}
+        protected = {pointed(self.dir, BEST), pointed(self.dir, LATEST)}
         complete = complete_checkpoints(self.dir)
         for s in list(complete)[: -self.keep_last]:
             if complete[s] not in protected:
@@ -519,9 +347,9 @@ def _publish(manager: CheckpointManager, tmp: Path, step: int, metric: Optional[
     # `best` first: a crash between the two pointers then only repeats work on resume (from the
     # previous `latest`) instead of losing this step's `best`.
     if metric is not None and manager._better(metric):
-        _write_pointer(manager.dir, BEST, {"checkpoint": final.name, "step": step, "metric": float(metric)})
+        write_pointer(manager.dir, BEST, {"checkpoint": final.name, "step": step, "metric": float(metric)})
     _phase("best")
-    _write_pointer(manager.dir, LATEST, {"checkpoint": final.name, "step": step})
+    write_pointer(manager.dir, LATEST, {"checkpoint": final.name, "step": step})
     _phase("latest")
     manager._retain()
 

@@ -7,13 +7,13 @@ leaves no partial output behind.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from datapipes.schema import DataError
 from missrec_torchrec.config import ConfigError
+from missrec_torchrec.known_warnings import quiet_known_warnings
 
 
 def _add_prepare(sub) -> None:
@@ -57,43 +57,9 @@ def _add_inspect(sub) -> None:
 
 
 def _inspect(args) -> None:
-    import pyarrow.parquet as pq
+    from missrec_torchrec.inspect_dataset import print_dataset
 
-    from datapipes.schema import DatasetInfo
-
-    info = DatasetInfo.open(args.dataset)
-    for name in info.modalities:  # refuse a bad table before printing anything
-        info.check_features(name)
-    if args.json:
-        print(json.dumps(info.stats, indent=2, sort_keys=True))
-        return
-    s = info.stats
-    print(f"dataset   {info.root}  (schema v{s['schema_version']}, source {s.get('source')})")
-    print(f"domains   {', '.join(s.get('domains', []))}")
-    print(f"users     {s['users']:,}")
-    print(f"items     {s['items']:,}")
-    raw, kept = s.get("interactions_raw"), s.get("interactions")
-    print(f"interactions  {kept:,} kept of {raw:,} raw" if raw is not None else f"interactions  {kept:,}")
-    if s.get("duplicates_dropped"):
-        print(f"duplicates    {s['duplicates_dropped']:,} exact (user, item, timestamp) repeats dropped")
-    print(f"training rows {s.get('training_rows', 0):,}")
-    if s.get("filter"):
-        print(f"filter    {json.dumps(s['filter'], sort_keys=True)}")
-    mods = info.modalities
-    if not mods:
-        print("modalities  none yet (run `missrec features`)")
-    for m in mods.values():
-        print(f"modality  {m.name}: dim {m.dim} {m.dtype}, present for {m.present:,}/{s['items']:,} items")
-    if args.rows > 0:
-        pf = pq.ParquetFile(info.users_path)
-        head = pf.read_row_group(0).slice(0, args.rows).to_pylist()
-        for row in head:
-            seq = row["items"]
-            shown = " ".join(map(str, seq[:12])) + (" ..." if len(seq) > 12 else "")
-            print(
-                f"user {row['user_key']}: {len(seq)} items, train_end {row['train_end']}, "
-                f"valid_end {row['valid_end']}: {shown}"
-            )
+    print_dataset(args.dataset, args.rows, args.json)
 
 
 def _add_train(sub) -> None:
@@ -145,7 +111,7 @@ def _features(args) -> None:
     print(features.summary(result))
 
 
-def _add_export_atomic(sub) -> None:
+def _add_export_unisrec(sub) -> None:
     p = sub.add_parser(
         "export-atomic",
         help="write a prepared dataset in the MISSRec/UniSRec atomic format",
@@ -158,13 +124,13 @@ def _add_export_atomic(sub) -> None:
     p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=None,
                    help="write the multi-domain pre-training layout (default: when the dataset has several domains)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(run=_export_atomic)
+    p.set_defaults(run=_export_unisrec)
 
 
-def _export_atomic(args) -> None:
-    from datapipes.sources.unisrec_export import write_atomic
+def _export_unisrec(args) -> None:
+    from datapipes.sources.unisrec_export import write_unisrec
 
-    out = write_atomic(args.dataset, args.out, args.name, pretrain=args.pretrain, overwrite=args.overwrite)
+    out = write_unisrec(args.dataset, args.out, args.name, pretrain=args.pretrain, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -370,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_train(sub)
     _add_evaluate(sub)
-    _add_export_atomic(sub)
+    _add_export_unisrec(sub)
     _add_score(sub)
     _add_export_items(sub)
     _add_plot(sub)
@@ -379,44 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_known_warnings() -> None:
-    """Silence the library warnings known to be harmless here, each for the reason given; any other
-    warning still shows."""
-    import logging
-    import warnings
-
-    known = [
-        # torchrec's DistributedModelParallel passes this DDP argument itself: nothing of ours to change.
-        (FutureWarning, r"`broadcast_buffers` is deprecated"),
-        # torchrec's sharded state_dict hands out ShardedTensors; we read them as it gives them.
-        (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
-        # The planner's default storage reservation over-estimates dense tensors only in dry runs; it
-        # can only make a plan more cautious, and our plans are checked by tests and --dry-run.
-        (FutureWarning, r"HeuristicalStorageReservation is known to cause issues"),
-        # load_table_rows only reads the (Arrow-backed, read-only) feature rows, copying them into the
-        # table; nothing writes through that tensor.
-        (UserWarning, r"The given NumPy array is not writable"),
-        # torchdata's StatefulDataLoader calls a deprecated torch function internally.
-        (UserWarning, r"'set_vital' is deprecated"),
-    ]
-    for category, message in known:
-        warnings.filterwarnings("ignore", message=message, category=category)
-    logged = {
-        # We build the planner's Topology directly (CPU/gloo or the local GPUs) and planning works with
-        # it; the factory would add validation against fleet hardware configs, which we do not use,
-        # so the message's "otherwise, the job will fail" does not apply.
-        "torchrec.distributed.planner.types": "The topology was constructed directly",
-        # The same dry-run estimate as HeuristicalStorageReservation above, logged once more.
-        "torchrec.distributed.planner.storage_reservations": "There is a known issue with TorchRec's dense",
-        # TrainPipelineSparseDist asks torch.fx whether it is tracing; the API note is for its authors.
-        "torch.fx._symbolic_trace": "is_fx_tracing will return true",
-    }
-    for name, prefix in logged.items():
-        logging.getLogger(name).addFilter(lambda record, prefix=prefix: not record.getMessage().startswith(prefix))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    _quiet_known_warnings()
+    quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

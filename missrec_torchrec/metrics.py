@@ -1,6 +1,6 @@
 """Full-ranking metrics with one target item per user: HR@K (= Recall@K), NDCG@K and MRR.
 
-Rank rule (docs/protocols.md): rank = 1 + the number of candidates that are not masked, are not the
+Rank rule (docs/protocols.md, "Metric definitions"): rank = 1 + the number of candidates that are not masked, are not the
 target itself, and do not score strictly lower than the target. Ties therefore count against the
 target (pessimistic), and so does a NaN on either side, so a broken model can never look good.
 

@@ -1,12 +1,6 @@
 """MISSRec as a TorchRec model: sharded embedding collections around the dense MISSRec core.
 
-Item side: one frozen `EmbeddingCollection` per feature dim holds the modality tables (MiniLM / CLIP
-vectors, never trained); the optional item-ID table (transductive mode) has its own trainable
-collection. Every table serves three features of the batch (`datapipes.batch`): the history, the
-targets and the candidates (all items for full softmax and evaluation, a sample for sampled
-softmax, none in pre-training).
-
-`MISSRecModel.forward` only routes the batch's KJTs into the collections and hands the results to
+The item tables and their collections are laid out in `tables.py`. `MISSRecModel.forward` only routes the batch's KJTs into the collections and hands the results to
 `MISSRecHead`, which holds no sharded module: TrainPipelineSparseDist's tracer treats it as a leaf,
 so MISSRec's data-dependent logic stays out of FX tracing.
 """
@@ -14,14 +8,11 @@ so MISSRec's data-dependent logic stays out of FX tracing.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from datapipes.batch import PAD, SeqBatch, candidates_key, history_key, target_key
@@ -30,20 +21,10 @@ from missrec_torchrec.model import losses
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import MISSRecCore
 from missrec_torchrec.model.interest import interest_tokens, num_clusters
+from missrec_torchrec.tables import AUG_TABLE, ID_GROUP, ID_TABLE, ItemTables
 
-ID_TABLE = "item_id"
-ID_GROUP = "ids"
-AUG_TABLE = "text_aug"  # word-dropped text (.feat2CLS): pre-training's feature-swap augmentation
 LOSSES = ("full_softmax", "sampled_softmax")
 MODES = ("finetune", "pretrain")
-
-
-def feature_group(dim: int) -> str:
-    return f"features{dim}"
-
-
-def table_features(table: str) -> List[str]:
-    return [history_key(table), target_key(table), candidates_key(table)]
 
 
 def dense_history(jt: JaggedTensor, max_len: int) -> torch.Tensor:
@@ -171,14 +152,13 @@ class MISSRecHead(nn.Module):
         all_positions: bool = False,
         interests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ):
-        """core.encode (or, with all_positions, core.encode_positions) of a batch's histories;
-        `interests`: their `interests(history)`, if already computed (trailing pad columns allowed)."""
+        """core.encode of a batch's histories; `interests`: their `interests(history)`, if already
+        computed (trailing pad columns allowed)."""
         valid = history != PAD
         tokens, first = interests if interests is not None else self.interests(history)
-        fn = self.core.encode_positions if all_positions else self.core.encode
-        return fn(
+        return self.core.encode(
             adapted, valid, tokens, self.centroids, id_emb=hist_id, present=self._present_at(history, valid),
-            interest_first=first,
+            interest_first=first, all_positions=all_positions,
         )
 
     def forward(
@@ -296,7 +276,7 @@ class MISSRecHead(nn.Module):
                 scores = torch.cat([scores, self._pad_scores(u)], dim=1)
             return losses.full_softmax_ce(scores, target, cfg.temperature, weight)
         with _fp32(u):
-            pos = self.core.score_pairs(
+            pos = self.core.score(
                 u,
                 {m: v.float().unsqueeze(1) for m, v in tgt_adapted.items()},
                 tgt_id.float().unsqueeze(1) if tgt_id is not None else None,
@@ -367,69 +347,25 @@ class MISSRecHead(nn.Module):
 
 
 class MISSRecModel(nn.Module):
-    """The TorchRec module that DistributedModelParallel shards."""
+    """The TorchRec module that DistributedModelParallel shards: the item tables' collections
+    (`tables.py`) around `MISSRecHead`, built with `head_options` (mode, loss, cluster_points,
+    dense_ids, mixed_negatives). `aug_dim` adds pre-training's text_aug table."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        modality_dims: Mapping[str, int],
-        num_items: int,
-        mode: str = "finetune",
-        loss: str = "full_softmax",
-        aug_dim: Optional[int] = None,
-        cluster_points: Optional[int] = None,
-        table_device: torch.device = torch.device("meta"),
-        dense_ids: bool = False,
-        mixed_negatives: bool = False,
-    ):
+    def __init__(self, config: ModelConfig, modality_dims: Mapping[str, int], num_items: int,
+                 aug_dim: Optional[int] = None, table_device: torch.device = torch.device("meta"), **head_options):
         super().__init__()
         self.config = config
         self.num_items = num_items
-        tables_by_dim: Dict[int, List[Tuple[str, int]]] = defaultdict(list)
-        for m, dim in modality_dims.items():
-            tables_by_dim[dim].append((m, dim))
-        use_aug = aug_dim is not None and mode == "pretrain"
-        if use_aug:
-            tables_by_dim[aug_dim].append((AUG_TABLE, aug_dim))
-        self.frozen_tables = [t for group in tables_by_dim.values() for t, _ in group]
-        self.features = nn.ModuleDict(
-            {
-                feature_group(dim): EmbeddingCollection(
-                    tables=[
-                        EmbeddingConfig(name=t, embedding_dim=d, num_embeddings=num_items, feature_names=table_features(t))
-                        for t, d in group
-                    ],
-                    device=table_device,
-                )
-                for dim, group in sorted(tables_by_dim.items())
-            }
+        use_aug = aug_dim is not None and head_options.get("mode") == "pretrain"
+        layout, self.features, self.ids = ItemTables.build(
+            modality_dims, aug_dim if use_aug else None, config.hidden if config.use_id else None, num_items,
+            table_device,
         )
-        self.ids = nn.ModuleDict()
-        if config.use_id:
-            self.ids[ID_GROUP] = EmbeddingCollection(
-                tables=[
-                    EmbeddingConfig(
-                        name=ID_TABLE,
-                        embedding_dim=config.hidden,
-                        num_embeddings=num_items,
-                        feature_names=table_features(ID_TABLE),
-                    )
-                ],
-                device=table_device,
-            )
-        self.head = MISSRecHead(
-            config, modality_dims, num_items, mode=mode, loss=loss, use_aug=use_aug, cluster_points=cluster_points,
-            dense_ids=dense_ids, mixed_negatives=mixed_negatives,
-        )
+        self.head = MISSRecHead(config, modality_dims, num_items, use_aug=use_aug, **head_options)
+        self.frozen_tables = layout.frozen_tables
         # Which batch KJT feeds which collection (fixed before sharding replaces the collections).
-        self.kjt_groups: Dict[str, List[str]] = {
-            feature_group(dim): [t for t, _ in group] for dim, group in sorted(tables_by_dim.items())
-        }
-        if config.use_id:
-            self.kjt_groups[ID_GROUP] = [ID_TABLE]
-        self.table_dims: Dict[str, int] = {t: d for group in tables_by_dim.values() for t, d in group}
-        if config.use_id:
-            self.table_dims[ID_TABLE] = config.hidden
+        self.kjt_groups: Dict[str, List[str]] = layout.kjt_groups
+        self.table_dims: Dict[str, int] = layout.table_dims
 
     def forward(self, batch: SeqBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         feature_outputs = [ec(batch.sparse[g]) for g, ec in self.features.items()]

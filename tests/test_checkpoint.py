@@ -15,7 +15,8 @@ from torch import nn
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 import missrec_torchrec.checkpoint as checkpoint
-from missrec_torchrec.checkpoint import CheckpointManager, best_checkpoint, latest_checkpoint
+from missrec_torchrec.checkpoint import CheckpointManager
+from missrec_torchrec.checkpoint_files import best_checkpoint, complete_checkpoints, latest_checkpoint
 from missrec_torchrec.distributed import build_optimizer, init_distributed, load_table_rows
 from test_distributed import FROZEN, build_toy, launch, pretrained_features, toy_batch
 
@@ -142,12 +143,9 @@ def test_crash_mid_save_keeps_latest_on_the_previous_checkpoint(tmp_path, monkey
         manager.save(step, model, optimizer, progress={"n": step})
     at_step_2 = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("simulated crash")
-
     tiny_step(model, optimizer)
-    monkeypatch.setattr(checkpoint, "_publish", crash)  # tmp folder fully written, never published
-    with pytest.raises(RuntimeError, match="simulated"):
+    monkeypatch.setenv(checkpoint.FAIL_AT_ENV, "manifest")  # tmp folder fully written, never published
+    with pytest.raises(SystemExit, match="simulated"):
         manager.save(3, model, optimizer)
     monkeypatch.undo()
     assert (tmp_path / "step_3.tmp").is_dir() and not (tmp_path / "step_3").exists()
@@ -183,7 +181,7 @@ def test_retention_keeps_last_k_and_the_best(tmp_path):
     for step, metric in [(1, 0.3), (2, 0.5), (3, 0.4), (4, 0.1), (5, None)]:
         tiny_step(model, optimizer)
         manager.save(step, model, optimizer, metric=metric)
-    assert sorted(checkpoint.complete_checkpoints(tmp_path)) == [2, 4, 5]
+    assert sorted(complete_checkpoints(tmp_path)) == [2, 4, 5]
     assert best_checkpoint(tmp_path) == tmp_path / "step_2"
     assert latest_checkpoint(tmp_path) == tmp_path / "step_5"
 

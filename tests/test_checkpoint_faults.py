@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import missrec_torchrec.checkpoint as checkpoint
-from missrec_torchrec.checkpoint import CheckpointManager, best_checkpoint, latest_checkpoint
+from missrec_torchrec.checkpoint import CheckpointManager
+from missrec_torchrec.checkpoint_files import MANIFEST_FILE, best_checkpoint, complete_checkpoints, latest_checkpoint
 from test_checkpoint import tiny_model_and_optimizer, tiny_step
-from test_train import only_run, results_of, run_cli, small_overrides
+from test_train import results_of, run_cli, small_overrides
 
 CORE = "core.pt"
 
@@ -71,7 +72,7 @@ def test_trainer_killed_between_the_pointers_leaves_a_usable_run(synthetic_mm, t
 
 # -- manifest: every file's size and sha256, verified on load --------------------------------------
 
-STEP_FILES = [".metadata", "__0_0.distcp", "progress.json", "rank_0.pt", CORE, checkpoint.MANIFEST_FILE]
+STEP_FILES = [".metadata", "__0_0.distcp", "progress.json", "rank_0.pt", CORE, MANIFEST_FILE]
 
 
 def flip_byte(path: Path) -> None:
@@ -96,7 +97,7 @@ def load_latest(manager):
 
 
 def test_manifest_lists_every_file_of_the_step(two_steps):
-    manifest = json.loads((two_steps.dir / "step_2" / checkpoint.MANIFEST_FILE).read_text())
+    manifest = json.loads((two_steps.dir / "step_2" / MANIFEST_FILE).read_text())
     assert sorted(manifest["files"]) == sorted(STEP_FILES[:-1])
     assert load_latest(two_steps).progress["n"] == 2
 
@@ -123,7 +124,7 @@ def test_truncated_rank_file_is_named(two_steps):
     rank_file.write_bytes(rank_file.read_bytes()[:100])
     with pytest.raises(checkpoint.CheckpointError, match=r"rank_0\.pt: truncated or extended \(100 bytes"):
         load_latest(two_steps)
-    (two_steps.dir / "step_2" / checkpoint.MANIFEST_FILE).unlink()  # a checkpoint from before manifests
+    (two_steps.dir / "step_2" / MANIFEST_FILE).unlink()  # a checkpoint from before manifests
     with pytest.raises(checkpoint.CheckpointError, match=r"step_2/rank_0\.pt: unreadable"):
         load_latest(two_steps)
 
@@ -131,7 +132,7 @@ def test_truncated_rank_file_is_named(two_steps):
 def test_missing_file_and_no_intact_step(two_steps):
     (two_steps.dir / "step_2" / CORE).unlink()
     flip_byte(two_steps.dir / "step_1" / "__0_0.distcp")
-    with pytest.raises(checkpoint.CheckpointError, match=rf"core\.pt: missing from the checkpoint; no intact checkpoint in "):
+    with pytest.raises(checkpoint.CheckpointError, match=r"core\.pt: missing from the checkpoint; no intact checkpoint in "):
         load_latest(two_steps)
 
 
@@ -146,7 +147,7 @@ def test_damaged_run_is_a_one_line_cli_error_that_changes_nothing(synthetic_mm, 
     train(load_config("ml100k", overrides))
     ckpts = run / "checkpoints"
     latest, best = latest_checkpoint(ckpts), best_checkpoint(ckpts)
-    older = min(checkpoint.complete_checkpoints(ckpts).values())
+    older = min(complete_checkpoints(ckpts).values())
     assert latest != older
     distcp = next(latest.glob("*.distcp"))
     flip_byte(distcp)

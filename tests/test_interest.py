@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 
 def test_num_clusters_follows_the_reference_formula_and_cap():
-    # Scientific: 4,385 items x 2 modalities at ratio 0.5 gives K = 4,385 (docs/model.md section 3).
+    # Scientific: 4,385 items x 2 modalities at ratio 0.5 gives K = 4,385 (docs/model.md §3).
     assert num_clusters(0.5, 2 * 4385) == 4385
     assert num_clusters(0.02, 10) == 1  # ceil(0.2)
     assert num_clusters(0.3, 7) == 3  # ceil(2.1)

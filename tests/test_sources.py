@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datapipes.schema import DatasetInfo, read_stats
-from datapipes.sources.unisrec_export import write_atomic
+from datapipes.sources.unisrec_export import write_unisrec
 from datapipes.sources.movielens import bundled_folder
 from missrec_torchrec.cli import main
 
@@ -422,11 +422,11 @@ def test_pretrain_folder_round_trip(atomic_domains, tmp_path):
     (reference / "SP.pt_datasets").write_text("Sci,Pan\n")
 
     prepare("multi-domain", "--inputs", domains["Sci"][1], domains["Pan"][1], "--out", tmp_path / "combined")
-    write_atomic(tmp_path / "combined", tmp_path / "exported", "SP")
+    write_unisrec(tmp_path / "combined", tmp_path / "exported", "SP")
     same_files(reference, tmp_path / "exported")
 
     prepare("missrec-atomic", "--path", reference, "--name", "SP", "--feat-dim", 8, "--out", tmp_path / "imported")
     assert read_users(tmp_path / "imported") == read_users(tmp_path / "combined")
     assert read_item_keys(tmp_path / "imported") == read_item_keys(tmp_path / "combined")
-    write_atomic(tmp_path / "imported", tmp_path / "again", "SP")
+    write_unisrec(tmp_path / "imported", tmp_path / "again", "SP")
     same_files(reference, tmp_path / "again")

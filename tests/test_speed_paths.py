@@ -1,5 +1,5 @@
-"""The fast paths of issue 10 against their reference paths: fast dropout, pairwise fusion, history
-tokens gathered from the adapted catalogue, the catalogue evaluation engine, bf16 autocast."""
+"""The fast paths of issue 10 against their reference paths: fast dropout, history tokens gathered from
+the adapted catalogue, the catalogue evaluation engine, bf16 autocast (pairwise fusion: test_fusion.py)."""
 
 from __future__ import annotations
 
@@ -67,39 +67,6 @@ def test_fast_dropout_is_seeded_and_off_outside_training():
     assert fast_dropout(x, 0.5, training=False) is x
     assert fast_dropout(x, 0.0) is x
     assert torch.equal(fast_dropout(x, 1.0), torch.zeros_like(x))
-
-
-# ---- pairwise fusion -----------------------------------------------------------------------------
-
-
-def _softmax_fusion(s1, s2, p1, p2, alpha):
-    """The paper's formula written out: softmax over modalities of alpha * s, missing ones masked."""
-    s = torch.stack([s1, s2], -1)
-    p = torch.stack(torch.broadcast_tensors(p1, p2), -1).expand_as(s)
-    logits = (s * alpha.unsqueeze(-1)).masked_fill(~p & p.any(-1, keepdim=True), float("-inf"))
-    return (F.softmax(logits, -1) * s * p).sum(-1)
-
-
-@pytest.mark.parametrize("fusion", ["dynamic_shared", "dynamic_instance"])
-def test_pair_fusion_equals_the_softmax_over_modalities_with_gradients(fusion):
-    from missrec_torchrec.model.core import MISSRecCore
-
-    torch.manual_seed(2)
-    core = MISSRecCore(replace(SMALL, fusion=fusion), {"text": 12, "image": 8}, num_items=9).double()
-    with torch.no_grad():
-        core.fusion_alpha.copy_(torch.randn(core.fusion_alpha.shape, dtype=torch.float64))
-    u = F.normalize(torch.randn(6, 16, dtype=torch.float64), dim=-1)
-    items = {m: torch.randn(9, 16, dtype=torch.float64, requires_grad=True) for m in ("text", "image")}
-    present = {"text": torch.tensor([1, 1, 0, 0, 1, 1, 0, 1, 1], dtype=torch.bool),  # item 3: neither
-               "image": torch.tensor([1, 0, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)}
-    fast = core.score(u, items, present=present)
-    alpha = core.fusion_alpha
-    cos = {m: u @ F.normalize(v, dim=-1).T for m, v in items.items()}
-    ref = _softmax_fusion(cos["text"], cos["image"], present["text"], present["image"], alpha)
-    torch.testing.assert_close(fast, ref)
-    leaves = (items["text"], items["image"], alpha)
-    for a, b in zip(torch.autograd.grad(fast.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
-        torch.testing.assert_close(a, b)
 
 
 # ---- history tokens gathered from the adapted catalogue ------------------------------------------

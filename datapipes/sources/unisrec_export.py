@@ -21,9 +21,9 @@ from datapipes.schema import DataError, DatasetInfo
 from datapipes.sources.unisrec_import import FEATURE_CHUNK_ROWS, HEADER, HISTORY_WINDOW, MODALITY_SUFFIX
 
 
-def write_atomic(dataset_dir: Path | str, out_folder: Path | str, name: str, *, pretrain: Optional[bool] = None,
+def write_unisrec(dataset_dir: Path | str, out_folder: Path | str, name: str, *, pretrain: Optional[bool] = None,
                  overwrite: bool = False) -> Path:
-    """Write a prepared leave-one-out dataset as an atomic folder `out_folder` (files NAME.*).
+    """Write a prepared leave-one-out dataset as a UniSRec folder `out_folder` (files NAME.*).
 
     Train rows follow UniSRec's order (per user, longest prefix first); users keep their order.
     `pretrain` (default: for multi-domain datasets and those imported from a pre-training folder) writes "<domainIdx>-<id>" item tokens, NAME.pt_datasets and per-domain feature files.

@@ -1,8 +1,9 @@
 """MISSRec's model core in plain PyTorch, fed dense tensors by the TorchRec wrapper."""
 
 from .config import ModelConfig
-from .core import MISSRecCore, from_reference_state_dict, interest_regulariser, peft_trainable
+from .core import MISSRecCore, from_reference_state_dict, peft_trainable
 from .interest import assign, discover_interests, interest_tokens, kmeans, num_clusters, random_init
+from .layers import interest_regulariser
 from .losses import (
     Compaction,
     expected_logq,

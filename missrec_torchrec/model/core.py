@@ -1,16 +1,8 @@
-"""The MISSRec network on dense tensors: adapters, interest encoder, interest-aware decoder, fusion.
+"""The MISSRec network on dense tensors: adapters, tokens, interest memory, user vectors, scores.
 
 TorchRec stays outside: the caller looks up raw modality features and item-ID embeddings (sharded
-`EmbeddingCollection`s) and hands them here as dense tensors.
-
-The encoder and decoder layers are written on `F.scaled_dot_product_attention` rather than reusing
-`nn.TransformerEncoderLayer`/`DecoderLayer`: those only take their fused fast path in inference
-(and the decoder never), while training goes through `F.multi_head_attention_forward`, which expands
-the key-padding mask to B*heads x T x S. Here the mask stays B x 1 x 1 x S and SDPA picks its
-kernel. Parameter names and shapes are those of `nn.Transformer` (`encoder.layers.0.self_attn.
-in_proj_weight`, ...), so the reference's `trm_model.*` weights load unchanged (tested).
-
-"Spec section N" below is section N of docs/model.md.
+`EmbeddingCollection`s) and hands them here as dense tensors. The encoder and decoder layers are in
+`layers.py`, the fusion formula in `fusion.py`.
 """
 
 from __future__ import annotations
@@ -22,128 +14,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fusion
-from .attention import Attention
 from .config import ModelConfig
 from .dropout import Dropout
-
-
-def _activation(name: str):
-    return F.gelu if name == "gelu" else F.relu
-
-
-class EncoderLayer(nn.Module):
-    """Post-LN layer with the parameters of `nn.TransformerEncoderLayer`."""
-
-    def __init__(self, c: ModelConfig) -> None:
-        super().__init__()
-        self.self_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention, c.fold_single_query)
-        self.linear1 = nn.Linear(c.hidden, c.ffn)
-        self.linear2 = nn.Linear(c.ffn, c.hidden)
-        self.norm1 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
-        self.norm2 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
-        self.drop = Dropout(c.dropout, c.fast_dropout)
-        self.act = _activation(c.activation)
-
-    def feed_forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.linear2(self.drop(self.act(self.linear1(x)))))
-
-    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None, qkv: Optional[Tensor] = None) -> Tensor:
-        x = self.norm1(x + self.drop(self.self_attn(x, x, mask, allowed, qkv)))
-        return self.norm2(x + self.feed_forward(x))
-
-
-class DecoderLayer(EncoderLayer):
-    """Post-LN layer with the parameters of `nn.TransformerDecoderLayer`."""
-
-    def __init__(self, c: ModelConfig) -> None:
-        super().__init__(c)
-        self.multihead_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention, c.fold_single_query)
-        self.norm3 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
-
-    def forward(
-        self,
-        x: Tensor,
-        mask: Tensor,
-        memory: Tensor,
-        memory_mask: Tensor,
-        allowed: Optional[Tensor] = None,
-        memory_allowed: Optional[Tensor] = None,
-        query: Optional[Tensor] = None,
-    ) -> Tensor:
-        """`query` (B x Q x D, default x): the positions to compute; they attend to all of x."""
-        q = x if query is None else query
-        q = self.norm1(q + self.drop(self.self_attn(q, x, mask, allowed)))
-        q = self.norm2(q + self.drop(self.multihead_attn(q, memory, memory_mask, memory_allowed)))
-        return self.norm3(q + self.feed_forward(q))
-
-
-class InterestEncoder(nn.Module):
-    """Contextual encoder over interest tokens: bidirectional, no positions, final LayerNorm."""
-
-    def __init__(self, c: ModelConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_enc_layers))
-        self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
-
-    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None, qkv: Optional[Tensor] = None) -> Tensor:
-        """`qkv`: the first layer's self-attention input projections of x, if already computed."""
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, allowed, qkv if i == 0 else None)
-        return self.norm(x)
-
-
-class InterestDecoder(nn.Module):
-    """Interest-aware decoder: item self-attention, cross-attention to the memory, final LayerNorm."""
-
-    def __init__(self, c: ModelConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_dec_layers))
-        self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
-
-    def forward(
-        self,
-        x: Tensor,
-        mask: Tensor,
-        memory: Tensor,
-        memory_mask: Tensor,
-        allowed: Optional[Tensor] = None,
-        memory_allowed: Optional[Tensor] = None,
-        last: Optional[Tensor] = None,
-    ) -> Tensor:
-        """B x L x D, or with `last` (B positions, no `allowed` masks) B x 1 x D: the last layer then
-        computes only those positions' queries, all that a user vector reads (same values)."""
-        for i, layer in enumerate(self.layers):
-            query = None
-            if last is not None and i == len(self.layers) - 1:
-                query = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
-            x = layer(x, mask, memory, memory_mask, allowed, memory_allowed, query)
-        return self.norm(x)
-
-
-def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = False) -> Tensor:
-    """R of spec section 7 on the encoder memory (B x M x D, mask True = real token).
-
-    reference: p_b = (real_b / M) * sum over all M slots (pads included), R = sum_b |p_b|^2 / D.
-    Otherwise (quirk 5 fixed): p_b = mean of the real slots, R = mean_b |p_b|^2 / D.
-    """
-    # The pooled vectors are fp32 whatever the memory's dtype (bf16 under autocast), without an fp32
-    # copy of the memory: a dtype-ed sum, or one matmul (fp32 accumulation) for the masked mean.
-    real = memory_mask.to(torch.float32)
-    if reference:
-        pooled = memory.sum(1, dtype=torch.float32) * real.mean(1, keepdim=True)
-        return pooled.pow(2).sum() / memory.shape[-1]
-    pooled = torch.einsum("bmd,bm->bd", memory, real.to(memory.dtype)).float() / real.sum(1, keepdim=True).clamp(min=1)
-    return pooled.pow(2).sum(-1).mean() / memory.shape[-1]
+from .layers import InterestDecoder, InterestEncoder, Memory, interest_regulariser
 
 
 class MISSRecCore(nn.Module):
-    """MISSRec's dense network for a fixed set of modalities (spec sections 1, 2, 5-8).
+    """MISSRec's dense network for a fixed set of modalities (docs/model.md §1, §2, §5-8).
 
     `modality_dims` maps each modality name to its raw feature width, in the order the caller will
     use. `num_items` is needed only by `fusion="dynamic_instance"` (one alpha per item).
     No modalities with `use_id` is the ID-only baseline: tokens and scores come from the ID
     embeddings alone and there are no interests (the decoder's cross-attention adds nothing).
-    `config.causal` makes every attention causal in time (see `encode_positions`).
+    `config.causal` makes every attention causal in time (see `encode`).
     """
 
     def __init__(self, config: ModelConfig, modality_dims: Mapping[str, int], num_items: Optional[int] = None) -> None:
@@ -232,8 +115,9 @@ class MISSRecCore(nn.Module):
         id_emb: Optional[Tensor] = None,
         present: Optional[Mapping[str, Tensor]] = None,
         interest_first: Optional[Tensor] = None,
+        all_positions: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """User vectors from left-aligned histories (spec sections 2, 5, 6).
+        """User vectors from left-aligned histories (docs/model.md §2, §5, §6).
 
         hist_adapted[m]: B x L x D; hist_mask: B x L, True = real item, every row >= 1 real;
         interest_tokens: B x M cluster ids (0 = pad); centroids: (K+1) x D with row 0 = padding;
@@ -241,53 +125,30 @@ class MISSRecCore(nn.Module):
         modalities); interest_first: B x M first positions of the tokens (needed when
         `config.causal`). Returns (u: B x D unit vectors read at each row's last real item,
         memory: B x M x D, memory_mask: B x M, True = real token).
+
+        `all_positions`: u holds the unit vectors of every position instead (B x L x D; pads are not
+        meaningful). With `config.causal`, position p sees only items 0..p and the interests that
+        appeared by then: `interest_first` (B x M, from `interest_tokens(..., first=True)`) is the
+        position where each token's cluster first occurs; the decoder attends token m from
+        p >= first[m], and the encoder lets token m read token m' only when first[m'] <= first[m].
+        So the output at p equals the last output of the same model run on the prefix 0..p alone:
+        one pass gives the user vector of every prefix. Without `causal` this is the paper's
+        bidirectional model, whose position p sees the whole history.
         """
-        last = hist_mask.sum(1) - 1
-        if self.config.last_query_only and not self.config.causal:
-            y, memory, memory_mask = self._decode(
-                hist_adapted, hist_mask, interest_tokens, centroids, id_emb, present, interest_first, last
-            )
-            return F.normalize(y[:, 0].float(), dim=-1), memory, memory_mask
-        y, memory, memory_mask = self._decode(
-            hist_adapted, hist_mask, interest_tokens, centroids, id_emb, present, interest_first
-        )
-        return F.normalize(y[torch.arange(y.shape[0], device=y.device), last].float(), dim=-1), memory, memory_mask
-
-    def encode_positions(
-        self,
-        hist_adapted: Mapping[str, Tensor],
-        hist_mask: Tensor,
-        interest_tokens: Tensor,
-        centroids: Tensor,
-        id_emb: Optional[Tensor] = None,
-        present: Optional[Mapping[str, Tensor]] = None,
-        interest_first: Optional[Tensor] = None,
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        """`encode`, but the unit vectors of every position (B x L x D; pads are not meaningful).
-
-        With `config.causal`, position p sees only items 0..p and the interests that appeared by
-        then: `interest_first` (B x M, from `interest_tokens(..., first=True)`) is the position
-        where each token's cluster first occurs; the decoder attends token m from p >= first[m],
-        and the encoder lets token m read token m' only when first[m'] <= first[m]. So the output
-        at p equals the last output of the same model run on the prefix 0..p alone: one pass gives
-        the user vector of every prefix. Without `causal` this is the paper's bidirectional model,
-        whose position p sees the whole history.
-        """
-        y, memory, memory_mask = self._decode(
-            hist_adapted, hist_mask, interest_tokens, centroids, id_emb, present, interest_first
-        )
-        return F.normalize(y.float(), dim=-1), memory, memory_mask
-
-    def _decode(self, hist_adapted, hist_mask, interest_tokens, centroids, id_emb, present, interest_first,
-                last=None):
-        """(decoder output B x L x D before normalisation, or B x 1 x D at `last`; memory; memory mask)."""
         if self.config.causal and self.modalities and interest_first is None:
             raise ValueError("config.causal needs interest_first (interest_tokens(..., first=True))")
         h = self.input_dropout(self.input_norm(self.tokens(hist_adapted, id_emb, present)))
         masks = self._causal_masks(hist_mask.shape[1], interest_first) if self.config.causal else (None,) * 3
         memory, memory_mask = self._memory(interest_tokens, centroids.to(h.dtype), masks[0])
-        y = self.decoder(h, hist_mask, memory, memory_mask, masks[1], masks[2], last)
-        return y, memory, memory_mask
+        context = Memory(memory, memory_mask, masks[2])
+        last = None if all_positions else hist_mask.sum(1) - 1
+        if last is not None and self.config.last_query_only and not self.config.causal:
+            # The decoder's last layer computes only the positions read: y is B x 1 x D.
+            y = self.decoder(h, hist_mask, context, masks[1], last)[:, 0]
+        else:
+            y = self.decoder(h, hist_mask, context, masks[1])
+            y = y if last is None else y[torch.arange(y.shape[0], device=y.device), last]
+        return F.normalize(y.float(), dim=-1), memory, memory_mask
 
     def _memory(self, tokens: Tensor, centroids: Tensor, allowed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         if not self.modalities:  # ID-only: no interests; one masked slot, nothing to encode
@@ -322,24 +183,6 @@ class MISSRecCore(nn.Module):
             return self.fusion_alpha
         return self.fusion_alpha if item_index is None else self.fusion_alpha[item_index]
 
-
-    def _score(self, u, items, item_id, present, item_index, sim) -> Tensor:
-        if self.config.use_id and item_id is None:
-            raise ValueError("config.use_id is set but no item_id embeddings were given")
-        item_id = item_id if self.config.use_id else None
-        use_present = self.config.mask_missing_modality and present is not None
-        if not self.modalities:  # ID-only: fusion degenerates to the ID cosine
-            return sim(u, item_id)
-        if len(self.modalities) == 1:
-            # The reference's single-modality path: one normalised sum of adapted (+ID) vectors.
-            (m,) = self.modalities
-            v = items[m] * present[m].unsqueeze(-1).to(u.dtype) if use_present else items[m]
-            return sim(u, v if item_id is None else v + item_id)
-        sims = [sim(u, items[m]) for m in self.modalities]
-        pres = [present[m] for m in self.modalities] if use_present else None
-        id_sim = sim(u, item_id) if item_id is not None else None
-        return fusion.fuse(sims, pres, self._alpha(item_index), id_sim)
-
     def score(
         self,
         u: Tensor,
@@ -348,24 +191,25 @@ class MISSRecCore(nn.Module):
         present: Optional[Mapping[str, Tensor]] = None,
         item_index: Optional[Tensor] = None,
     ) -> Tensor:
-        """B x N scores before temperature of every user against every candidate (spec section 8).
-
-        items[m]: N x D adapted vectors; item_id: N x D ID embeddings (when `use_id`); present[m]:
-        N bool; item_index: N item indices of the candidates, for per-item alpha (dynamic_instance;
-        None = the candidates are all items in index order).
+        """Scores before temperature (docs/model.md §8): B x N of every user against every candidate
+        (items[m]: N x D adapted vectors; item_id: N x D ID embeddings, when `use_id`; present[m]: N
+        bool), or B x S of each user against its own S candidates (items[m]: B x S x D, ...).
+        item_index: the candidates' item indices, for per-item alpha (dynamic_instance; None = the
+        candidates are all items in index order).
         """
-        return self._score(u, items, item_id, present, item_index, _cosine_all)
-
-    def score_pairs(
-        self,
-        u: Tensor,
-        items: Mapping[str, Tensor],
-        item_id: Optional[Tensor] = None,
-        present: Optional[Mapping[str, Tensor]] = None,
-        item_index: Optional[Tensor] = None,
-    ) -> Tensor:
-        """B x S scores of each user against its own S candidates (items[m]: B x S x D, ...)."""
-        return self._score(u, items, item_id, present, item_index, _cosine_pairs)
+        if self.config.use_id and item_id is None:
+            raise ValueError("config.use_id is set but no item_id embeddings were given")
+        item_id = item_id if self.config.use_id else None
+        present = present if self.config.mask_missing_modality else None
+        if not self.modalities:  # ID-only: fusion degenerates to the ID cosine
+            return fusion.cosine(u, item_id)
+        if len(self.modalities) == 1:
+            (m,) = self.modalities
+            return fusion.cosine(u, fusion.summed(items[m], None if present is None else present[m], item_id))
+        sims = [fusion.cosine(u, items[m]) for m in self.modalities]
+        pres = None if present is None else [present[m] for m in self.modalities]
+        id_sim = fusion.cosine(u, item_id) if item_id is not None else None
+        return fusion.fuse(sims, pres, self._alpha(item_index), id_sim)
 
     @torch.no_grad()
     def fuse(
@@ -376,39 +220,27 @@ class MISSRecCore(nn.Module):
         item_index: Optional[Tensor] = None,
     ) -> Tensor:
         """The score from cosines already computed: sims[m] = u . normalize(v_m) per modality and
-        id_sim = u . normalize(id), any shape (B x N, B x S). Equals `score`/`score_pairs` up to
-        float rounding; present[m] and item_index broadcast against the cosines.
+        id_sim = u . normalize(id), any shape (B x N, B x S). Equals `score` up to float rounding;
+        present[m] and item_index broadcast against the cosines.
 
         Inference only (no gradients), for large catalogues (batch scoring, retrieval re-scoring):
-        the modalities stay separate planes, so every step is one vectorised elementwise pass, where
-        `_fuse`'s softmax over a last dim of 2 is ~5x slower on CPU. Not for one modality with IDs,
-        whose score is the cosine of a summed vector rather than a function of cosines.
+        `fusion.fuse(..., inference=True)`. Not for one modality with IDs, whose score is the cosine of a summed
+        vector rather than a function of cosines.
         """
         if self.config.use_id and id_sim is None:
             raise ValueError("config.use_id is set but no id_sim was given")
         if not self.modalities:
             return id_sim.clone()
+        if len(self.modalities) == 1 and self.config.use_id:
+            raise ValueError("one modality with IDs scores a summed vector: use score()")
         use_present = self.config.mask_missing_modality and present is not None
         pres = [present[m] for m in self.modalities] if use_present else None
         planes = [sims[m] for m in self.modalities]
-        if len(planes) == 1:
-            if self.config.use_id:
-                raise ValueError("one modality with IDs scores a summed vector: use score()")
-            return planes[0] * pres[0] if pres else planes[0].clone()
-        fused = fusion.fuse_planes(planes, pres, self._alpha(item_index))
-        return fused.mul_(2).add_(id_sim).div_(3) if self.config.use_id else fused
-
-
-def _cosine_all(u: Tensor, v: Tensor) -> Tensor:
-    return u @ F.normalize(v, dim=-1).T
-
-
-def _cosine_pairs(u: Tensor, v: Tensor) -> Tensor:
-    return torch.einsum("bd,bsd->bs", u, F.normalize(v, dim=-1))
+        return fusion.fuse(planes, pres, self._alpha(item_index), id_sim if self.config.use_id else None, inference=True)
 
 
 def peft_trainable(core: MISSRecCore) -> int:
-    """The reference's fine-tuning from a pre-trained checkpoint (spec section 10).
+    """The reference's fine-tuning from a pre-trained checkpoint (docs/model.md §10).
 
     Freezes positions, encoder and decoder; adapters, input LayerNorm and alpha train. The ID table
     lives outside the core (TorchRec) and always trains. Returns the trainable parameter count.

@@ -1,10 +1,12 @@
-"""Dynamic fusion of per-modality cosines: the one place its formula lives.
+"""Dynamic fusion of per-modality cosines: the one place its formula lives (docs/model.md §8).
 
-fused = sum_m softmax_m(alpha * s_m) * s_m over the item's present modalities (0 if it has none);
-static fusion is alpha = 0 (a plain mean). With item IDs: (s_id + 2 * fused) / 3. `fuse` is the
-differentiable form (training, `MISSRecCore.score`); `fuse_planes` the in-place inference form
-(batch scoring over large catalogues); `upper_bound` bounds the score of an item whose cosines are
-bounded (certified approximate retrieval); `DESCRIPTION` states the formula for exported files.
+s_m = u . v_m / |v_m| (`cosine`); fused = sum_m softmax_m(alpha * s_m) * s_m over the item's present
+modalities (0 if it has none); static fusion is alpha = 0 (a plain mean). With item IDs:
+(s_id + 2 * fused) / 3. One modality is the reference's other path: the cosine of one summed vector
+(`summed`). `fuse` has a differentiable form (training, `MISSRecCore.score`) and an in-place
+inference form (batch scoring over large catalogues); `upper_bound` bounds the score of an
+item whose cosines are bounded (certified approximate retrieval); `DESCRIPTION` states the formula
+for exported files.
 """
 
 from __future__ import annotations
@@ -20,14 +22,32 @@ DESCRIPTION = ("s_m = u . v_m/|v_m| per modality; fused = sum_m softmax(alpha * 
                "u . w/|w| with w = v (x present) (+ id). u = the model's unit user vector.")
 
 
+def cosine(u: Tensor, v: Tensor) -> Tensor:
+    """u (B x D, unit) against every candidate (v: N x D) -> B x N, or against its own S candidates
+    (v: B x S x D) -> B x S."""
+    if v.dim() == 2:
+        return u @ F.normalize(v, dim=-1).T
+    return torch.einsum("bd,bsd->bs", u, F.normalize(v, dim=-1))
+
+
+def summed(v: Tensor, present: Optional[Tensor], id_emb: Optional[Tensor]) -> Tensor:
+    """One modality: the vector whose cosine is the score, v (x present) (+ the ID embedding)."""
+    v = v * present.unsqueeze(-1).to(v.dtype) if present is not None else v
+    return v if id_emb is None else v + id_emb
+
+
 def fuse(
     sims: List[Tensor],
     present: Optional[List[Tensor]],
     alpha: Optional[Tensor],
     id_sim: Optional[Tensor] = None,
+    inference: bool = False,
 ) -> Tensor:
     """The fused score from per-modality cosines `sims` (any shape, broadcasting with `present[m]`
-    and `alpha`), differentiable: training and `MISSRecCore.score`."""
+    and `alpha`), differentiable: training and `MISSRecCore.score`. `inference`: the same score by
+    in-place elementwise passes, for no autograd (`MISSRecCore.fuse`, large catalogues)."""
+    if inference:
+        return _fuse_planes(sims, present, alpha, id_sim)
     fused = _pair(sims, present, alpha) if len(sims) == 2 else _softmax_mix(sims, present, alpha)
     return fused if id_sim is None else (id_sim + 2 * fused) / 3
 
@@ -60,10 +80,17 @@ def _pair(sims: List[Tensor], present: Optional[List[Tensor]], alpha: Optional[T
     return second + diff * torch.sigmoid(z)
 
 
-def fuse_planes(planes: List[Tensor], present: Optional[List[Tensor]], alpha: Optional[Tensor]) -> Tensor:
-    """`fuse` without IDs, in place and without autograd, on one tensor per modality (inference; see
-    `MISSRecCore.fuse`): each step is one elementwise pass, and a missing modality enters as a
-    per-item logit bias of -inf."""
+def _fuse_planes(
+    planes: List[Tensor], present: Optional[List[Tensor]], alpha: Optional[Tensor], id_sim: Optional[Tensor]
+) -> Tensor:
+    """`fuse`'s inference form: each step is one elementwise pass over one tensor per modality, and a
+    missing modality enters as a per-item logit bias of -inf, where the differentiable form's
+    softmax over a last dim of 2 is ~5x slower on CPU. One plane is its own score (x present);
+    `id_sim` needs two or more (one modality with IDs is the cosine of `summed`)."""
+    if len(planes) == 1:
+        if id_sim is not None:
+            raise ValueError("one modality with IDs scores a summed vector, not a function of cosines")
+        return planes[0] * present[0] if present else planes[0].clone()
     alpha = alpha if alpha is not None else planes[0].new_zeros(())  # static fusion: alpha = 0
     bias, anything = None, None
     if present is not None:
@@ -73,7 +100,7 @@ def fuse_planes(planes: List[Tensor], present: Optional[List[Tensor]], alpha: Op
     # An item with no modality scores 0, as in `fuse` (its finite logits give a mean of zeros).
     if anything is not None and not bool(anything.all()):
         fused.masked_fill_(~anything, 0.0)
-    return fused
+    return fused if id_sim is None else fused.mul_(2).add_(id_sim).div_(3)
 
 
 def _fuse_two(planes: List[Tensor], bias: Optional[List[Tensor]], alpha: Tensor) -> Tensor:

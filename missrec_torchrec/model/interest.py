@@ -5,8 +5,6 @@ learning rate), but in plain torch and split across ranks: every rank passes onl
 points, the ranks step through their shards in lock-step, and each step's per-cluster sums and
 counts are combined with `all_reduce`, so every rank holds the same centroids and no point is
 assigned twice. Without a process group (or with world size 1) the same code runs locally.
-
-"Spec section N" below is section N of docs/model.md.
 """
 
 from __future__ import annotations
@@ -192,7 +190,7 @@ def discover_interests(
     group: Optional[dist.ProcessGroup] = None,
     k: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Cluster all modalities' adapted item vectors together (spec section 3).
+    """Cluster all modalities' adapted item vectors together (docs/model.md §3).
 
     `points[m]` is this rank's shard of adapted item vectors for modality m (n_local x D, the same
     item rows for every modality). Returns the centroid table ((K+1) x D, row 0 = zeros for padding)
@@ -241,7 +239,7 @@ def interest_tokens(
     keep_zero: bool = False,
     first: bool = False,
 ) -> torch.Tensor | Tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the sorted distinct cluster ids of its items under every modality (spec section 4).
+    """Per row, the sorted distinct cluster ids of its items under every modality (docs/model.md §4).
 
     `history` is B x L item indices with PAD (-1) on the right; `assignments` holds one N-long id
     table per modality (1..K, or 0 for a masked missing modality). Returns B x M, right-padded with

@@ -3,8 +3,6 @@
 Every loss takes scores BEFORE temperature (what `MISSRecCore.score` returns) and an optional
 per-row `weight` (1 real, 0 for rows padded in so that no rank is empty): the loss is the weighted
 mean, and a zero-weight row is never anyone's negative in the in-batch losses.
-
-"Spec section N" below is section N of docs/model.md.
 """
 
 from __future__ import annotations
@@ -194,7 +192,7 @@ def feature_swap(
     """Each position of base (B x L x D) takes `alternative` with `prob` where that exists.
 
     The reference's "word drop": 20% of positions read the `.feat2CLS` feature of a word-dropped
-    description instead of the text feature (spec section 9).
+    description instead of the text feature (docs/model.md §9).
     """
     swap = torch.rand(base.shape[:2], generator=generator, device=base.device) < prob
     if alternative_present is not None:

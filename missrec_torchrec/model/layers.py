@@ -1,0 +1,123 @@
+"""The interest encoder and the interest-aware decoder: post-LN transformer layers on SDPA.
+
+The layers are written on `F.scaled_dot_product_attention` rather than reusing
+`nn.TransformerEncoderLayer`/`DecoderLayer`: those only take their fused fast path in inference
+(and the decoder never), while training goes through `F.multi_head_attention_forward`, which expands
+the key-padding mask to B*heads x T x S. Here the mask stays B x 1 x 1 x S and SDPA picks its
+kernel. Parameter names and shapes are those of `nn.Transformer` (`encoder.layers.0.self_attn.
+in_proj_weight`, ...), so the reference's `trm_model.*` weights load unchanged (tested).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import Attention
+from .config import ModelConfig
+from .dropout import Dropout
+
+
+class Memory(NamedTuple):
+    """What the decoder's cross-attention reads: the encoder output (B x M x D), its key mask (B x M,
+    True = real token) and, in causal mode, which positions may read which token (B x L x M)."""
+
+    values: Tensor
+    mask: Tensor
+    allowed: Optional[Tensor] = None
+
+
+def _activation(name: str):
+    return F.gelu if name == "gelu" else F.relu
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN layer with the parameters of `nn.TransformerEncoderLayer`."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention, c.fold_single_query)
+        self.linear1 = nn.Linear(c.hidden, c.ffn)
+        self.linear2 = nn.Linear(c.ffn, c.hidden)
+        self.norm1 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.drop = Dropout(c.dropout, c.fast_dropout)
+        self.act = _activation(c.activation)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.linear2(self.drop(self.act(self.linear1(x)))))
+
+    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None, qkv: Optional[Tensor] = None) -> Tensor:
+        x = self.norm1(x + self.drop(self.self_attn(x, x, mask, allowed, qkv)))
+        return self.norm2(x + self.feed_forward(x))
+
+
+class DecoderLayer(EncoderLayer):
+    """Post-LN layer with the parameters of `nn.TransformerDecoderLayer`."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__(c)
+        self.multihead_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention, c.fold_single_query)
+        self.norm3 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+
+    def forward(self, x: Tensor, mask: Tensor, memory: Memory, allowed: Optional[Tensor] = None,
+                query: Optional[Tensor] = None) -> Tensor:
+        """`query` (B x Q x D, default x): the positions to compute; they attend to all of x."""
+        q = x if query is None else query
+        q = self.norm1(q + self.drop(self.self_attn(q, x, mask, allowed)))
+        q = self.norm2(q + self.drop(self.multihead_attn(q, memory.values, memory.mask, memory.allowed)))
+        return self.norm3(q + self.feed_forward(q))
+
+
+class InterestEncoder(nn.Module):
+    """Contextual encoder over interest tokens: bidirectional, no positions, final LayerNorm."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.n_enc_layers))
+        self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+
+    def forward(self, x: Tensor, mask: Tensor, allowed: Optional[Tensor] = None, qkv: Optional[Tensor] = None) -> Tensor:
+        """`qkv`: the first layer's self-attention input projections of x, if already computed."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, allowed, qkv if i == 0 else None)
+        return self.norm(x)
+
+
+class InterestDecoder(nn.Module):
+    """Interest-aware decoder: item self-attention, cross-attention to the memory, final LayerNorm."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_dec_layers))
+        self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+
+    def forward(self, x: Tensor, mask: Tensor, memory: Memory, allowed: Optional[Tensor] = None,
+                last: Optional[Tensor] = None) -> Tensor:
+        """B x L x D, or with `last` (B positions, no `allowed` masks) B x 1 x D: the last layer then
+        computes only those positions' queries, all that a user vector reads (same values)."""
+        for i, layer in enumerate(self.layers):
+            query = None
+            if last is not None and i == len(self.layers) - 1:
+                query = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
+            x = layer(x, mask, memory, allowed, query)
+        return self.norm(x)
+
+
+def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = False) -> Tensor:
+    """R of docs/model.md §7 on the encoder memory (B x M x D, mask True = real token).
+
+    reference: p_b = (real_b / M) * sum over all M slots (pads included), R = sum_b |p_b|^2 / D.
+    Otherwise (quirk 5 fixed): p_b = mean of the real slots, R = mean_b |p_b|^2 / D.
+    """
+    # The pooled vectors are fp32 whatever the memory's dtype (bf16 under autocast), without an fp32
+    # copy of the memory: a dtype-ed sum, or one matmul (fp32 accumulation) for the masked mean.
+    real = memory_mask.to(torch.float32)
+    if reference:
+        pooled = memory.sum(1, dtype=torch.float32) * real.mean(1, keepdim=True)
+        return pooled.pow(2).sum() / memory.shape[-1]
+    pooled = torch.einsum("bmd,bm->bd", memory, real.to(memory.dtype)).float() / real.sum(1, keepdim=True).clamp(min=1)
+    return pooled.pow(2).sum(-1).mean() / memory.shape[-1]
