@@ -29,6 +29,7 @@ from missrec_torchrec import precision
 from missrec_torchrec.config import check_resume_config, dump_config
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.metrics import early_stopping
+from missrec_torchrec.run_log import RunLog
 from missrec_torchrec.recommender import ID_TABLE, MISSRecModel
 from missrec_torchrec.session import CORE_FILE, Session, broadcast, build_model, log0
 
@@ -79,11 +80,7 @@ class Trainer:
         )
         # Dropout and augmentation differ per rank; data order comes from the streams' own seeds.
         torch.manual_seed(cfg["experiment"]["seed"] * 1000 + self.rank)
-        self.writer = None
-        if self.rank == 0 and cfg["log"]["tensorboard"]:
-            from torch.utils.tensorboard import SummaryWriter  # slow to import; only when logging
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.log = RunLog(cfg, self.rank, self.run_dir)
         self.ckpt = s.checkpoints(self.run_dir / "checkpoints", keep_last=cfg["checkpoint"]["keep"])
         self.stream: Optional[SequenceStream] = None  # the training stream of the current epoch
         self._position: Optional[Dict[str, Any]] = None  # a resumed rank's data position, until used
@@ -131,11 +128,7 @@ class Trainer:
         steps = len(stream) - skip
         batches = iter(make_loader(stream))
         self.head.aug_generator = None
-        bar = None
-        if self.rank == 0 and self.cfg["log"]["progress"]:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
+        self.log.open_bar(epoch, steps)
         ckpt_every = int(self.cfg["checkpoint"]["every_steps"] or 0)
         recluster_every = int(self.cfg["train"]["recluster_every"] or 0)
         totals = {"loss": 0.0, "main": 0.0, "reg": 0.0, "targets": 0.0}
@@ -147,7 +140,7 @@ class Trainer:
             for period in (ckpt_every, recluster_every):
                 if period:
                     n = min(n, period - (skip + done) % period)
-            ran = self._segment(itertools.islice(batches, n), progress, totals, bar, done, t0)
+            ran = self._segment(itertools.islice(batches, n), progress, totals, done, t0)
             if ran == 0:
                 raise DataError(f"{self.info.root}: the training stream ended after {skip + done} of "
                                 f"{skip + steps} batches in epoch {epoch}")
@@ -156,14 +149,13 @@ class Trainer:
             if done < steps:
                 if recluster_every and position % recluster_every == 0:
                     progress["interest"] = self.recluster(epoch, position)
-                    self._log_interest(progress["interest"], progress["step"])
+                    self.log.interest(progress["interest"], progress["step"])
                 if ckpt_every and position % ckpt_every == 0:
                     progress["skip_batches"] = position
                     self.save(progress)
         progress["skip_batches"] = 0
         self.session.publish_ids()
-        if bar is not None:
-            bar.close()
+        self.log.close_bar()
         return self._epoch_stats(totals, done, time.time() - t0)
 
     def open_stream(self, epoch: int, skip: int) -> SequenceStream:
@@ -180,13 +172,12 @@ class Trainer:
             stream.load_state_dict(position or {"epoch": epoch, "batches": skip})
         return stream
 
-    def _segment(self, part: Iterator[SeqBatch], progress: Dict[str, Any], totals: Dict[str, Any], bar,
-                 done: int, t0: float) -> int:
+    def _segment(self, part: Iterator[SeqBatch], progress: Dict[str, Any], totals: Dict[str, Any], done: int,
+                 t0: float) -> int:
         """Training steps over `part`, drained by a pipeline of its own; returns how many ran."""
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
         pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
-        every = max(1, int(self.cfg["log"]["every"]))
         rows = self.cfg["data"]["batch_size"] * self.world
         ran = 0
         while True:
@@ -201,22 +192,10 @@ class Trainer:
             for k in totals:
                 if k in out:
                     totals[k] = totals[k] + out[k].detach()
-            self._log_step(out, step, bar, every, (done + ran) * rows / max(time.time() - t0, 1e-9))
+            self.log.step(out, step, (done + ran) * rows / max(time.time() - t0, 1e-9))
             self._maybe_fail(step)
         pipeline.detach()
         return ran
-
-    def _log_step(self, out: Dict[str, torch.Tensor], step: int, bar, every: int, samples_per_s: float) -> None:
-        if bar is not None:
-            bar.update(1)
-            if step % every == 0:
-                bar.set_postfix(loss=f"{float(out['loss']):.4f}")
-        if self.writer is not None and step % every == 0:
-            self.writer.add_scalar("train/loss", float(out["loss"]), step)
-            self.writer.add_scalar("train/main", float(out.get("main", out["loss"])), step)
-            self.writer.add_scalar("train/regulariser", float(out.get("reg", 0.0)), step)
-            self.writer.add_scalar("train/lr", self.cfg["train"]["lr"], step)
-            self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
 
     def _epoch_stats(self, totals: Dict[str, Any], done: int, seconds: float) -> Dict[str, float]:
         # Next-item predictions trained on, all ranks: one per row, or (causal) one per real position,
@@ -287,7 +266,7 @@ class Trainer:
             epoch = progress["epoch"]
             if not progress["skip_batches"]:
                 progress["interest"] = self.recluster(epoch)
-                self._log_interest(progress["interest"], progress["step"])
+                self.log.interest(progress["interest"], progress["step"])
             stats = self.train_epoch(epoch, progress)
             row: Dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
             row.update({f"interest/{k}": v for k, v in progress.get("interest", {}).items()})
@@ -295,7 +274,7 @@ class Trainer:
             progress["epoch"] = epoch + 1
             progress["history"].append(row)
             self.save(progress, metric=value)
-            self._log_epoch(row)
+            self.log.epoch(row)
             if stop:
                 ev = self.cfg["eval"]
                 log0(f"early stop: no {ev['metric']} improvement for {ev['patience']} validations")
@@ -337,16 +316,10 @@ class Trainer:
         if self.rank == 0:
             with staged_file(self.run_dir / "results.json") as tmp:
                 Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
-            if self.writer is not None:
-                hparams = {
-                    "mode": t["mode"], "use_id": self.model_cfg.use_id, "hidden": self.model_cfg.hidden,
-                    "lr": t["lr"], "batch_size": self.cfg["data"]["batch_size"],
-                    "modalities": "+".join(self.modality_dims), "world_size": self.world,
-                    "precision": self.precision,
-                }
-                self.writer.add_hparams(hparams, {f"hparam/test_{k}": v for k, v in test.items()})
-                self.writer.close()
-            log0("test " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(test.items())))
+            self.log.finish({"mode": t["mode"], "use_id": self.model_cfg.use_id, "hidden": self.model_cfg.hidden,
+                             "lr": t["lr"], "batch_size": self.cfg["data"]["batch_size"],
+                             "modalities": "+".join(self.modality_dims), "world_size": self.world,
+                             "precision": self.precision}, test)
         return result
 
     @torch.no_grad()
@@ -364,25 +337,6 @@ class Trainer:
             unchanged &= bool(torch.equal(rows.cpu(), torch.from_numpy(self.info.load_features(m)[0])))
         record = {"rank": self.rank, "dense": digest.hexdigest(), "frozen_tables_unchanged": unchanged}
         (self.run_dir / f"fingerprint.rank{self.rank}.json").write_text(json.dumps(record) + "\n")
-
-    def _log_interest(self, stats: Dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for k, v in stats.items():
-                self.writer.add_scalar(f"interest/{k}", v, step)
-
-    def _log_epoch(self, row: Dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        epoch = row["epoch"]
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)):
-                    # train/* and interest/* are also logged per step under the same names: their epoch
-                    # summaries go under epoch/ so the step-indexed curves are not mixed with epoch indices.
-                    tag = k if k.startswith("valid/") else "epoch/" + k.replace("/", "_")
-                    self.writer.add_scalar(tag, v, epoch)
-        shown = {k: v for k, v in row.items() if k.startswith("valid/") or k in ("train/loss", "train/samples_per_s")}
-        log0(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
 
 def count_parameters(model: MISSRecModel) -> Dict[str, int]:
