@@ -140,14 +140,14 @@ def random_batch(n: int, kjt_groups, batch_size: int, max_len: int, candidates):
     setup_path()
     import numpy as np
 
-    from datapipes.batch import add_candidates, collate
+    from datapipes.batch import collate
 
     rng = np.random.default_rng(0)
     seq_len = 5 + rng.geometric(1 / 16, batch_size) - 1
     lengths = np.minimum(rng.integers(1, seq_len - 1), max_len)
     values = rng.integers(0, n, int(lengths.sum()))
-    batch = collate(values, lengths, rng.integers(0, n, batch_size), np.arange(batch_size), max_len, kjt_groups)
-    return add_candidates(batch, kjt_groups, candidates)
+    return collate(values, lengths, rng.integers(0, n, batch_size), np.arange(batch_size), max_len, kjt_groups,
+                   candidates=candidates)
 
 
 def fill_interests(head, n: int) -> None:

@@ -104,13 +104,9 @@ def ensure_dataset(args: argparse.Namespace) -> Path:
     if (out / "stats.json").is_file():
         return out
     sys.path.insert(0, str(ROOT))
-    from datapipes.sources import prepare, synthetic
+    from datapipes.sources import prepare
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", type=Path)
-    synthetic.add_arguments(p)
-    gen = p.parse_args(["--out", str(out), *CASES[args.case], "--modalities", "text:512,image:512", "--seed", "0"])
-    prepare("synthetic", gen)
+    prepare("synthetic", out, [*CASES[args.case], "--modalities", "text:512,image:512", "--seed", "0"])
     return out
 
 

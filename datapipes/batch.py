@@ -2,15 +2,15 @@
 
 `sparse` holds one KeyedJaggedTensor per TorchRec embedding collection (the model decides the
 grouping: one collection per embedding dim, frozen and trainable tables apart). Every table `t` of a
-group gets two features, ``f"{t}.history"`` and ``f"{t}.target"``, whose values are item indices.
-The dense tensors carry what the model needs for index arithmetic (padding masks, cluster lookups,
+group gets the features ``f"{t}.history"`` and ``f"{t}.target"`` and, when the batch has candidates,
+``f"{t}.candidates"``; their values are item indices. The dense tensors carry what the model needs for index arithmetic (padding masks, cluster lookups,
 augmentation) and what evaluation needs (the user's full history, for masking seen items).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 PAD = -1  # padding value in `history`; item indices are dense 0..N-1
-
 
 
 def row_ids(offsets: torch.Tensor) -> torch.Tensor:
@@ -44,7 +43,7 @@ class SeqBatch(Pipelineable):
     weight: torch.Tensor  # [B] float32: 1 for real rows, 0 for rows padded in so no rank is empty
     seen_offsets: Optional[torch.Tensor] = None  # [B+1] offsets into seen_values (eval only)
     seen_values: Optional[torch.Tensor] = None  # the user's whole history before the target
-    candidates: Optional[torch.Tensor] = None  # [C] item ids scored against every row (add_candidates)
+    candidates: Optional[torch.Tensor] = None  # [C] item ids scored against every row (datapipes.candidates)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "SeqBatch":
         def move(x):
@@ -79,6 +78,10 @@ class SeqBatch(Pipelineable):
         return int(self.target.shape[0])
 
 
+def candidates_key(table: str) -> str:
+    return f"{table}.candidates"
+
+
 def collate(
     history_values: np.ndarray,
     lengths: np.ndarray,
@@ -89,11 +92,20 @@ def collate(
     weight: Optional[np.ndarray] = None,
     seen_offsets: Optional[np.ndarray] = None,
     seen_values: Optional[np.ndarray] = None,
+    candidates: Optional[torch.Tensor] = None,
+    sequence_rows: bool = True,
 ) -> SeqBatch:
     """Build a SeqBatch from flat numpy arrays, without a Python loop over rows.
 
     `history_values` is the concatenation of every row's history (oldest first), `lengths[i]` the
     size of row i's slice (each <= max_len).
+
+    `candidates` (item ids; see `datapipes.candidates`) adds a `<table>.candidates` feature to every
+    table. The ids sit in row 0 of the jagged feature (lengths [C, 0, ..., 0]), so the sharded lookup
+    fetches the candidate rows once per batch and gradients reach trainable tables through the same
+    all-to-all as the history rows. `sequence_rows=False` empties the history and target features
+    (the keys stay: a sharded collection expects all of its features) for a model that takes those
+    vectors from the candidate rows, so their lookups and backward cost nothing.
     """
     lengths_t = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))
     values_t = torch.from_numpy(np.ascontiguousarray(history_values, dtype=np.int64))
@@ -106,20 +118,8 @@ def collate(
     col = torch.arange(values_t.numel()) - offsets[row]
     history = torch.full((b, max_len), PAD, dtype=torch.int64)
     history[row, col] = values_t
-
-    sparse: Dict[str, KeyedJaggedTensor] = {}
-    ones = torch.ones(b, dtype=torch.int64)
-    for group, tables in kjt_groups.items():
-        keys: List[str] = []
-        vals: List[torch.Tensor] = []
-        lens: List[torch.Tensor] = []
-        for t in tables:
-            keys += [history_key(t), target_key(t)]
-            vals += [values_t, target_t]
-            lens += [lengths_t, ones]
-        sparse[group] = KeyedJaggedTensor(keys=keys, values=torch.cat(vals), lengths=torch.cat(lens))
     return SeqBatch(
-        sparse=sparse,
+        sparse=sparse_features(kjt_groups, values_t, lengths_t, target_t, candidates, sequence_rows),
         history=history,
         lengths=lengths_t,
         target=target_t,
@@ -129,44 +129,33 @@ def collate(
         else torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)),
         seen_offsets=None if seen_offsets is None else torch.from_numpy(np.ascontiguousarray(seen_offsets, dtype=np.int64)),
         seen_values=None if seen_values is None else torch.from_numpy(np.ascontiguousarray(seen_values, dtype=np.int64)),
+        candidates=candidates,
     )
 
 
-def candidates_key(table: str) -> str:
-    return f"{table}.candidates"
-
-
-def add_candidates(
-    batch: SeqBatch, kjt_groups: Mapping[str, Sequence[str]], candidates: torch.Tensor, sequence_rows: bool = True
-) -> SeqBatch:
-    """Add a `<table>.candidates` feature holding `candidates` (item ids) to every table's KJT.
-
-    The ids sit in row 0 of the jagged feature (lengths [C, 0, ..., 0]), so the sharded lookup
-    fetches the candidate rows once per batch (the full catalogue for full-softmax training and
-    evaluation, a sample for sampled softmax) and gradients reach trainable tables through the same
-    all-to-all as the history rows. `sequence_rows=False` empties the history and target features
-    (the keys stay: a sharded collection expects all of its features) for a model that takes those
-    vectors from the candidate rows, so their lookups and backward cost nothing.
-    """
-    b = batch.batch_size
-    cand_lengths = torch.zeros(b, dtype=torch.int64)
-    cand_lengths[0] = candidates.numel()
-    empty = torch.zeros(b, dtype=torch.int64)
+def sparse_features(
+    kjt_groups: Mapping[str, Sequence[str]],
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    target: torch.Tensor,
+    candidates: Optional[torch.Tensor],
+    sequence_rows: bool,
+) -> Dict[str, KeyedJaggedTensor]:
+    """One KJT per group: each table's history, target and (with `candidates`) candidates features."""
+    b = int(lengths.shape[0])
+    ones = torch.ones(b, dtype=torch.int64)
+    if not sequence_rows:
+        lengths, ones = torch.zeros(b, dtype=torch.int64), torch.zeros(b, dtype=torch.int64)
+        values, target = values[:0], target[:0]
+    per_table = [(history_key, values, lengths), (target_key, target, ones)]
+    if candidates is not None:
+        cand_lengths = torch.zeros(b, dtype=torch.int64)
+        cand_lengths[0] = candidates.numel()
+        per_table.append((candidates_key, candidates, cand_lengths))
     sparse: Dict[str, KeyedJaggedTensor] = {}
     for group, tables in kjt_groups.items():
-        kjt = batch.sparse[group]
-        jts = kjt.to_dict()
-        keys: List[str] = []
-        vals: List[torch.Tensor] = []
-        lens: List[torch.Tensor] = []
-        for t in tables:
-            for key in (history_key(t), target_key(t)):
-                keys.append(key)
-                vals.append(jts[key].values() if sequence_rows else empty[:0])
-                lens.append(jts[key].lengths() if sequence_rows else empty)
-            keys.append(candidates_key(t))
-            vals.append(candidates.to(torch.int64))
-            lens.append(cand_lengths)
-        sparse[group] = KeyedJaggedTensor(keys=keys, values=torch.cat(vals), lengths=torch.cat(lens))
-    rest = {f.name: getattr(batch, f.name) for f in fields(batch) if f.name not in ("sparse", "candidates")}
-    return SeqBatch(sparse=sparse, candidates=candidates.to(torch.int64), **rest)
+        keys = [key(t) for t in tables for key, _, _ in per_table]
+        vals = torch.cat([v for _ in tables for _, v, _ in per_table])
+        lens = torch.cat([n for _ in tables for _, _, n in per_table])
+        sparse[group] = KeyedJaggedTensor(keys=keys, values=vals, lengths=lens)
+    return sparse

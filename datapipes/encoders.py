@@ -17,7 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from datapipes.io import first_line
 from datapipes.schema import DataError, DatasetInfo
+from datapipes.vector_files import read_npy, read_parquet, read_raw
 
 DEFAULT_BATCH_SIZE = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # preference order when a key has several files
@@ -90,10 +92,6 @@ def _model_dir(path: str, kind: str) -> Path:
     return folder
 
 
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _device(name: str):
     import torch
 
@@ -131,7 +129,9 @@ class LocalModelEncoder(Encoder):
         raise NotImplementedError
 
 
-class SentenceTransformerEncoder(LocalModelEncoder):
+class TextInputs:
+    """A model encoder of the items' texts (mixed in before its model's base class)."""
+
     def __init__(self, path: Path, items: Items, options: EncoderOptions, spec: str):
         super().__init__(path, options, spec)
         self.items = items
@@ -139,6 +139,8 @@ class SentenceTransformerEncoder(LocalModelEncoder):
     def inputs(self, start, stop):
         return text_inputs(self.items, start, stop)
 
+
+class SentenceTransformerEncoder(TextInputs, LocalModelEncoder):
     def load(self):
         from sentence_transformers import SentenceTransformer  # heavy; only when a chunk needs encoding
 
@@ -193,14 +195,7 @@ class ClipEncoder(LocalModelEncoder):
         return _projected(out).float().cpu().numpy()
 
 
-class ClipTextEncoder(ClipEncoder):
-    def __init__(self, path: Path, items: Items, options: EncoderOptions, spec: str):
-        super().__init__(path, options, spec)
-        self.items = items
-
-    def inputs(self, start, stop):
-        return text_inputs(self.items, start, stop)
-
+class ClipTextEncoder(TextInputs, ClipEncoder):
     def _load_processor(self):
         from transformers import AutoTokenizer
 
@@ -277,10 +272,6 @@ class ClipImageEncoder(ClipEncoder):
         return self._run(model.get_image_features, pixel_values=pixels)
 
 
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
 class VectorsEncoder(Encoder):
     """An existing matrix aligned with the items (or keyed by item_key, for Parquet)."""
 
@@ -290,11 +281,13 @@ class VectorsEncoder(Encoder):
             raise DataError(f"{self.path}: vectors file not found")
         suffix = self.path.suffix.lower()
         if suffix == ".npy":
-            matrix = self._load_npy()
+            matrix = read_npy(self.path)
         elif suffix in (".parquet", ".pq"):
-            matrix = self._load_parquet(items)
+            keys, matrix = read_parquet(self.path, options.column, options.dim)
+            if keys is not None:
+                matrix = self._align_by_key(keys, matrix, items)
         else:
-            matrix = self._load_raw()
+            matrix = read_raw(self.path, options.dim)
         if options.dim is not None and matrix.shape[1] != options.dim:
             raise DataError(f"{self.path}: vectors are {matrix.shape[1]}-d but --dim is {options.dim}")
         if matrix.shape[0] != len(items):
@@ -312,60 +305,6 @@ class VectorsEncoder(Encoder):
     @property
     def dim(self):
         return int(self.matrix.shape[1])
-
-    def _load_npy(self) -> np.ndarray:
-        try:
-            matrix = np.load(self.path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise DataError(f"{self.path}: not a readable .npy array ({first_line(e)})") from None
-        if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.number):
-            raise DataError(f"{self.path}: expected a 2-d numeric array, got shape {matrix.shape} {matrix.dtype}")
-        return matrix
-
-    def _load_raw(self) -> np.ndarray:
-        if not self.options.dim:
-            raise DataError(f"{self.path}: raw float32 vectors need --dim (e.g. 512 for MISSRec .featNCLS files)")
-        size, row_bytes = self.path.stat().st_size, 4 * self.options.dim
-        if size % row_bytes:
-            raise DataError(f"{self.path}: {size} bytes is not a multiple of 4 x dim = {row_bytes}")
-        if size == 0:
-            return np.zeros((0, self.options.dim), np.float32)
-        return np.memmap(self.path, dtype="<f4", mode="r", shape=(size // row_bytes, self.options.dim))
-
-    def _load_parquet(self, items: Items) -> np.ndarray:
-        try:
-            table = pq.read_table(self.path)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{self.path}: not a readable Parquet file ({first_line(e)})") from None
-        name = self.options.column or self._only_list_column(table)
-        if name not in table.column_names:
-            raise DataError(f"{self.path}: no column {name!r} (columns: {', '.join(table.column_names)})")
-        vectors = self._list_column_to_matrix(table.column(name).combine_chunks(), name)
-        if "item_key" not in table.column_names:
-            return vectors
-        return self._align_by_key(table.column("item_key").combine_chunks().cast(pa.string()), vectors, items)
-
-    def _only_list_column(self, table: pa.Table) -> str:
-        lists = [f.name for f in table.schema if _is_list(f.type)]
-        if len(lists) != 1:
-            raise DataError(f"{self.path}: {len(lists)} list columns ({', '.join(lists) or 'none'}); name one with --column")
-        return lists[0]
-
-    def _list_column_to_matrix(self, column: pa.Array, name: str) -> np.ndarray:
-        if not _is_list(column.type):
-            raise DataError(f"{self.path}: column {name!r} is {column.type}, not a list of numbers")
-        if column.null_count:
-            row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
-            raise DataError(f"{self.path}: row {row} of column {name!r} is null (write zeros for a missing item)")
-        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-        dim = int(lengths[0]) if len(lengths) else int(self.options.dim or 0)
-        if (lengths != dim).any():
-            row = int(np.argmax(lengths != dim))
-            raise DataError(f"{self.path}: row {row} of column {name!r} has {lengths[row]} values, row 0 has {dim}")
-        values = column.flatten().to_numpy(zero_copy_only=False)
-        if not np.issubdtype(values.dtype, np.number):
-            raise DataError(f"{self.path}: column {name!r} holds {values.dtype}, not numbers")
-        return values.astype(np.float32, copy=False).reshape(len(column), dim)
 
     def _align_by_key(self, keys: pa.Array, vectors: np.ndarray, items: Items) -> np.ndarray:
         """Rows matched to items by item_key; items with no row get a zero vector (absent)."""

@@ -40,8 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datapipes.io import staged_file
-from datapipes.encoders import DEFAULT_BATCH_SIZE, Encoder, EncoderOptions, first_line, make_encoder, read_items
+from datapipes.encoders import DEFAULT_BATCH_SIZE, Encoder, EncoderOptions, make_encoder, read_items
+from datapipes.io import first_line, staged_file
 from datapipes.schema import FEATURE_DTYPES, FEATURES_DIR, DataError, DatasetInfo, FeatureWriter, feature_path, feature_schema, register_modality
 
 HELP = "compute one item-feature modality (MiniLM / CLIP text or image / imported vectors)"

@@ -20,6 +20,11 @@ class DataError(ValueError):
     """A malformed input. The message names the file and the row or key at fault."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first message line (its type when it has none), for a one-line DataError."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def check_output_dir(out: Path, overwrite: bool = False, inputs: Sequence[Path | str] = ()) -> None:
     """Refuse an output folder that replacing would be wrong for: the filesystem root, the working
     directory or a folder holding it, a plain file, a folder holding one of the command's `inputs`,

@@ -211,6 +211,29 @@ def _item_texts(item_text: Mapping[str, str], item_keys: pa.Array) -> pa.Array:
     return text_values.take(pc.index_in(item_keys, value_set=text_keys))
 
 
+def _check_options(k_core: int, rows_per_group: int, cold_items: float) -> None:
+    if k_core < 0:
+        raise DataError(f"--k-core must be >= 0, got {k_core}")
+    if rows_per_group < 1:
+        raise DataError(f"--rows-per-group must be >= 1, got {rows_per_group}")
+    if not 0.0 <= cold_items < 1.0:
+        raise DataError(f"--cold-items must be in [0, 1), got {cold_items}")
+
+
+def _sequences(users: np.ndarray, items: np.ndarray, times: np.ndarray, user_dict: pa.Array, item_dict: pa.Array):
+    """(items and times of every sequence, concatenated in user order; sequence lengths; user keys
+    and item keys by their new index) of the kept interactions. Indices follow first appearance in time."""
+    # Masking kept file order, so a stable sort on time breaks ties by file row.
+    time_order = np.argsort(times, kind="stable")
+    user_index = first_appearance_rank(users[time_order], len(user_dict))[users]
+    item_index = first_appearance_rank(items[time_order], len(item_dict))[items]
+    by_user = time_order[np.argsort(user_index[time_order], kind="stable")]
+    lengths = np.bincount(user_index)
+    user_out = _keys_by_index(user_dict, users, user_index, len(lengths))
+    item_out = _keys_by_index(item_dict, items, item_index, int(item_index.max()) + 1)
+    return item_index[by_user], times[by_user], lengths, user_out, item_out
+
+
 def build_sequences(
     user_keys,
     item_keys,
@@ -235,12 +258,7 @@ def build_sequences(
     rows are dropped unless `keep_duplicates` (rule 0).
     """
     origin = origin or domain
-    if k_core < 0:
-        raise DataError(f"--k-core must be >= 0, got {k_core}")
-    if rows_per_group < 1:
-        raise DataError(f"--rows-per-group must be >= 1, got {rows_per_group}")
-    if not 0.0 <= cold_items < 1.0:
-        raise DataError(f"--cold-items must be in [0, 1), got {cold_items}")
+    _check_options(k_core, rows_per_group, cold_items)
     users, user_dict, items, item_dict, times = _encoded(user_keys, item_keys, timestamps, origin)
     n_raw = len(users)
 
@@ -250,19 +268,8 @@ def build_sequences(
             f"{origin}: no user keeps {MIN_SEQUENCE_LENGTH}+ interactions after the {k_core}-core filter "
             f"({n_raw:,} interactions in)"
         )
-    users, items, times = users[keep], items[keep], times[keep]
-
-    # Masking kept file order, so a stable sort on time breaks ties by file row.
-    time_order = np.argsort(times, kind="stable")
-    user_index = first_appearance_rank(users[time_order], len(user_dict))[users]
-    item_index = first_appearance_rank(items[time_order], len(item_dict))[items]
-    by_user = time_order[np.argsort(user_index[time_order], kind="stable")]
-    seq_items, seq_times = item_index[by_user], times[by_user]
-    lengths = np.bincount(user_index)
-
-    user_out = _keys_by_index(user_dict, users, user_index, len(lengths))
-    item_out = _keys_by_index(item_dict, items, item_index, int(item_index.max()) + 1)
-
+    seq_items, seq_times, lengths, user_out, item_out = _sequences(
+        users[keep], items[keep], times[keep], user_dict, item_dict)
     writer = _write_users(Path(out) / USERS_FILE, rows_per_group, user_out, domain, seq_items, seq_times, lengths)
     texts = _item_texts(item_text, item_out) if item_text is not None else None
     n_items = write_items(Path(out) / ITEMS_FILE, item_out, domain, texts)

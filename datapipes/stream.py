@@ -9,18 +9,18 @@ positions' next item, so the windows ending at train_end-1, train_end-1-L, ... c
 With `length_buckets` the shuffle buffer batches rows of similar history length and each batch's
 dense history is only as wide as its longest row.
 
-Distribution. The file is cut into work units (a row group, or a contiguous slice of one when row
-groups are fewer than the data workers need). Each epoch every rank computes the same assignment of
-units to the `world_size * num_workers` data workers (epoch-seeded shuffle, then greedy
-largest-first balancing by training rows) from the `train_end` column alone, so all ranks agree on
-the number of batches without a collective. Every worker yields the same number of full batches,
+Distribution. Each epoch every rank computes the same assignment of work units (row groups or slices
+of them) to the `world_size * num_workers` data workers (`datapipes.plan`). Every worker yields the same number of full batches,
 enough for its heaviest peer to emit all its rows, re-reading its own units when it runs short:
 no rank ever sees an empty or short batch (TorchRec's sharded embeddings cannot take one).
 
 Evaluation gives one row per user; users are split over ranks as contiguous ranges and every rank
 yields the same number of batches, padded with `weight == 0` dummy rows.
 
-Resuming: `state_dict()` is (epoch, batches emitted). The stream is a pure function of
+Candidates. A `datapipes.candidates.Candidates` policy, when given, puts each batch's candidate
+items into its KJTs as they are collated (none, the catalogue or a seeded sample of negatives).
+
+Resuming: `state_dict()` is (epoch, batches emitted, the plan). The stream is a pure function of
 (seed, epoch, worker), so a restored worker replays its epoch without collating and continues with
 exactly the batches an uninterrupted run would give. `StatefulDataLoader` saves and restores that
 state in each worker.
@@ -28,9 +28,6 @@ state in each worker.
 
 from __future__ import annotations
 
-import heapq
-import math
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -41,174 +38,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datapipes.batch import SeqBatch, collate
+from datapipes.candidates import Candidates
+from datapipes.plan import (TAG_NEGATIVES, TAG_ORDER, TAG_SAMPLE, TAG_SHUFFLE, Unit, assign_units, cut_units,
+                            rows_per_user, split_evenly)
+from datapipes.rows import RowGroup, Rows, ShuffleBatcher, ragged_gather
 from datapipes.schema import DataError, DatasetInfo
 
 SPLITS = ("train", "valid", "test", "all")  # "all": whole sequences, no target (batch scoring)
 DEFAULT_KJT_GROUPS: Mapping[str, Sequence[str]] = {"item": ("item",)}
-UNITS_PER_WORKER = 4  # when row groups are scarce, cut slices so greedy balancing has room to work
 EXPAND_ROWS = 1 << 15  # training rows materialised at once, bounds memory for long sequences
 COLUMNS = ["user_index", "items", "train_end", "valid_end"]
-# Tags that keep the random streams of the different decisions apart.
-TAG_ASSIGN, TAG_ORDER, TAG_SAMPLE, TAG_SHUFFLE = 1, 2, 3, 4
-
-
-def ragged_arange(lengths: np.ndarray) -> np.ndarray:
-    """[0..l0-1, 0..l1-1, ...]: the position of every element within its segment."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    starts = np.cumsum(lengths) - lengths
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
-
-
-def ragged_gather(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate values[starts[i] : starts[i] + lengths[i]] over i, without a loop."""
-    return values[np.repeat(starts, lengths) + ragged_arange(lengths)]
-
-
-@dataclass
-class Rows:
-    """A block of rows with ragged histories (flat `values`, per-row `lengths`)."""
-
-    values: np.ndarray
-    lengths: np.ndarray
-    target: np.ndarray
-    user: np.ndarray
-    weight: Optional[np.ndarray] = None  # eval only; None = all real rows
-    seen_values: Optional[np.ndarray] = None  # eval only: the whole history before the target
-    seen_lengths: Optional[np.ndarray] = None
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    @staticmethod
-    def empty() -> "Rows":
-        z = np.zeros(0, dtype=np.int64)
-        return Rows(z, z, z, z)
-
-    def take(self, idx: np.ndarray) -> "Rows":
-        starts = np.cumsum(self.lengths) - self.lengths
-        lengths = self.lengths[idx]
-        return Rows(ragged_gather(self.values, starts[idx], lengths), lengths, self.target[idx], self.user[idx])
-
-    def slice(self, lo: int, hi: int) -> "Rows":
-        ends = np.cumsum(self.lengths)
-        v0 = int(ends[lo - 1]) if lo > 0 else 0
-        v1 = int(ends[hi - 1]) if hi > 0 else 0
-        return Rows(self.values[v0:v1], self.lengths[lo:hi], self.target[lo:hi], self.user[lo:hi])
-
-    @staticmethod
-    def concat(parts: Sequence["Rows"]) -> "Rows":
-        """Rows of all parts in order; an optional field is kept when every part has it."""
-        parts = [p for p in parts if len(p)]
-        if len(parts) <= 1:
-            return parts[0] if parts else Rows.empty()
-        columns = {}
-        for f in fields(Rows):
-            arrays = [getattr(p, f.name) for p in parts]
-            columns[f.name] = None if any(a is None for a in arrays) else np.concatenate(arrays)
-        return Rows(**columns)
-
-
-class ShuffleBatcher:
-    """A bounded shuffle buffer over training rows that hands out full batches.
-
-    Rows beyond `capacity` leave the pool in a random order; `flush` (end of a pass over the
-    worker's units) empties it. The remainder that does not fill a batch is carried into the very
-    next batch, so a pass's rows all go out within ceil(rows / batch_size) batches.
-
-    `bucket`: the rows leaving together are sorted by history length before they are cut into
-    batches, and the batches go out in a random order, so each batch holds rows of similar length
-    (and pads little once collated to its own longest row). Ties keep the random order. Only the
-    batch that completes the previous pass's carry mixes lengths.
-    """
-
-    def __init__(self, capacity: int, batch_size: int, rng: np.random.Generator, bucket: bool = False):
-        self.capacity, self.batch_size, self.rng, self.bucket = capacity, batch_size, rng, bucket
-        self.pool = Rows.empty()
-        self.carry = Rows.empty()
-
-    def add(self, rows: Rows) -> Iterator[Rows]:
-        self.pool = Rows.concat([self.pool, rows])
-        if len(self.pool) > self.capacity:
-            yield from self._emit(len(self.pool) - self.capacity)
-
-    def flush(self) -> Iterator[Rows]:
-        yield from self._emit(len(self.pool))
-
-    def _emit(self, n: int) -> Iterator[Rows]:
-        perm = self.rng.permutation(len(self.pool))
-        carried = len(self.carry)
-        out = Rows.concat([self.carry, self.pool.take(perm[:n])])
-        self.pool = self.pool.take(perm[n:])
-        full = len(out) // self.batch_size * self.batch_size
-        rest = out.slice(full, len(out))
-        if self.bucket and len(self.pool) and (full or not carried):
-            # Mid-pass the remainder can wait in the pool, so that no batch mixes lengths; only a
-            # carry from the end of a pass must go out in the very next batch.
-            self.pool, self.carry = Rows.concat([self.pool, rest]), Rows.empty()
-        else:
-            self.carry = rest
-        if not self.bucket:
-            for lo in range(0, full, self.batch_size):
-                yield out.slice(lo, lo + self.batch_size)
-            return
-        head = self.batch_size if carried and full else 0  # the carry's batch goes first, unsorted
-        body = out.slice(head, full)
-        body = body.take(np.argsort(body.lengths, kind="stable"))
-        if head:
-            yield out.slice(0, head)
-        for lo in self.rng.permutation(np.arange(0, len(body), self.batch_size)):
-            yield body.slice(int(lo), int(lo) + self.batch_size)
-
-
-@dataclass
-class RowGroup:
-    """One row group's columns as numpy arrays; `offsets` index into the flat `values`."""
-
-    offsets: np.ndarray
-    values: np.ndarray
-    train_end: np.ndarray
-    valid_end: np.ndarray
-    user_index: np.ndarray
-
-    def check(self, path: Path, num_items: int) -> None:
-        n = np.diff(self.offsets)
-        bad = (self.train_end < 0) | (self.train_end > self.valid_end) | (self.valid_end >= n)
-        if bad.any():
-            r = int(np.argmax(bad))
-            raise DataError(
-                f"{path}: user_index {self.user_index[r]} has train_end {self.train_end[r]}, valid_end "
-                f"{self.valid_end[r]} for {n[r]} items (need 0 <= train_end <= valid_end < items)"
-            )
-        if len(self.values) and (self.values.min() < 0 or self.values.max() >= num_items):
-            first = int(np.argmax((self.values < 0) | (self.values >= num_items)))
-            r = int(np.searchsorted(self.offsets, first, "right")) - 1
-            raise DataError(f"{path}: user_index {self.user_index[r]} has an item index outside 0..{num_items - 1}")
-
-    def users(self, lo: int, hi: int):
-        """(offsets, flat values, train_end, valid_end, user_index) of row-group users [lo, hi)."""
-        return (
-            self.offsets[lo : hi + 1],
-            self.values,
-            self.train_end[lo:hi],
-            self.valid_end[lo:hi],
-            self.user_index[lo:hi],
-        )
-
-
-@dataclass(frozen=True)
-class Unit:
-    """Users [lo, hi) of a row group (row-group-local positions) and their training-row counts."""
-
-    row_group: int
-    lo: int
-    hi: int
-    rows: int  # every prefix
-    sampled: int  # rows kept per epoch under prefix_sample
-
-
-def split_evenly(total: int, parts: int) -> List[int]:
-    base, rem = divmod(total, parts)
-    return [base + (i < rem) for i in range(parts)]
 
 
 class SequenceStream(IterableDataset):
@@ -217,7 +56,7 @@ class SequenceStream(IterableDataset):
     `num_workers` must equal the data loader's worker count (`make_loader` keeps them equal): the
     work plan and the batch count depend on it. Dummy eval rows have ``user == -1``, ``weight == 0``,
     history ``[0]`` and target 0. `steps_per_epoch` (training only) fixes the batches per rank.
-`length_buckets` and `windows`: see the module docstring.
+`length_buckets`, `windows` and `candidates`: see the module docstring.
     """
 
     def __init__(
@@ -237,6 +76,7 @@ class SequenceStream(IterableDataset):
         num_workers: int = 0,
         length_buckets: bool = False,
         windows: bool = False,
+        candidates: Optional[Candidates] = None,
     ):
         super().__init__()
         if split not in SPLITS:
@@ -260,6 +100,7 @@ class SequenceStream(IterableDataset):
         self.with_seen, self.steps_per_epoch = with_seen, steps_per_epoch
         self.num_workers = int(num_workers)
         self.length_buckets, self.windows = bool(length_buckets), bool(windows)
+        self.candidates = candidates
         self.epoch = 0
         meta = pq.ParquetFile(self.path).metadata
         self.row_group_sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], np.int64)
@@ -284,36 +125,38 @@ class SequenceStream(IterableDataset):
             return self._eval_batches_per_rank()
         return sum(self._quotas(self.epoch)[1])
 
-    def _plan(self) -> List[Any]:
+    def plan(self) -> Dict[str, Any]:
         """What the batch sequence depends on besides the epoch; a resume must match it."""
-        return [self.split, self.rank, self.world_size, self.num_workers, self.seed, self.batch_size,
-                self.max_len, self.prefix_sample, self.steps_per_epoch, self.length_buckets, self.windows]
+        names = ("split", "rank", "world_size", "num_workers", "seed", "batch_size", "max_len", "prefix_sample",
+                 "steps_per_epoch", "length_buckets", "windows")
+        return {name: getattr(self, name) for name in names}
+
+    def position(self, epoch: int, batches: int) -> Dict[str, Any]:
+        """The state of this rank's stream after `batches` batches of `epoch` (a checkpoint's data position)."""
+        return {"epoch": int(epoch), "batches": int(batches), "plan": self.plan()}
 
     def state_dict(self) -> Dict[str, Any]:
         if self._resume is not None:
-            epoch, batches = self._resume["epoch"], self._resume["batches"]
-        elif self._progress is not None:
-            epoch, batches = self._progress
-        else:
-            epoch, batches = self.epoch, 0
-        return {"epoch": epoch, "batches": batches, "plan": self._plan()}
+            return self.position(self._resume["epoch"], self._resume["batches"])
+        if self._progress is not None:
+            return self.position(*self._progress)
+        return self.position(self.epoch, 0)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue from `state` on the next iteration.
 
         Loaded in a loader worker (as StatefulDataLoader does), `batches` counts that worker's
         batches. Loaded in the trainer process, it counts the rank's batches, e.g.
-        ``{"epoch": e, "batches": steps_done}`` from a checkpoint; the loader's round-robin over
-        workers then tells each worker its share. The remaining batches are then exactly those of
-        an uninterrupted run, but with loader workers their order can differ (a fresh loader starts
-        at worker 0); the loader's own `state_dict` restores the order too. `plan`, when present,
-        must match this stream.
+        ``position(e, steps_done)`` from a checkpoint; the loader's round-robin over workers then
+        tells each worker its share. The remaining batches are then exactly those of an
+        uninterrupted run, but with loader workers their order can differ (a fresh loader starts at
+        worker 0); the loader's own `state_dict` restores the order too. `plan`, when present, must
+        match this stream: a ValueError names what changed.
         """
-        if "plan" in state and list(state["plan"]) != self._plan():
-            raise ValueError(
-                f"cannot resume: the state was saved for (split, rank, world_size, num_workers, seed, batch_size, "
-                f"max_len, prefix_sample, steps_per_epoch, length_buckets, windows) = {state['plan']}, this stream has {self._plan()}"
-            )
+        saved, now = dict(state.get("plan", self.plan())), self.plan()
+        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        if changed:
+            raise ValueError(f"cannot resume: the data plan changed ({', '.join(changed)})")
         self.epoch = int(state["epoch"])
         scope = "worker" if get_worker_info() is not None else "rank"
         self._resume = {"epoch": self.epoch, "batches": int(state["batches"]), "scope": scope}
@@ -355,47 +198,15 @@ class SequenceStream(IterableDataset):
     def units(self) -> List[Unit]:
         """Work units for the planned worker count (read once from the train_end column)."""
         workers = self.world_size * self._loader_workers()
-        if self._units is not None and self._units[0] == workers:
-            return self._units[1]
-        n_rg = len(self.row_group_sizes)
-        want = UNITS_PER_WORKER * workers
-        per_rg = 1 if n_rg >= want else math.ceil(want / n_rg)
-        pf = pq.ParquetFile(self.path)
-        units: List[Unit] = []
-        for rg, size in enumerate(self.row_group_sizes):
-            train_end = pf.read_row_group(rg, columns=["train_end"]).column(0).to_numpy().astype(np.int64)
-            cum = np.concatenate([[0], np.cumsum(self._rows_per_user(train_end))])
-            cuts = np.unique(np.linspace(0, size, min(per_rg, size) + 1).astype(np.int64))
-            for lo, hi in zip(cuts[:-1], cuts[1:]):
-                rows = int(cum[hi] - cum[lo])
-                units.append(Unit(rg, int(lo), int(hi), rows, math.ceil(self.prefix_sample * rows)))
-        self._units = (workers, units)
-        return units
+        if self._units is None or self._units[0] != workers:
+            units = cut_units(self.path, self.row_group_sizes, workers, self.prefix_sample, self.max_len, self.windows)
+            self._units = (workers, units)
+        return self._units[1]
 
     def assignment(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(owner data worker of each unit, training rows per data worker) for an epoch.
-
-        Data worker g = rank * num_workers + loader worker. Largest units first, each to the least
-        loaded worker; the epoch-seeded shuffle decides ties and so varies the plan across epochs.
-        """
-        units = self.units()
-        workers = self.world_size * self._loader_workers()
-        sampled = np.array([u.sampled for u in units], dtype=np.int64)
-        order = np.random.default_rng([self.seed, epoch, TAG_ASSIGN]).permutation(len(units))
-        order = order[np.argsort(-sampled[order], kind="stable")]
-        owner = np.empty(len(units), dtype=np.int64)
-        heap = [(0, g) for g in range(workers)]
-        for u in order:  # one step per unit (hundreds to thousands), not per row
-            load, g = heapq.heappop(heap)
-            owner[u] = g
-            heapq.heappush(heap, (load + int(sampled[u]), g))
-        loads = np.bincount(owner, weights=sampled, minlength=workers).astype(np.int64)
-        if loads.min() == 0:
-            raise DataError(
-                f"{self.path}: {int(sampled.sum())} training rows in {len(units)} units cannot keep "
-                f"{workers} data workers busy; use fewer ranks or loader workers"
-            )
-        return owner, loads
+        """(owner data worker of each unit, training rows per data worker) for an epoch; data worker
+        g = rank * num_workers + loader worker."""
+        return assign_units(self.units(), self.world_size * self._loader_workers(), self.seed, epoch, self.path)
 
     def _quotas(self, epoch: int) -> Tuple[np.ndarray, List[int]]:
         """(unit owners, batches per loader worker of this rank) for an epoch."""
@@ -405,11 +216,6 @@ class SequenceStream(IterableDataset):
         # Enough batches for the heaviest worker to emit every row it owns; lighter ones wrap.
         per_worker = int(max(-(-loads // self.batch_size)))
         return owner, [per_worker] * self._loader_workers()
-
-    def _rows_per_user(self, train_end: np.ndarray) -> np.ndarray:
-        """Training rows of each user: every prefix, or (windows) one per max_len targets."""
-        targets = np.maximum(train_end - 1, 0)
-        return -(-targets // self.max_len) if self.windows else targets
 
     def _target_position(self, j: np.ndarray, train_end: np.ndarray) -> np.ndarray:
         """The target position k of a user's j-th row (its history is items[max(0, k-max_len):k]).
@@ -422,7 +228,7 @@ class SequenceStream(IterableDataset):
     def _expand(self, unit_id: int, unit: Unit, epoch: int, pass_: int) -> Iterator[Rows]:
         """The unit's (sampled) training rows in a random order, EXPAND_ROWS at a time."""
         offsets, values, train_end, _, user_index = self._row_group(unit.row_group).users(unit.lo, unit.hi)
-        per_user = self._rows_per_user(train_end)
+        per_user = rows_per_user(train_end, self.max_len, self.windows)
         cum = np.cumsum(per_user)
         rng = np.random.default_rng([self.seed, epoch, unit_id, pass_, TAG_SAMPLE])
         picked = rng.permutation(unit.rows)[: unit.sampled]
@@ -533,13 +339,17 @@ class SequenceStream(IterableDataset):
         # are left-aligned and padding is key-masked, so the model's outputs do not change.
         return int(rows.lengths.max(initial=1)) if self.length_buckets else self.max_len
 
-    def _collate(self, rows: Rows) -> SeqBatch:
+    def _collate(self, rows: Rows, key: Tuple[int, ...]) -> SeqBatch:
+        """The batch of `rows`, with the candidates that `key` (its place in the data) draws."""
         seen_offsets = None
         if rows.seen_lengths is not None:
             seen_offsets = np.concatenate([[0], np.cumsum(rows.seen_lengths)])
+        policy = self.candidates
         return collate(
             rows.values, rows.lengths, rows.target, rows.user, self._pad_to(rows), self.kjt_groups,
             weight=rows.weight, seen_offsets=seen_offsets, seen_values=rows.seen_values,
+            candidates=None if policy is None else policy.draw(key),
+            sequence_rows=True if policy is None else policy.sequence_rows,
         )
 
     def __iter__(self) -> Iterator[SeqBatch]:
@@ -562,11 +372,12 @@ class SequenceStream(IterableDataset):
             epoch, skip = self.epoch, 0
         self._progress = [epoch, skip]
         source = self._train_rows(epoch, worker) if self.split == "train" else self._eval_rows()
+        g = self.rank * self._loader_workers() + worker
         for i, rows in enumerate(source):
             if i < skip:  # replaying up to the restored position: nothing to collate
                 continue
             self._progress[1] = i + 1  # counted before the yield: the loader snapshots while we wait
-            yield self._collate(rows)
+            yield self._collate(rows, (self.seed, epoch, g, i, TAG_NEGATIVES))
 
 
 def make_loader(stream: SequenceStream, num_workers: Optional[int] = None) -> StatefulDataLoader:

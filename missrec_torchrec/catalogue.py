@@ -20,11 +20,11 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from datapipes.batch import PAD
+from datapipes.batch import PAD, candidates_key
 from missrec_torchrec import precision
 from missrec_torchrec.distributed import lookup_rows
 from missrec_torchrec.metrics import RankCounter
-from missrec_torchrec.recommender import ID_TABLE, candidates_key
+from missrec_torchrec.recommender import ID_TABLE
 
 LOOKUP_CHUNK = 65536  # catalogue rows fetched from the sharded tables per collective lookup
 SUB_BATCH_SLOTS = 9216  # users x (longest history + most interest tokens) encoded at once

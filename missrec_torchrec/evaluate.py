@@ -12,7 +12,6 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from datapipes.batch import add_candidates
 from missrec_torchrec.config import EvalConfig
 from missrec_torchrec.metrics import RankingMetrics, target_ranks
 from missrec_torchrec.session import Session, load_run, log0, open_session, resolve
@@ -20,17 +19,16 @@ from missrec_torchrec.session import Session, load_run, log0, open_session, reso
 
 def ranked(session: Session, split: str, ev: EvalConfig) -> Iterator:
     """(batch, target ranks) over a split's users (see module doc for the engines)."""
-    stream = session.stream(split)
     bank = session.item_bank() if ev.engine == "catalogue" else None
+    # The dmp engine scores every batch against the whole catalogue; the catalogue engine reads no KJT.
+    stream = session.stream(split, None if bank is not None else session.candidates("catalogue"))
     for batch in stream:
         batch = batch.to(session.device)
         exclude = (batch.seen_offsets, batch.seen_values) if ev.mask_history else (None, None)
         if bank is not None:
             yield batch, bank.ranks(bank.encode(batch.history), batch.target, ev.chunk_items, *exclude)
         else:
-            rows = not session.head.gathers_rows(session.num_items)
-            full = add_candidates(batch, session.kjt_groups, session.all_items, sequence_rows=rows)
-            scores = session.dmp(full)[1]["scores"]
+            scores = session.dmp(batch)[1]["scores"]
             yield batch, target_ranks(scores, batch.target, *exclude)
 
 

@@ -13,9 +13,9 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
+from datapipes.batch import candidates_key
 from missrec_torchrec.distributed import lookup_rows
 from missrec_torchrec.model.interest import discover_interests
-from missrec_torchrec.recommender import candidates_key
 
 
 def item_slice(rank: int, world: int, num_items: int):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from datapipes import features, sources
+from datapipes.candidates import Candidates
 from datapipes.schema import DataError, DatasetInfo
 from datapipes.stream import SequenceStream
 from missrec_torchrec import checkpoint as ckpt
@@ -230,8 +232,15 @@ class Session:
 
     # -- data ----------------------------------------------------------------------------------
 
-    def stream(self, split: str) -> SequenceStream:
-        """The split's batches for this rank: training rows, or one row per user to evaluate."""
+    def candidates(self, kind: str, num_negatives: int = 0) -> Candidates:
+        """A candidate policy (`datapipes.candidates`) for the model in its current train/eval mode:
+        the history and target features stay empty where the model gathers them from the catalogue."""
+        policy = Candidates(kind, self.num_items, num_negatives)
+        return replace(policy, sequence_rows=not self.head.gathers_rows(policy.count))
+
+    def stream(self, split: str, candidates: Optional[Candidates] = None) -> SequenceStream:
+        """The split's batches for this rank: training rows, or one row per user to evaluate; with
+        `candidates`, each batch holds its candidate items."""
         d = self.cfg.data
         train = split == "train"
         return SequenceStream(
@@ -251,6 +260,7 @@ class Session:
             # Fast modes: batches padded to their own longest history; causal = one row per window.
             length_buckets=d.length_buckets,
             windows=train and self.model_cfg.causal,
+            candidates=candidates,
         )
 
     def training_items(self) -> torch.Tensor:

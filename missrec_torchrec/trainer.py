@@ -14,21 +14,23 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from datapipes.batch import SeqBatch, add_candidates
+from datapipes.batch import SeqBatch, candidates_key
+from datapipes.candidates import Candidates
 from datapipes.io import creating, staged_file
 from datapipes.schema import DataError, DatasetInfo
-from datapipes.stream import make_loader
+from datapipes.stream import SequenceStream, make_loader
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec import evaluate as evaluation
 from missrec_torchrec import precision
 from missrec_torchrec.config import Config, check_resume_config, dump_config
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.metrics import early_stopping
-from missrec_torchrec.recommender import ID_TABLE, MISSRecModel, candidates_key
+from missrec_torchrec.run_log import RunLog
+from missrec_torchrec.recommender import ID_TABLE, MISSRecModel
 from missrec_torchrec.session import CORE_FILE, Session, broadcast, build_model, log0
 
 
@@ -78,12 +80,10 @@ class Trainer:
         )
         # Dropout and augmentation differ per rank; data order comes from the streams' own seeds.
         torch.manual_seed(cfg.experiment.seed * 1000 + self.rank)
-        self.writer = None
-        if self.rank == 0 and cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # slow to import; only when logging
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.log = RunLog(cfg, self.rank, self.run_dir)
         self.ckpt = s.checkpoints(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep)
+        self.stream: Optional[SequenceStream] = None  # the training stream of the current epoch
+        self._position: Optional[Dict[str, Any]] = None  # a resumed rank's data position, until used
 
     def _make_run_dir(self, write_config: bool) -> Path:
         c = self.cfg.checkpoint
@@ -100,19 +100,14 @@ class Trainer:
                     (run_dir / "config.yaml").write_text(dump_config(self.cfg))
         return run_dir
 
-    def _candidates(self) -> torch.Tensor:
+    def _candidates(self) -> Candidates:
+        """The candidates of every training batch (asked with the model in train mode)."""
         t = self.cfg.train
         if t.mode == "pretrain":
-            return self.session.all_items[:0]
+            return self.session.candidates("none")
         if t.loss == "sampled_softmax":
-            return torch.randint(self.session.num_items, (t.num_negatives,))
-        return self.session.all_items
-
-    def _with_candidates(self, batches) -> Iterator[SeqBatch]:
-        for batch in batches:
-            candidates = self._candidates()
-            rows = not self.head.gathers_rows(candidates.numel())
-            yield add_candidates(batch, self.session.kjt_groups, candidates, sequence_rows=rows)
+            return self.session.candidates("sampled", t.num_negatives)
+        return self.session.candidates("catalogue")
 
     # -- interests and evaluation: the session's -----------------------------------------------
 
@@ -126,91 +121,90 @@ class Trainer:
 
     def train_epoch(self, epoch: int, progress: Dict[str, Any]) -> Dict[str, float]:
         """One epoch from `progress["skip_batches"]` on. With checkpoint.every_steps > 0 the epoch runs
-        in segments, each drained by its own pipeline and followed by a checkpoint holding the
-        data-pipe position, so a killed run resumes mid-epoch on exactly the same batches."""
-        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
+        in segments, each drained by its own pipeline and followed by a checkpoint holding each rank's
+        data position, so a killed run resumes mid-epoch on exactly the same batches."""
         skip = int(progress.get("skip_batches", 0))
-        stream = self.session.stream("train")
-        stream.set_epoch(epoch)
-        if skip:
-            stream.load_state_dict({"epoch": epoch, "batches": skip})
+        stream = self.open_stream(epoch, skip)
         steps = len(stream) - skip
-        batches = self._with_candidates(iter(make_loader(stream)))
-        self.dmp.train()
+        batches = iter(make_loader(stream))
         self.head.aug_generator = None
-        bar = None
-        if self.rank == 0 and self.cfg.log.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
-        every = max(1, int(self.cfg.log.every))
+        self.log.open_bar(epoch, steps)
         ckpt_every = int(self.cfg.checkpoint.every_steps or 0)
         recluster_every = int(self.cfg.train.recluster_every or 0)
         totals = {"loss": 0.0, "main": 0.0, "reg": 0.0, "targets": 0.0}
         done = 0
         t0 = time.time()
-        rows = self.cfg.data.batch_size * self.world
         while done < steps:
             # A segment ends where the next checkpoint or re-clustering is due (positions in the epoch).
             n = steps - done
             for period in (ckpt_every, recluster_every):
                 if period:
                     n = min(n, period - (skip + done) % period)
-            pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
-            part = itertools.islice(batches, n)
-            before = done
-            while True:
-                try:
-                    out = pipeline.progress(part)
-                except StopIteration:
-                    break
-                done += 1
-                progress["step"] += 1
-                step = progress["step"]
-                # Sums stay tensors: the host reads values only at the logging cadence (a GPU never waits).
-                for k in totals:
-                    if k in out:
-                        totals[k] = totals[k] + out[k].detach()
-                self._log_step(out, step, bar, every, done * rows / max(time.time() - t0, 1e-9))
-                self._maybe_fail(step)
-            pipeline.detach()
-            if done == before:
+            ran = self._segment(itertools.islice(batches, n), progress, totals, done, t0)
+            if ran == 0:
                 raise DataError(f"{self.info.root}: the training stream ended after {skip + done} of "
                                 f"{skip + steps} batches in epoch {epoch}")
+            done += ran
             position = skip + done
             if done < steps:
                 if recluster_every and position % recluster_every == 0:
                     progress["interest"] = self.recluster(epoch, position)
-                    self._log_interest(progress["interest"], progress["step"])
+                    self.log.interest(progress["interest"], progress["step"])
                 if ckpt_every and position % ckpt_every == 0:
                     progress["skip_batches"] = position
                     self.save(progress)
         progress["skip_batches"] = 0
         self.session.publish_ids()
-        if bar is not None:
-            bar.close()
-        return self._epoch_stats(totals, done, rows, time.time() - t0)
+        self.log.close_bar()
+        return self._epoch_stats(totals, done, time.time() - t0)
 
-    def _log_step(self, out: Dict[str, torch.Tensor], step: int, bar, every: int, samples_per_s: float) -> None:
-        if bar is not None:
-            bar.update(1)
-            if step % every == 0:
-                bar.set_postfix(loss=f"{float(out['loss']):.4f}")
-        if self.writer is not None and step % every == 0:
-            self.writer.add_scalar("train/loss", float(out["loss"]), step)
-            self.writer.add_scalar("train/main", float(out.get("main", out["loss"])), step)
-            self.writer.add_scalar("train/regulariser", float(out.get("reg", 0.0)), step)
-            self.writer.add_scalar("train/lr", self.cfg.train.lr, step)
-            self.writer.add_scalar("train/samples_per_s", samples_per_s, step)
+    def open_stream(self, epoch: int, skip: int) -> SequenceStream:
+        """The epoch's training stream after its first `skip` batches, the model in train mode.
 
-    def _epoch_stats(self, totals: Dict[str, Any], done: int, rows: int, seconds: float) -> Dict[str, float]:
+        A resumed rank continues from its own saved position (`load` checked its plan). Without one
+        (the world size changed, or a checkpoint from before positions were saved) every rank skips
+        `skip` batches of the new plan: the epoch keeps its length, not its rows."""
+        self.dmp.train()
+        self.stream = stream = self.session.stream("train", self._candidates())
+        stream.set_epoch(epoch)
+        position, self._position = self._position, None
+        if skip:
+            stream.load_state_dict(position or {"epoch": epoch, "batches": skip})
+        return stream
+
+    def _segment(self, part: Iterator[SeqBatch], progress: Dict[str, Any], totals: Dict[str, Any], done: int,
+                 t0: float) -> int:
+        """Training steps over `part`, drained by a pipeline of its own; returns how many ran."""
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
+        rows = self.cfg.data.batch_size * self.world
+        ran = 0
+        while True:
+            try:
+                out = pipeline.progress(part)
+            except StopIteration:
+                break
+            ran += 1
+            progress["step"] += 1
+            step = progress["step"]
+            # Sums stay tensors: the host reads values only at the logging cadence (a GPU never waits).
+            for k in totals:
+                if k in out:
+                    totals[k] = totals[k] + out[k].detach()
+            self.log.step(out, step, (done + ran) * rows / max(time.time() - t0, 1e-9))
+            self._maybe_fail(step)
+        pipeline.detach()
+        return ran
+
+    def _epoch_stats(self, totals: Dict[str, Any], done: int, seconds: float) -> Dict[str, float]:
         # Next-item predictions trained on, all ranks: one per row, or (causal) one per real position,
         # which the causal forward counts.
         counted = float(totals.pop("targets"))
         targets = mdist.all_reduce_scalar(counted if self.model_cfg.causal else float(done * self.cfg.data.batch_size),
                                           "sum", self.pg, self.device)
         stats = {k: float(v) / max(done, 1) for k, v in totals.items()}
+        rows = self.cfg.data.batch_size * self.world
         stats.update(steps=done, seconds=seconds, samples_per_s=done * rows / max(seconds, 1e-9),
                      targets_per_s=targets / max(seconds, 1e-9))
         return stats
@@ -229,11 +223,26 @@ class Trainer:
         core = {"core": self.head.core.state_dict(), "modality_dims": self.modality_dims,
                 "model": self.model_cfg.to_dict()}
         self.session.publish_ids()
+        # Each rank's place in the training data: the batch `progress` stands at, under this run's plan.
+        stream = self.stream or self.session.stream("train")
+        position = stream.position(progress.get("epoch", stream.epoch), progress.get("skip_batches", 0))
         return self.ckpt.save(progress["step"], self.dmp, self.optimizer, progress=progress, metric=metric,
-                              extra_files={CORE_FILE: core})
+                              rank_state={"stream": position}, extra_files={CORE_FILE: core})
 
     def load(self, which: Any = "latest", optimizer: bool = True) -> Optional[Dict[str, Any]]:
+        """`which` into the model (and optimizer). "latest" resumes: this rank's data position is kept
+        for the next epoch, and a mid-epoch position whose data plan differs from this run's is refused
+        before the run folder changes."""
         restored = self.session.load(self.ckpt, which, self.optimizer if optimizer else None)
+        if restored is not None and which == "latest":
+            self._position = (restored.rank_state or {}).get("stream")
+            if self._position and self._position["batches"]:
+                try:
+                    self.session.stream("train").load_state_dict(self._position)
+                except ValueError as e:
+                    raise DataError(f"{self.run_dir}: {e} since {restored.path.name} (batch "
+                                    f"{self._position['batches']} of epoch {self._position['epoch']}); "
+                                    f"resume with the run's data settings") from None
         if self._config_pending:  # the resumed checkpoint fits: the run's config.yaml may now change
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
             self._config_pending = False
@@ -244,8 +253,7 @@ class Trainer:
     # -- the whole run -------------------------------------------------------------------------
 
     def fit(self) -> Dict[str, Any]:
-        t, ev = self.cfg.train, self.cfg.eval
-        metric = ev.metric
+        t = self.cfg.train
         progress: Dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0,
                                     "skip_batches": 0, "history": [], "interest": {}}
         if self.cfg.checkpoint.resume:
@@ -258,31 +266,43 @@ class Trainer:
             epoch = progress["epoch"]
             if not progress["skip_batches"]:
                 progress["interest"] = self.recluster(epoch)
-                self._log_interest(progress["interest"], progress["step"])
+                self.log.interest(progress["interest"], progress["step"])
             stats = self.train_epoch(epoch, progress)
             row: Dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
             row.update({f"interest/{k}": v for k, v in progress.get("interest", {}).items()})
-            value, stop = None, False
-            if (epoch + 1) % ev.every == 0 or epoch + 1 == t.epochs:
-                valid = self.evaluate("valid")
-                row.update({f"valid/{k}": v for k, v in valid.items()})
-                value = valid[metric]
-                improved, bad, stop = early_stopping(value, progress["best"], progress["bad_epochs"],
-                                                     ev.patience, ev.recbole_stopping)
-                progress["bad_epochs"] = bad
-                if improved:
-                    progress.update(best=value, best_epoch=epoch)
+            value, stop = self._validate(epoch, progress, row)
             progress["epoch"] = epoch + 1
             progress["history"].append(row)
             self.save(progress, metric=value)
-            self._log_epoch(row)
+            self.log.epoch(row)
             if stop:
-                log0(f"early stop: no {metric} improvement for {ev.patience} validations")
+                ev = self.cfg.eval
+                log0(f"early stop: no {ev.metric} improvement for {ev.patience} validations")
                 break
         if self.load("best", optimizer=False) is None:
             # train.epochs=0: the initial (e.g. pre-trained, zero-shot) weights, with fresh interests.
             log0("no validated checkpoint: testing the initial weights")
             progress["interest"] = self.recluster(progress["epoch"])
+        return self._finish(progress)
+
+    def _validate(self, epoch: int, progress: Dict[str, Any], row: Dict[str, Any]) -> Tuple[Optional[float], bool]:
+        """(validation metric or None, early stop) after `epoch`; valid/* go into `row`."""
+        t, ev = self.cfg.train, self.cfg.eval
+        if (epoch + 1) % ev.every != 0 and epoch + 1 != t.epochs:
+            return None, False
+        valid = self.evaluate("valid")
+        row.update({f"valid/{k}": v for k, v in valid.items()})
+        value = valid[ev.metric]
+        improved, bad, stop = early_stopping(value, progress["best"], progress["bad_epochs"],
+                                             ev.patience, ev.recbole_stopping)
+        progress["bad_epochs"] = bad
+        if improved:
+            progress.update(best=value, best_epoch=epoch)
+        return value, stop
+
+    def _finish(self, progress: Dict[str, Any]) -> Dict[str, Any]:
+        """Test the loaded weights, write results.json (and the fingerprints, hparams); the run's result."""
+        t, metric = self.cfg.train, self.cfg.eval.metric
         test = self.evaluate("test")
         if self.cfg.log.fingerprint:
             self._write_fingerprint()
@@ -296,16 +316,10 @@ class Trainer:
         if self.rank == 0:
             with staged_file(self.run_dir / "results.json") as tmp:
                 Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
-            if self.writer is not None:
-                hparams = {
-                    "mode": t.mode, "use_id": self.model_cfg.use_id, "hidden": self.model_cfg.hidden,
-                    "lr": t.lr, "batch_size": self.cfg.data.batch_size,
-                    "modalities": "+".join(self.modality_dims), "world_size": self.world,
-                    "precision": self.precision,
-                }
-                self.writer.add_hparams(hparams, {f"hparam/test_{k}": v for k, v in test.items()})
-                self.writer.close()
-            log0("test " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(test.items())))
+            self.log.finish({"mode": t.mode, "use_id": self.model_cfg.use_id, "hidden": self.model_cfg.hidden,
+                             "lr": t.lr, "batch_size": self.cfg.data.batch_size,
+                             "modalities": "+".join(self.modality_dims), "world_size": self.world,
+                             "precision": self.precision}, test)
         return result
 
     @torch.no_grad()
@@ -323,25 +337,6 @@ class Trainer:
             unchanged &= bool(torch.equal(rows.cpu(), torch.from_numpy(self.info.load_features(m)[0])))
         record = {"rank": self.rank, "dense": digest.hexdigest(), "frozen_tables_unchanged": unchanged}
         (self.run_dir / f"fingerprint.rank{self.rank}.json").write_text(json.dumps(record) + "\n")
-
-    def _log_interest(self, stats: Dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for k, v in stats.items():
-                self.writer.add_scalar(f"interest/{k}", v, step)
-
-    def _log_epoch(self, row: Dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        epoch = row["epoch"]
-        if self.writer is not None:
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)):
-                    # train/* and interest/* are also logged per step under the same names: their epoch
-                    # summaries go under epoch/ so the step-indexed curves are not mixed with epoch indices.
-                    tag = k if k.startswith("valid/") else "epoch/" + k.replace("/", "_")
-                    self.writer.add_scalar(tag, v, epoch)
-        shown = {k: v for k, v in row.items() if k.startswith("valid/") or k in ("train/loss", "train/samples_per_s")}
-        log0(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
 
 def count_parameters(model: MISSRecModel) -> Dict[str, int]:

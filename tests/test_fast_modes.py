@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from datapipes.batch import PAD, add_candidates, collate
+from datapipes.batch import PAD, collate
 from datapipes.stream import SequenceStream
 from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.recommender import MISSRecHead, MISSRecModel
@@ -50,8 +50,8 @@ def make_rows(n: int, max_len: int, seed: int = 1):
 
 def make_batch(model, rows, width, candidates=None):
     values, lengths, target, user = rows
-    batch = collate(values, lengths, target, user, width, model.kjt_groups)
-    return add_candidates(batch, model.kjt_groups, torch.arange(NUM_ITEMS) if candidates is None else candidates)
+    return collate(values, lengths, target, user, width, model.kjt_groups,
+                   candidates=torch.arange(NUM_ITEMS) if candidates is None else candidates)
 
 
 # ---- 1. length buckets ---------------------------------------------------------------------------

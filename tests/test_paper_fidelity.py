@@ -96,7 +96,8 @@ def paper_trainer(synthetic_mm, tmp_path_factory):
 
 def test_paper_id_table_starts_as_the_reference_and_trains_by_dense_adam(paper_trainer):
     from missrec_torchrec import distributed as mdist
-    from missrec_torchrec.recommender import ID_TABLE, candidates_key
+    from datapipes.batch import candidates_key
+    from missrec_torchrec.recommender import ID_TABLE
 
     tr = paper_trainer
     table = tr.head.id_table.weight

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from datapipes.batch import add_candidates, row_ids
+from datapipes.batch import row_ids
 from datapipes.schema import USERS_SCHEMA
 from missrec_torchrec import export, scoring, topk
 from missrec_torchrec.catalogue import ItemBank
@@ -77,8 +77,8 @@ def brute_force(run_dir: Path, split: str, mask_history: bool, k: int = TOPK):
 
 def _brute_force(session, split, mask_history, k):
     out = {}
-    for batch in session.stream(split):
-        _, res = session.dmp(add_candidates(batch, session.kjt_groups, session.all_items))
+    for batch in session.stream(split, session.candidates("catalogue")):
+        _, res = session.dmp(batch)
         scores = res["scores"]
         if mask_history:
             scores[row_ids(batch.seen_offsets), batch.seen_values] = float("-inf")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datapipes.batch import add_candidates
+from datapipes.candidates import Candidates
 from datapipes.stream import SequenceStream
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ItemBank
@@ -126,8 +126,9 @@ def session(synthetic_mm, tmp_path_factory):
 
 
 def _padded_batch(session, split="valid"):
+    """The split's first batch, every history padded to max_len, scored against the whole catalogue."""
     stream = SequenceStream(session.info.root, split=split, batch_size=64, max_len=20, kjt_groups=session.kjt_groups,
-                            length_buckets=False, with_seen=True)
+                            length_buckets=False, with_seen=True, candidates=Candidates("catalogue", session.num_items))
     return next(iter(stream))
 
 
@@ -136,7 +137,7 @@ def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(session)
     assert batch.history.shape[1] == 20 and int(batch.lengths.min()) < 20
     session.head.gather_history = False
     with torch.no_grad():
-        _, ref = session.dmp(add_candidates(batch, session.kjt_groups, session.all_items))
+        _, ref = session.dmp(batch)
     session.head.gather_history = True
     bank = ItemBank(session, "fp32")
     u = bank.encode(batch.history, slots=16 * 20)  # cost-sorted sub-batches, each trimmed
@@ -145,8 +146,11 @@ def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(session)
 
 
 def test_gathering_models_skip_the_history_lookups_with_the_same_loss_and_gradients(session):
-    batch = next(iter(SequenceStream(session.info.root, split="train", batch_size=64, max_len=20,
-                                     kjt_groups=session.kjt_groups)))
+    def first_batch(rows):
+        policy = Candidates("catalogue", session.num_items, sequence_rows=rows)
+        return next(iter(SequenceStream(session.info.root, split="train", batch_size=64, max_len=20,
+                                        kjt_groups=session.kjt_groups, candidates=policy)))
+
     assert session.head.gathers_rows(session.num_items)
     # The ID table's fused optimizer steps inside backward: both runs start from the same rows.
     state = session.dmp.state_dict()
@@ -158,7 +162,7 @@ def test_gathering_models_skip_the_history_lookups_with_the_same_loss_and_gradie
     try:
         for rows in (True, False):
             ids.detach().copy_(start)
-            full = add_candidates(batch, session.kjt_groups, session.all_items, sequence_rows=rows)
+            full = first_batch(rows)
             history = full.sparse[next(iter(session.kjt_groups))].to_dict()
             assert (history[next(k for k in history if k.endswith(".history"))].values().numel() > 0) == rows
             session.dmp.zero_grad(set_to_none=True)

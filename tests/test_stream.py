@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from datapipes.batch import history_key, target_key
+from datapipes.batch import candidates_key, history_key, target_key
+from datapipes.candidates import Candidates
 from datapipes.schema import DataError, UsersWriter, write_items, write_stats
 from datapipes.sources import prepare
 from datapipes.stream import SequenceStream, make_loader
@@ -58,10 +59,14 @@ def batch_rows(batch, with_weight=False):
 
 def check_kjt(batch):
     """Every table's KJT features carry exactly the batch's histories and targets."""
-    hist = torch.cat([batch.history[i, : int(batch.lengths[i])] for i in range(batch.batch_size)])
     kjt = batch.sparse["ids"]
     assert kjt.keys() == [history_key("item"), target_key("item"), history_key("item_copy"), target_key("item_copy")]
-    feats = kjt.to_dict()
+    check_kjt_features(batch)
+
+
+def check_kjt_features(batch):
+    hist = torch.cat([batch.history[i, : int(batch.lengths[i])] for i in range(batch.batch_size)])
+    feats = batch.sparse["ids"].to_dict()
     for t in GROUPS["ids"]:
         assert torch.equal(feats[history_key(t)].values(), hist)
         assert torch.equal(feats[history_key(t)].lengths(), batch.lengths)
@@ -240,8 +245,48 @@ def test_state_dict_tracks_epoch_and_batches(data):
     next(it), next(it)
     state = s.state_dict()
     assert (state["epoch"], state["batches"]) == (4, 2)
-    with pytest.raises(ValueError, match="cannot resume"):
+    with pytest.raises(ValueError, match=r"cannot resume: the data plan changed \(batch_size 64 -> 32\)"):
         stream(data, batch_size=32).load_state_dict(state)  # another plan would give other batches
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sampled_negatives_are_collated_once_and_replayed_on_resume(data, workers):
+    policy = Candidates("sampled", num_items=200, num_negatives=7)
+    s = stream(data, batch_size=32, world_size=2, rank=1, num_workers=workers, candidates=policy)
+    s.set_epoch(2)
+    full = list(make_loader(s))
+    for batch in full:
+        kjt = batch.sparse["ids"]
+        assert kjt.keys() == [key(t) for t in GROUPS["ids"] for key in (history_key, target_key, candidates_key)]
+        check_kjt_features(batch)
+        for t in GROUPS["ids"]:
+            cands = kjt[candidates_key(t)]
+            assert torch.equal(cands.values(), batch.candidates) and batch.candidates.numel() == 7
+            assert cands.lengths().tolist() == [7] + [0] * 31  # fetched once per batch, in row 0
+    assert len({tuple(b.candidates.tolist()) for b in full}) == len(full)  # a fresh draw per batch
+    again = stream(data, batch_size=32, world_size=2, rank=1, num_workers=workers, candidates=policy)
+    again.set_epoch(2)
+    again.load_state_dict(s.position(2, 5))
+    rest = list(make_loader(again))
+    key = lambda b: (b.target.tolist(), b.candidates.tolist())  # noqa: E731
+    assert sorted(map(key, rest)) == sorted(map(key, full[5:]))  # the same rows with the same negatives
+    s.set_epoch(3)
+    assert not torch.equal(next(iter(make_loader(s))).candidates, full[0].candidates)  # epochs differ
+
+
+def test_catalogue_candidates_are_shared_and_sequence_rows_can_be_left_empty(data):
+    policy = Candidates("catalogue", num_items=200, sequence_rows=False)
+    batches = list(stream(data, split="valid", candidates=policy))
+    assert all(b.candidates is policy.catalogue for b in batches)  # one tensor, not rebuilt per batch
+    assert torch.equal(policy.catalogue, torch.arange(200))
+    feats = batches[0].sparse["ids"].to_dict()
+    for t in GROUPS["ids"]:
+        assert feats[history_key(t)].values().numel() == feats[target_key(t)].values().numel() == 0
+        assert feats[history_key(t)].lengths().tolist() == [0] * batches[0].batch_size
+        assert torch.equal(feats[candidates_key(t)].values(), torch.arange(200))
+    none = list(stream(data, split="valid", candidates=Candidates("none", num_items=200)))
+    assert none[0].candidates.numel() == 0 and none[0].sparse["ids"][candidates_key("item")].values().numel() == 0
+    check_kjt_features(none[0])
 
 
 def write_users(root: Path, seqs, train_end, valid_end, n_items=10):

@@ -127,6 +127,63 @@ def test_kill_and_resume_matches_uninterrupted_run(synthetic_mm, tmp_path):
     assert [r["valid/ndcg@10"] for r in killed["history"]] == [r["valid/ndcg@10"] for r in reference["history"]]
 
 
+@pytest.fixture(scope="module")
+def crashed_sampled_run(synthetic_mm, tmp_path_factory):
+    """(overrides, run folder) of a sampled-softmax run killed at step 8 of its first epoch, whose
+    latest checkpoint is the one after batch 5 (checkpoint.every_steps=5)."""
+    from missrec_torchrec.config import load_config
+    from missrec_torchrec.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("crashed")
+    overrides = small_overrides(synthetic_mm, out, **{
+        "train.loss": "sampled_softmax", "train.num_negatives": 16, "train.epochs": 1, "checkpoint.every_steps": 5,
+        "checkpoint.run_dir": out / "run", "log.tensorboard": "false", "log.fingerprint": "false"})
+    os.environ["MISSREC_FAIL_AT_STEP"] = "8"
+    try:
+        with pytest.raises(SystemExit, match="simulated crash"):
+            Trainer(load_config("ml100k", overrides)).fit()
+    finally:
+        del os.environ["MISSREC_FAIL_AT_STEP"]
+    return overrides, out / "run"
+
+
+def test_mid_epoch_resume_continues_on_the_same_batches_and_negatives(crashed_sampled_run):
+    from missrec_torchrec.config import load_config
+    from missrec_torchrec.trainer import Trainer
+
+    overrides, run_dir = crashed_sampled_run
+    trainer = Trainer(load_config("ml100k", [*overrides, "checkpoint.resume=true"]))
+    progress = trainer.load("latest")
+    assert (progress["epoch"], progress["skip_batches"]) == (0, 5)
+    saved = torch.load(Path(progress["path"]) / "rank_0.pt", weights_only=True)["user"]["stream"]
+    assert (saved["epoch"], saved["batches"], saved["plan"]["batch_size"]) == (0, 5, 64)
+    resumed = list(trainer.open_stream(0, progress["skip_batches"]))
+    straight = list(trainer.open_stream(0, 0))
+    assert len(resumed) == len(straight) - 5 > 0
+    for a, b in zip(resumed, straight[5:]):
+        assert torch.equal(a.history, b.history) and torch.equal(a.target, b.target)
+        assert a.candidates.numel() == 16 and torch.equal(a.candidates, b.candidates)
+    # Sampled negatives change from batch to batch (seeded by the batch's place in the epoch).
+    assert not torch.equal(straight[0].candidates, straight[1].candidates)
+
+
+def test_mid_epoch_resume_on_another_data_plan_is_refused_naming_the_run_folder(crashed_sampled_run):
+    from datapipes.schema import DataError
+    from missrec_torchrec.config import load_config
+    from missrec_torchrec.trainer import Trainer
+
+    overrides, run_dir = crashed_sampled_run
+    config = (run_dir / "config.yaml").read_text()
+    cfg = load_config("ml100k", [*overrides, "checkpoint.resume=true", "data.batch_size=32",
+                                 "checkpoint.allow_change=[data.batch_size]"])
+    with pytest.raises(DataError) as refused:
+        Trainer(cfg).fit()
+    message = str(refused.value)
+    assert message.startswith(f"{run_dir}: cannot resume") and "batch_size 64 -> 32" in message
+    assert "\n" not in message
+    assert (run_dir / "config.yaml").read_text() == config  # the refused resume changed nothing
+
+
 @pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])
 def test_two_process_gloo(synthetic_mm, tmp_path, sharding):
     out = tmp_path / sharding

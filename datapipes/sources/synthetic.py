@@ -48,6 +48,10 @@ S_ITEM_TOPIC, S_ITEM_POP, S_USER_LEN, S_USER_PREF, S_STEP = range(5)
 S_MODALITY = 16  # modality m uses streams S_MODALITY + 3m .. + 3m + 2
 
 
+def _number(group, flag: str, default: float, what: str) -> None:
+    group.add_argument(flag, type=float, default=default, help=f"{what} (default {default})")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     size = p.add_argument_group("size")
     size.add_argument("--users", type=int, default=None, help="number of users (default: --interactions / --mean-len)")
@@ -60,12 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="longest sequence: longer draws are cut to it (default: no cap)")
     shape = p.add_argument_group("planted structure")
     shape.add_argument("--topics", type=int, default=50, help="latent topics (default 50)")
-    shape.add_argument("--stay", type=float, default=0.7,
-                       help="probability the next item keeps the previous item's topic (default 0.7)")
-    shape.add_argument("--prefer", type=float, default=0.9,
-                       help="when the topic changes, probability it is one of the user's preferred topics (default 0.9)")
-    shape.add_argument("--popularity", type=float, default=1.0,
-                       help="log-normal sigma of item popularity within a topic (default 1.0)")
+    _number(shape, "--stay", 0.7, "probability the next item keeps the previous item's topic")
+    _number(shape, "--prefer", 0.9, "when the topic changes, probability it is one of the user's preferred topics")
+    _number(shape, "--popularity", 1.0, "log-normal sigma of item popularity within a topic")
     feats = p.add_argument_group("features")
     feats.add_argument("--modalities", default="text:64,image:32",
                        help="feature tables as name:dim,... ('' for none; default text:64,image:32)")
@@ -73,8 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="feature dtype (default float32)")
     feats.add_argument("--missing", type=float, default=0.1,
                        help="fraction of items missing each modality (zero vector, present=false; default 0.1)")
-    feats.add_argument("--noise", type=float, default=1.0,
-                       help="norm of the per-item noise added to the unit topic centroid (default 1.0)")
+    _number(feats, "--noise", 1.0, "norm of the per-item noise added to the unit topic centroid")
     run_ = p.add_argument_group("run")
     run_.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     run_.add_argument("--rows-per-group", type=int, default=DEFAULT_USERS_PER_ROW_GROUP,

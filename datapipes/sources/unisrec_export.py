@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from datapipes.io import staged_dir
 from datapipes.schema import DataError, DatasetInfo
-from datapipes.sources.unisrec_import import FEATURE_CHUNK_ROWS, HEADER, HISTORY_WINDOW, MODALITY_SUFFIX
+from datapipes.sources.unisrec_layout import FEATURE_CHUNK_ROWS, HEADER, HISTORY_WINDOW, MODALITY_SUFFIX
 
 
 def write_unisrec(dataset_dir: Path | str, out_folder: Path | str, name: str, *, pretrain: Optional[bool] = None,
