@@ -35,17 +35,12 @@ def peak_rss_mb() -> float:
 
 def generate(size: float, out: Path) -> dict:
     sys.path.insert(0, str(ROOT))
-    from datapipes.sources import prepare, synthetic
+    from datapipes.sources import prepare
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", type=Path)
-    p.add_argument("--overwrite", action="store_true")
-    synthetic.add_arguments(p)
     items = int(min(1e6, max(1e4, size / 100)))
-    args = p.parse_args(["--out", str(out), "--overwrite", "--interactions", str(size), "--items", str(items),
-                         "--seed", "0"])
     start = time.perf_counter()
-    stats = prepare("synthetic", args)
+    stats = prepare("synthetic", out, ["--interactions", str(size), "--items", str(items), "--seed", "0"],
+                    overwrite=True)
     return {"seconds": time.perf_counter() - start, "rss_mb": peak_rss_mb(), "interactions": stats["interactions"],
             "users": stats["users"], "training_rows": stats["training_rows"]}
 

@@ -273,7 +273,7 @@ class MISSRecHead(nn.Module):
         if self.loss == "full_softmax":
             # Candidates are the catalogue in index order: the target index is the column.
             if cfg.pad_negative:
-                scores = torch.cat([scores, self._pad_scores(u)], dim=1)
+                scores = torch.cat([scores, self.pad_scores(u)], dim=1)
             return losses.full_softmax_ce(scores, target, cfg.temperature, weight)
         with _fp32(u):
             pos = self.core.score(
@@ -296,7 +296,7 @@ class MISSRecHead(nn.Module):
             pos, scores, cands, neg_logq, in_batch, target, batch_logq, cfg.temperature, weight=weight
         )
 
-    def _pad_scores(self, u: torch.Tensor) -> torch.Tensor:
+    def pad_scores(self, u: torch.Tensor) -> torch.Tensor:
         """B x 1: the reference's padding item (index 0 there) scored as one more candidate (quirk 17).
 
         Its features are zero, so each adapter gives its bias; its ID row is zero (cosine 0)."""

@@ -110,8 +110,7 @@ def test_paper_id_table_starts_as_the_reference_and_trains_by_dense_adam(paper_t
     dense = dict(tr.optimizer.optimizers)["dense"]
     names = [k for k in dense.params if k.endswith("head.id_table.weight")]
     assert len(names) == 1
-    inner = dense._optimizer
-    assert isinstance(inner, torch.optim.Adam) and inner.param_groups[0]["lr"] == 1e-3
+    assert dense.param_groups[0]["lr"] == 1e-3
     assert not dict(tr.optimizer.optimizers)["sparse"].params
 
     before = rows.clone()
@@ -124,6 +123,7 @@ def test_paper_id_table_starts_as_the_reference_and_trains_by_dense_adam(paper_t
     # the fused row-wise Adagrad's default), and the padding row never moves.
     assert moved.max().item() == pytest.approx(1e-3, rel=0.02)
     assert torch.equal(table[n].detach(), torch.zeros_like(table[n]))
+    assert set(dense.state_dict()["state"][names[0]]) >= {"exp_avg", "exp_avg_sq"}  # Adam's moments
     # Evaluation reads the sharded mirror: publishing copies the dense rows there.
     tr.session.publish_ids()
     items = tr.session.all_items
@@ -141,7 +141,7 @@ def test_paper_softmax_has_the_padding_item_as_one_more_negative(paper_trainer):
     pad_id = head.id_table.weight[-1:].detach()
     expected = core.score(u, core.adapt(zero), pad_id)
     with torch.no_grad():
-        torch.testing.assert_close(head._pad_scores(u), expected)
+        torch.testing.assert_close(head.pad_scores(u), expected)
 
 
 def test_sampled_softmax_uses_in_batch_and_uniform_negatives_with_their_own_log_q():
