@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from missrec_torchrec.cli import main
-from test_bad_input import write_atomic_folder
+from test_bad_input import write_unisrec_folder
 from test_train import REPO, small_overrides
 
 QUIET = ["log.progress=false"]
@@ -42,7 +42,7 @@ def w(synthetic_mm, synthetic_other, tmp_path_factory):
     train(load_config("ml100k", run_args))
     log = root / "log.csv"
     log.write_text("user_id,item_id,timestamp\n" + "".join(f"u{u},i{(u + k) % 7},{k}\n" for u in range(6) for k in range(4)))
-    write_atomic_folder(root / "Toy")
+    write_unisrec_folder(root / "Toy")
     (root / "plain.txt").write_text("keep me\n")
     (root / "notds").mkdir()
     (root / "notds" / "stats.json").write_text("{not json")

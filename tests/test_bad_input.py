@@ -126,7 +126,7 @@ def test_movielens_min_rating_leaves_nothing(tmp_path, capsys):
 # missrec-atomic
 
 
-def write_atomic_folder(folder: Path, name: str = "Toy", sequences=SEQUENCES, features=("feat1CLS", "feat3CLS"),
+def write_unisrec_folder(folder: Path, name: str = "Toy", sequences=SEQUENCES, features=("feat1CLS", "feat3CLS"),
                         n_items: int = N_ITEMS, dim: int = DIM) -> Path:
     """A small, valid reference-format folder (UniSRec's convert_to_atomic_files layout)."""
     folder.mkdir(parents=True)
@@ -150,125 +150,125 @@ def edit_lines(path: Path, edit) -> None:
     path.write_text("".join(edit(lines)))
 
 
-def atomic_argv(folder: Path):
+def unisrec_argv(folder: Path):
     return ["prepare", "missrec-atomic", "--path", folder, "--feat-dim", DIM]
 
 
 @pytest.fixture
 def toy(tmp_path):
-    return write_atomic_folder(tmp_path / "Toy")
+    return write_unisrec_folder(tmp_path / "Toy")
 
 
-def test_atomic_valid_folder_is_accepted(toy, tmp_path):
+def test_unisrec_valid_folder_is_accepted(toy, tmp_path):
     # The baseline every test below breaks in one place.
-    assert main([str(a) for a in atomic_argv(toy)] + ["--out", str(tmp_path / "ok")]) == 0
+    assert main([str(a) for a in unisrec_argv(toy)] + ["--out", str(tmp_path / "ok")]) == 0
 
 
-def test_atomic_history_item_beyond_features(toy, tmp_path, capsys):
+def test_unisrec_history_item_beyond_features(toy, tmp_path, capsys):
     path = toy / "Toy.train.inter"
     edit_lines(path, lambda ls: ls[:2] + ["0\t0 12\t2\n"] + ls[3:])  # line 3
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, "line 3", "item id 12", "12 feature rows")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, "line 3", "item id 12", "12 feature rows")
 
 
-def test_atomic_target_beyond_features(toy, tmp_path, capsys):
+def test_unisrec_target_beyond_features(toy, tmp_path, capsys):
     path = toy / "Toy.test.inter"
     edit_lines(path, lambda ls: ls[:2] + ["1\t5 6 7\t99\n"] + ls[3:])
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, "line 3", "item id 99")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, "line 3", "item id 99")
 
 
-def test_atomic_non_integer_token(toy, tmp_path, capsys):
+def test_unisrec_non_integer_token(toy, tmp_path, capsys):
     path = toy / "Toy.valid.inter"
     edit_lines(path, lambda ls: ls[:3] + ["2\t1 3 x7 7\t9\n"] + ls[4:])
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, "line 4", "'x7'")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, "line 4", "'x7'")
 
 
-def test_atomic_feature_size_not_whole_rows(toy, tmp_path, capsys):
+def test_unisrec_feature_size_not_whole_rows(toy, tmp_path, capsys):
     path = toy / "Toy.feat3CLS"
     path.write_bytes(path.read_bytes() + b"\0\0\0\0")
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, "not a whole number")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, "not a whole number")
 
 
-def test_atomic_feature_nan_row(toy, tmp_path, capsys):
+def test_unisrec_feature_nan_row(toy, tmp_path, capsys):
     path = toy / "Toy.feat1CLS"
     matrix = np.fromfile(path, dtype="<f4").reshape(-1, DIM)
     matrix[4, 1] = np.nan
     matrix.tofile(path)
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, "row 4", "NaN")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, "row 4", "NaN")
 
 
-def test_atomic_feature_row_counts_differ(toy, tmp_path, capsys):
+def test_unisrec_feature_row_counts_differ(toy, tmp_path, capsys):
     np.zeros((N_ITEMS + 1, DIM), "<f4").tofile(toy / "Toy.feat3CLS")
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), toy / "Toy.feat3CLS", "Toy.feat1CLS", "13 rows")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), toy / "Toy.feat3CLS", "Toy.feat1CLS", "13 rows")
 
 
-def test_atomic_missing_image_features(toy, tmp_path, capsys):
+def test_unisrec_missing_image_features(toy, tmp_path, capsys):
     (toy / "Toy.feat3CLS").unlink()
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), toy / "Toy.feat3CLS", "missing")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), toy / "Toy.feat3CLS", "missing")
 
 
-def test_atomic_user_in_valid_but_not_train(toy, tmp_path, capsys):
+def test_unisrec_user_in_valid_but_not_train(toy, tmp_path, capsys):
     edit_lines(toy / "Toy.train.inter", lambda ls: [l for l in ls if not l.startswith("2\t")])
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), toy / "Toy.valid.inter", "line 4", "user 2", "Toy.train.inter")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), toy / "Toy.valid.inter", "line 4", "user 2", "Toy.train.inter")
 
 
-def test_atomic_user_in_train_but_not_valid(toy, tmp_path, capsys):
+def test_unisrec_user_in_train_but_not_valid(toy, tmp_path, capsys):
     edit_lines(toy / "Toy.train.inter", lambda ls: ls[:4] + ["7\t1\t2\n"] + ls[4:])
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), toy / "Toy.train.inter", "line 5", "user 7")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), toy / "Toy.train.inter", "line 5", "user 7")
 
 
-def test_atomic_user_in_valid_but_not_test(toy, tmp_path, capsys):
+def test_unisrec_user_in_valid_but_not_test(toy, tmp_path, capsys):
     edit_lines(toy / "Toy.test.inter", lambda ls: ls[:2] + ls[3:])  # drops user 1
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), toy / "Toy.valid.inter", "line 3", "user 1", "Toy.test.inter")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), toy / "Toy.valid.inter", "line 3", "user 1", "Toy.test.inter")
 
 
 @pytest.mark.parametrize("split", ["valid", "test"])
-def test_atomic_duplicate_user(toy, tmp_path, capsys, split):
+def test_unisrec_duplicate_user(toy, tmp_path, capsys, split):
     path = toy / f"Toy.{split}.inter"
     edit_lines(path, lambda ls: ls + [ls[1]])
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, f"line {len(SEQUENCES) + 2}", "user 0")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, f"line {len(SEQUENCES) + 2}", "user 0")
 
 
-def test_atomic_empty_history(toy, tmp_path, capsys):
+def test_unisrec_empty_history(toy, tmp_path, capsys):
     path = toy / "Toy.train.inter"
     edit_lines(path, lambda ls: ls[:3] + ["1\t\t6\n"] + ls[4:])
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, "line 4", "empty history")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, "line 4", "empty history")
 
 
-def test_atomic_malformed_line(toy, tmp_path, capsys):
+def test_unisrec_malformed_line(toy, tmp_path, capsys):
     path = toy / "Toy.train.inter"
     edit_lines(path, lambda ls: ls[:2] + ["0\t0 1 2\n"] + ls[3:])
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, "line 3", "Expected 3 columns")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, "line 3", "Expected 3 columns")
 
 
-def test_atomic_history_contradicts_sequence(toy, tmp_path, capsys):
+def test_unisrec_history_contradicts_sequence(toy, tmp_path, capsys):
     path = toy / "Toy.train.inter"
     edit_lines(path, lambda ls: ls[:5] + ["2\t1 4\t5\n"] + ls[6:])  # user 2's "1 3" -> "1 4"
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, "line 6", "user 2", "does not match")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, "line 6", "user 2", "does not match")
 
 
-def test_atomic_error_line_counts_across_blocks(tmp_path, capsys, monkeypatch):
+def test_unisrec_error_line_counts_across_blocks(tmp_path, capsys, monkeypatch):
     from datapipes.sources import unisrec_import
 
     monkeypatch.setattr(unisrec_import, "TRAIN_BLOCK_BYTES", 256)  # many small batches
     rng = np.random.default_rng(1)
-    folder = write_atomic_folder(tmp_path / "Toy", sequences=[list(rng.integers(0, N_ITEMS, size=40)) for _ in range(4)])
+    folder = write_unisrec_folder(tmp_path / "Toy", sequences=[list(rng.integers(0, N_ITEMS, size=40)) for _ in range(4)])
     path = folder / "Toy.train.inter"
     lines = path.read_text().splitlines(keepends=True)
     user, history, target = lines[120].rstrip("\n").split("\t")
     lines[120] = f"{user}\t{history} 0\t{target}\n"  # one item too many, on line 121
     path.write_text("".join(lines))
-    expect_error(capsys, tmp_path / "out", atomic_argv(folder), path, "line 121", f"user {user}")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(folder), path, "line 121", f"user {user}")
 
 
-def test_atomic_wrong_header(toy, tmp_path, capsys):
+def test_unisrec_wrong_header(toy, tmp_path, capsys):
     path = toy / "Toy.valid.inter"
     edit_lines(path, lambda ls: ["user_id:token\titem_id:token\titem_id_list:token_seq\n"] + ls[1:])
-    expect_error(capsys, tmp_path / "out", atomic_argv(toy), path, "line 1", "header")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(toy), path, "line 1", "header")
 
 
-def test_atomic_pretrain_domain_index_out_of_range(tmp_path, capsys):
+def test_unisrec_pretrain_domain_index_out_of_range(tmp_path, capsys):
     folder = tmp_path / "PT"
-    write_atomic_folder(folder, name="PT", features=())
+    write_unisrec_folder(folder, name="PT", features=())
     for split in ("train", "valid", "test"):  # make it a one-domain pre-training folder
         edit_lines(folder / f"PT.{split}.inter",
                    lambda ls: ls[:1] + ["\t".join(" ".join(f"0-{t}" for t in f.split(" ")) for f in l.rstrip("\n").split("\t")) + "\n"
@@ -277,9 +277,9 @@ def test_atomic_pretrain_domain_index_out_of_range(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for suffix in ("feat1CLS", "feat3CLS"):
         rng.normal(size=(N_ITEMS, DIM)).astype("<f4").tofile(folder / f"Toy.{suffix}")
-    assert main([str(a) for a in atomic_argv(folder)] + ["--out", str(tmp_path / "ok")]) == 0
+    assert main([str(a) for a in unisrec_argv(folder)] + ["--out", str(tmp_path / "ok")]) == 0
     edit_lines(folder / "PT.test.inter", lambda ls: ls[:2] + [ls[2].replace("\t0-8", "\t1-8")] + ls[3:])
-    expect_error(capsys, tmp_path / "out", atomic_argv(folder), folder / "PT.test.inter", "line 3", "domain index 1")
+    expect_error(capsys, tmp_path / "out", unisrec_argv(folder), folder / "PT.test.inter", "line 3", "domain index 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_atomic_pretrain_domain_index_out_of_range(tmp_path, capsys):
 
 
 def prepared_atomic(tmp_path: Path, name: str, **kwargs) -> Path:
-    folder = write_atomic_folder(tmp_path / "src" / name, name=name, **kwargs)
+    folder = write_unisrec_folder(tmp_path / "src" / name, name=name, **kwargs)
     out = tmp_path / f"{name}-ds"
     dim = kwargs.get("dim", DIM)
     assert main(["prepare", "missrec-atomic", "--path", str(folder), "--feat-dim", str(dim), "--out", str(out)]) == 0

@@ -41,9 +41,9 @@ def test_atomic_folder_as_positional_argument_or_path(tmp_path):
     import pyarrow.parquet as pq
 
     from missrec_torchrec.cli import main
-    from test_bad_input import write_atomic_folder
+    from test_bad_input import write_unisrec_folder
 
-    folder = write_atomic_folder(tmp_path / "Toy")
+    folder = write_unisrec_folder(tmp_path / "Toy")
     assert main(["prepare", "missrec-atomic", str(folder), "--feat-dim", "4", "--out", str(tmp_path / "a")]) == 0
     assert main(["prepare", "missrec-atomic", "--path", str(folder), "--feat-dim", "4", "--out", str(tmp_path / "b")]) == 0
     assert main(["prepare", "missrec-atomic", str(folder), "--path", str(folder), "--feat-dim", "4",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from missrec_torchrec.cli import main
-from test_bad_input import write_atomic_folder
+from test_bad_input import write_unisrec_folder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def world(tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     write_log(tmp_path / "in" / "log.csv")
     (tmp_path / "notes.csv").write_text("keep me\n")
-    write_atomic_folder(tmp_path / "Toy")
+    write_unisrec_folder(tmp_path / "Toy")
     assert main(["prepare", "missrec-atomic", "--path", str(tmp_path / "Toy"), "--feat-dim", "4",
                  "--out", str(tmp_path / "ds")]) == 0
     return tmp_path

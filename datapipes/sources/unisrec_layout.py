@@ -1,4 +1,4 @@
-"""The atomic folder's layout, shared by `unisrec_import` and `unisrec_export`: file names, the
+"""The UniSRec folder's layout, shared by `unisrec_import` and `unisrec_export`: file names, the
 .inter header and history window, and the raw ``.feat*CLS`` feature files (docs/model.md section 11).
 """
 
