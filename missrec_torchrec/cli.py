@@ -308,13 +308,25 @@ def _add_summarize(sub) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="finished run folders (each with results.json)")
     p.add_argument("--group", action="append", help="row label per run, in order (default: folder names)")
     p.add_argument("--metric", action="append", help="test metric per column, repeatable (default: hr/ndcg@10, @50)")
+    p.add_argument("--row", action="append", default=[], metavar="LABEL:METRIC=VALUE,...",
+                   help="a fixed row after the runs, e.g. a baseline or a published number (repeatable)")
+    p.add_argument("--bars", type=Path, metavar="PNG",
+                   help="also draw the table as a bar chart: mean per row, sample std and each run (needs matplotlib)")
+    p.add_argument("--title", help="bar chart title")
     p.set_defaults(run=_summarize)
 
 
 def _summarize(args) -> None:
     from missrec_torchrec import report
 
-    print(report.summarize(args.runs, args.group, args.metric or report.DEFAULT_METRICS))
+    metrics = args.metric or report.DEFAULT_METRICS
+    rows = report.rows_of(args.runs, args.group, metrics, args.row)
+    print(report.table(rows, metrics))
+    if args.bars:
+        from missrec_torchrec import plots
+
+        plots.plot_bars(rows, metrics, args.bars, args.title)
+        print(f"wrote {args.bars}")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -80,3 +80,46 @@ def plot_runs(
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return drawn
+
+
+def plot_bars(
+    rows: Dict[str, List[Dict[str, float]]],
+    metrics: Sequence[str],
+    out: Path | str,
+    title: Optional[str] = None,
+) -> Dict[str, Dict[str, Tuple[float, float]]]:
+    """A results table as one PNG: a panel per metric, a bar per row at its mean over runs, the sample
+    std as an error bar and each run as a dot (the seed spread). Returns {metric: {row: (mean, std)}}."""
+    import statistics
+
+    check_writable(Path(out).parent, out)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn: Dict[str, Dict[str, Tuple[float, float]]] = {}
+    labels = list(rows)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 0.9 * len(labels) + 1.5) * len(metrics), 4.2),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        drawn[metric] = {}
+        for x, label in enumerate(labels):
+            values = [r[metric] for r in rows[label]]
+            mean = statistics.mean(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            drawn[metric][label] = (mean, std)
+            ax.bar(x, mean, yerr=std if len(values) > 1 else None, capsize=4, color=f"C{x % 10}", alpha=0.75)
+            if len(values) > 1:
+                ax.scatter([x] * len(values), values, color="black", s=9, zorder=3)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"test {metric}")
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with staged_file(Path(out)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return drawn
