@@ -122,6 +122,9 @@ class LocalModelEncoder(Encoder):
     def model(self):
         if self._model is None:
             _hf_offline()
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # its per-tensor "Loading weights" bar; ours counts items
             self._model = self.load()
         return self._model
 
