@@ -33,8 +33,8 @@ def sample_rows(parts: Sequence[torch.Tensor], size: int, generator: torch.Gener
     `parts` (one per modality, its item slice each) index the catalogue as one process's would, and a
     seed picks the same rows whatever the world size. Every rank draws the same `size` global indices
     (with replacement: O(size) memory, not O(N)) and keeps the distinct ones it owns; repeats are
-    dropped, so slightly fewer than `size` rows come back when `size` is a large share of the points.
-    All points come back when `size` covers them.
+    dropped, so fewer than `size` rows come back when `size` is a large share of the points (in
+    expectation at least size / 2, as size < N). All points come back when `size` covers them.
     """
     device = parts[0].device
     counts = torch.stack([all_gather_scalar(p.shape[0], device, group) for p in parts]).cpu()  # parts x ranks
@@ -70,6 +70,8 @@ def faiss_kmeans(parts: Sequence[torch.Tensor], k: int, *, iters: int, generator
     n_total = int(all_reduce(torch.tensor([sum(p.shape[0] for p in parts)], device=points.device), group))
     if not 1 <= k <= n_total:
         raise ValueError(f"k-means: cannot pick {k} initial centroids from {n_total} points")
+    if per_centroid < 2:  # K distinct points are needed; 2K draws keep at least K in expectation
+        raise ValueError(f"faiss k-means: {per_centroid} sample points per centroid, need at least 2")
     sample = sample_rows(parts, k * per_centroid, generator, group)
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
     centroids = torch.zeros(k, points.shape[1], dtype=torch.float32, device=points.device)
