@@ -21,6 +21,8 @@ No dataset is written: the model is built from the `paper` preset (512-d text + 
     lookups). Sampled softmax (--negatives uniform candidates) always; full softmax where its
     B x N score matrices fit --full-budget-gib.
 Each step measurement runs in a fresh subprocess so its peak RSS is its own.
+(d) one re-clustering, today's torch k-means against faiss (model.kmeans_backend) on the same points,
+    at K = 8,192 and 65,536 (bench/recluster.py, which also runs alone).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+import recluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [1e5, 1e6, 1e7, 1e8]
@@ -371,7 +375,8 @@ def main() -> None:
                    help="materialise the real tables only up to this many GiB (default 8)")
     p.add_argument("--full-budget-gib", type=float, default=6.0,
                    help="run full softmax only while its score matrices fit this many GiB (default 6)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: memory, discovery, steps")
+    recluster.add_arguments(p.add_argument_group("(d) re-clustering"))
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: memory, discovery, steps, recluster")
     p.add_argument("--_step", nargs=3, metavar=("KIND", "LOSS", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._step:
@@ -400,6 +405,8 @@ def main() -> None:
         print_discovery(sizes, rows, args.interest_cap)
     if "steps" not in skip:
         print_steps(sizes, rows, args)
+    if "recluster" not in skip:
+        recluster.print_recluster(recluster.measure(args.points, args.dim, args.ks), args.points, args.dim)
 
 
 if __name__ == "__main__":

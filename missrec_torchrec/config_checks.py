@@ -112,6 +112,7 @@ RULES: Dict[str, Check] = {
     "model.interest_cap": _integer(1, nullable=True),
     "model.kmeans_iters": _integer(1),
     "model.kmeans_minibatch": _integer(1),
+    "model.kmeans_backend": _choice("auto", "torch", "faiss"),  # as model.config.KMEANS_BACKENDS
     "model.lambda_ss": _number(0),
     "model.gamma": _number(0),
     "model.item_drop_prob": _number(0, 1, high_open=False),
@@ -178,6 +179,11 @@ def check_related(model: Mapping[str, Any], ev: Mapping[str, Any]) -> None:
     if model["hidden"] % model["heads"]:
         raise ConfigError(f"config key model.hidden: {model['hidden']} is not divisible by model.heads "
                           f"{model['heads']}")
+    quirks = [q for q in ("kmeans_single_pass", "kmeans_torchpq_update", "kmeans_reference_batches",
+                          "kmeans_abs_inplace") if model.get(q)]
+    if model.get("kmeans_backend") == "faiss" and quirks:
+        raise ConfigError(f"config key model.kmeans_backend: faiss has none of the reference's k-means quirks "
+                          f"(model.{quirks[0]} is on): use torch")
     metrics = metric_names(ev["ks"], ev["cold_start"])
     if ev["metric"] not in metrics:
         raise ConfigError(f"config key eval.metric: {ev['metric']!r} is not one of the metrics eval.ks "

@@ -99,7 +99,9 @@ class MISSRecHead(nn.Module):
         self.num_clusters = num_clusters(config.interest_ratio, points, config.interest_cap)
         self.register_buffer("centroids", torch.zeros(self.num_clusters + 1, config.hidden))
         for m in self.modalities:
-            self.register_buffer(f"assign_{m}", torch.zeros(num_items, dtype=torch.int64))
+            # int32 (K < 2**31): half the bytes of this replicated table; older checkpoints' int64
+            # buffers load into it (copy_ casts).
+            self.register_buffer(f"assign_{m}", torch.zeros(num_items, dtype=torch.int32))
             # Replicated presence flags (one byte per item and modality), set from the dataset.
             self.register_buffer(f"present_{m}", torch.ones(num_items, dtype=torch.bool), persistent=False)
         self.aug_generator: Optional[torch.Generator] = None

@@ -194,3 +194,25 @@ def test_nothing_to_resume_and_bad_paths(tmp_path):
     assert CheckpointManager(tmp_path / "empty").load(model, optimizer) is None
     with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
         CheckpointManager(tmp_path).load(model, optimizer, which=tmp_path / "step_9.tmp")
+
+
+def test_older_int64_interest_assignments_load_into_int32_buffers(tmp_path):
+    from missrec_torchrec.model import ModelConfig
+    from missrec_torchrec.recommender import MISSRecHead
+
+    config = ModelConfig(hidden=8, heads=2, ffn=8, max_len=5, interest_ratio=0.2)
+
+    def head_and_optimizer():
+        torch.manual_seed(0)
+        head = MISSRecHead(config, {"text": 6}, 30)
+        return head, KeyedOptimizerWrapper(dict(head.named_parameters()), lambda p: torch.optim.Adam(p, lr=0.1))
+
+    old, optimizer = head_and_optimizer()
+    saved = torch.randint(1, old.num_clusters + 1, (30,), generator=torch.Generator().manual_seed(1))
+    old.assign_text = saved.clone()  # int64, as checkpoints written before the int32 buffers hold it
+    CheckpointManager(tmp_path).save(1, old, optimizer)
+
+    new, optimizer2 = head_and_optimizer()
+    assert new.assign_text.dtype == torch.int32 and not torch.equal(new.assign_text.long(), saved)
+    CheckpointManager(tmp_path).load(new, optimizer2)
+    assert new.assign_text.dtype == torch.int32 and torch.equal(new.assign_text.long(), saved)

@@ -16,6 +16,9 @@ ACTIVATIONS = ("gelu", "relu")
 ATTENTION_KERNELS = ("auto", "math", "sdpa")
 # The reference's `train_stage` names: pre-training, fine-tuning without and with item IDs.
 STAGES = ("pretrain", "inductive_ft", "transductive_ft")
+# torch: the minibatch k-means (model/interest.py, the reference's); faiss: Lloyd on a sample, then a
+# faiss index (model/faiss_kmeans.py); auto: faiss for large catalogues (interest.kmeans_backend).
+KMEANS_BACKENDS = ("auto", "torch", "faiss")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ModelConfig:
     interest_cap: Optional[int] = None  # max K; None = uncapped as the reference
     kmeans_iters: int = 5
     kmeans_minibatch: int = 2048
+    kmeans_backend: str = "auto"  # one of KMEANS_BACKENDS
     lambda_ss: float = 1e-3  # weight of the seq->seq InfoNCE in pre-training
     gamma: float = 1e-4  # weight of the interest regulariser
     item_drop_prob: float = 0.2
@@ -75,6 +79,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.hidden % self.heads:
             raise ValueError(f"ModelConfig.hidden {self.hidden} is not divisible by heads {self.heads}")
+        if self.kmeans_backend not in KMEANS_BACKENDS:
+            raise ValueError(f"ModelConfig.kmeans_backend {self.kmeans_backend!r} is not one of {KMEANS_BACKENDS}")
+        if self.kmeans_backend == "faiss" and self.reference_kmeans():
+            raise ValueError("ModelConfig.kmeans_backend faiss has none of the reference's k-means quirks: "
+                             "use torch with kmeans_single_pass/torchpq_update/reference_batches/abs_inplace")
         if not 0.0 < self.interest_ratio <= 1.0:
             raise ValueError(f"ModelConfig.interest_ratio {self.interest_ratio} is not in (0, 1]")
         if self.interest_cap is not None and self.interest_cap < 1:
@@ -98,6 +107,7 @@ class ModelConfig:
         reference = cls(
             use_id=stage == "transductive_ft",
             interest_ratio=0.02 if stage == "pretrain" else 0.5,
+            kmeans_backend="torch",
             kmeans_single_pass=True,
             mask_missing_modality=False,
             interest_keep_zero=True,
@@ -110,6 +120,11 @@ class ModelConfig:
             pad_negative=stage != "pretrain",
         )
         return replace(reference, **overrides)
+
+    def reference_kmeans(self) -> bool:
+        """Whether a quirk of the reference's k-means is on (only the torch k-means has them)."""
+        return (self.kmeans_single_pass or self.kmeans_torchpq_update or self.kmeans_reference_batches
+                or self.kmeans_abs_inplace)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

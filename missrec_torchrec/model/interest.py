@@ -15,8 +15,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .collectives import all_reduce, global_offsets, group_active
 from .config import ModelConfig
+from .faiss_kmeans import faiss_assign, faiss_kmeans
 
+# `auto` clusters more points than this with faiss: 100,000 items x 2 modalities. Every dataset the
+# README trains (ML-100K: 3,364 points) and every test stays on the torch k-means.
+FAISS_ABOVE_POINTS = 200_000
 # Elements of one distance block in `assign`: 2**24 floats = 64 MiB, whatever N and K are.
 ASSIGN_BLOCK_ELEMENTS = 1 << 24
 
@@ -25,24 +30,6 @@ def num_clusters(ratio: float, n_points: int, cap: Optional[int] = None) -> int:
     """K = max(ceil(ratio * n_points), 1), capped at `cap` (the reference has no cap)."""
     k = max(math.ceil(ratio * n_points), 1)
     return k if cap is None else min(k, cap)
-
-
-def _group_active(group: Optional[dist.ProcessGroup]) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def _all_reduce(t: torch.Tensor, group, op=None) -> torch.Tensor:
-    if _group_active(group):
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
-    return t
-
-
-def _all_gather_scalar(value: int, device: torch.device, group) -> torch.Tensor:
-    if not _group_active(group):
-        return torch.tensor([value], device=device)
-    out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=device), group=group)
-    return torch.cat(out)
 
 
 def assign(points: torch.Tensor, centroids: torch.Tensor, block_elements: int = ASSIGN_BLOCK_ELEMENTS) -> torch.Tensor:
@@ -65,21 +52,15 @@ def assign(points: torch.Tensor, centroids: torch.Tensor, block_elements: int = 
     return labels
 
 
-def _global_offsets(n_local: int, device: torch.device, group) -> Tuple[int, int]:
-    sizes = _all_gather_scalar(n_local, device, group)
-    rank = dist.get_rank(group) if _group_active(group) else 0
-    return int(sizes[:rank].sum()), int(sizes.sum())
-
-
 def random_init(points: torch.Tensor, k: int, generator: Optional[torch.Generator] = None, group=None) -> torch.Tensor:
     """K distinct points drawn uniformly from all ranks' points (ranks in order), replicated.
 
     Every rank must pass a generator in the same state: all draw the same global indices and fill
     the rows they own, and a sum over ranks assembles the K x D result.
     """
-    if generator is None and _group_active(group):
+    if generator is None and group_active(group):
         raise ValueError("k-means over several ranks needs a generator seeded alike on every rank")
-    offset, n_total = _global_offsets(points.shape[0], points.device, group)
+    offset, n_total = global_offsets(points.shape[0], points.device, group)
     if not 1 <= k <= n_total:
         raise ValueError(f"k-means: cannot pick {k} initial centroids from {n_total} points")
     chosen = torch.randperm(n_total, generator=generator)[:k].to(points.device)
@@ -87,7 +68,7 @@ def random_init(points: torch.Tensor, k: int, generator: Optional[torch.Generato
     mine = (local >= 0) & (local < points.shape[0])
     init = torch.zeros(k, points.shape[1], dtype=torch.float64, device=points.device)
     init[mine] = points[local[mine]].double()
-    return _all_reduce(init, group).to(points.dtype)
+    return all_reduce(init, group).to(points.dtype)
 
 
 def _step_slices(n_local: int, k: int, minibatch: int, world: int, n_total: int, merge: bool, group) -> List[slice]:
@@ -105,7 +86,7 @@ def _step_slices(n_local: int, k: int, minibatch: int, world: int, n_total: int,
         cuts = [i * local_batch for i in range(steps)] + [max(n_local, steps * local_batch)]
         return [slice(cuts[i], cuts[i + 1]) for i in range(steps)]
     steps = torch.tensor([math.ceil(n_local / local_batch)])
-    steps = int(_all_reduce(steps, group, dist.ReduceOp.MAX))
+    steps = int(all_reduce(steps, group, dist.ReduceOp.MAX))
     return [slice(i * local_batch, (i + 1) * local_batch) for i in range(steps)]
 
 
@@ -113,8 +94,8 @@ def _update(centroids, counts, chunk, labels, torchpq_update: bool, group) -> to
     """One minibatch's centroid update from its (global) per-cluster sums and counts."""
     sums = torch.zeros_like(centroids).index_add_(0, labels, chunk.double())
     batch_counts = torch.bincount(labels, minlength=centroids.shape[0]).double()
-    _all_reduce(sums, group)
-    _all_reduce(batch_counts, group)
+    all_reduce(sums, group)
+    all_reduce(batch_counts, group)
     if torchpq_update:
         weight = (1.0 / counts).unsqueeze(1)
         means = sums / batch_counts.clamp(min=1).unsqueeze(1)
@@ -157,10 +138,10 @@ def kmeans(
     assignment the minibatch and the centroids are replaced by their absolute values, as
     TorchPQ's `euc_sim(inplace=True)` leaves them, so the update averages |x|.
     """
-    world = dist.get_world_size(group) if _group_active(group) else 1
+    world = dist.get_world_size(group) if group_active(group) else 1
     if minibatch <= k:
         minibatch = int(k * 1.1)
-    n_total = int(_all_reduce(torch.tensor([points.shape[0]], device=points.device), group))
+    n_total = int(all_reduce(torch.tensor([points.shape[0]], device=points.device), group))
     slices = _step_slices(points.shape[0], k, minibatch, world, n_total, reference_batches, group)
     if init is None:
         pool = points[slices[0]] if reference_batches else points
@@ -189,6 +170,7 @@ def discover_interests(
     generator: Optional[torch.Generator] = None,
     group: Optional[dist.ProcessGroup] = None,
     k: Optional[int] = None,
+    faiss_above: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Cluster all modalities' adapted item vectors together (docs/model.md §3).
 
@@ -198,19 +180,40 @@ def discover_interests(
     missing when `config.mask_missing_modality`). Gathering the id tables across ranks is the
     caller's: they are as sharded as the points. K defaults to `num_clusters` of the clustered
     point count (which excludes masked missing modalities); pass `k` to keep it fixed instead.
-    Every rank must pass a generator in the same state (see `random_init`).
+    Every rank must pass a generator in the same state (see `random_init`). `config.kmeans_backend`
+    picks the k-means (see `kmeans_backend`; `faiss_above` overrides its threshold); the ids are int32.
     """
     names = list(points)
     keep = {
         m: present[m].bool() if (config.mask_missing_modality and present is not None and m in present) else None
         for m in names
     }
-    stacked = torch.cat([points[m] if keep[m] is None else points[m][keep[m]] for m in names])
-    n_total = int(_all_reduce(torch.tensor([stacked.shape[0]], device=stacked.device), group))
+    parts = [points[m] if keep[m] is None else points[m][keep[m]] for m in names]
+    n_total = int(all_reduce(torch.tensor([sum(p.shape[0] for p in parts)], device=parts[0].device), group))
     if k is None:
         k = num_clusters(config.interest_ratio, n_total, config.interest_cap)
-    centroids = kmeans(
-        stacked,
+    backend = kmeans_backend(config, n_total, faiss_above)
+    if backend == "faiss":
+        centroids = faiss_kmeans(parts, k, iters=config.kmeans_iters, generator=generator, group=group)
+        nearest = faiss_assign
+    else:
+        centroids = torch_kmeans(torch.cat(parts), k, config, generator, group)
+        nearest = assign
+    assignments = {}
+    for m in names:
+        # int32: the head keeps these N-long tables replicated on every rank.
+        ids = torch.zeros(points[m].shape[0], dtype=torch.int32, device=points[m].device)
+        rows = slice(None) if keep[m] is None else keep[m]
+        ids[rows] = nearest(points[m][rows], centroids).to(torch.int32)
+        assignments[m] = ids
+    table = torch.cat([centroids.new_zeros(1, centroids.shape[1]), centroids])
+    return table, assignments
+
+
+def torch_kmeans(points: torch.Tensor, k: int, config: ModelConfig, generator, group) -> torch.Tensor:
+    """`kmeans` with the model's settings (the reference's k-means and its quirks)."""
+    return kmeans(
+        points,
         k,
         iters=config.kmeans_iters,
         minibatch=config.kmeans_minibatch,
@@ -221,16 +224,15 @@ def discover_interests(
         generator=generator,
         group=group,
     )
-    assignments = {}
-    for m in names:
-        if keep[m] is None:
-            assignments[m] = assign(points[m], centroids)
-        else:
-            ids = torch.zeros(points[m].shape[0], dtype=torch.long, device=points[m].device)
-            ids[keep[m]] = assign(points[m][keep[m]], centroids)
-            assignments[m] = ids
-    table = torch.cat([centroids.new_zeros(1, centroids.shape[1]), centroids])
-    return table, assignments
+
+
+def kmeans_backend(config: ModelConfig, n_points: int, faiss_above: Optional[int] = None) -> str:
+    """`torch` or `faiss` for clustering `n_points` points: `auto` takes faiss above `faiss_above`
+    points (default `FAISS_ABOVE_POINTS`) unless a reference k-means quirk is on (only torch has them)."""
+    if config.kmeans_backend != "auto":
+        return config.kmeans_backend
+    threshold = FAISS_ABOVE_POINTS if faiss_above is None else faiss_above
+    return "faiss" if n_points > threshold and not config.reference_kmeans() else "torch"
 
 
 def interest_tokens(
@@ -258,7 +260,7 @@ def interest_tokens(
         return (pad, torch.full_like(pad, length)) if first else pad
     is_pad = history < 0
     items = history.clamp(min=0)
-    ids = torch.cat([t[items].masked_fill(is_pad, 0) for t in tables], dim=1)
+    ids = torch.cat([t[items].long().masked_fill(is_pad, 0) for t in tables], dim=1)
     # Sorting id * L + position orders by id, and by position within an id: each id's first
     # entry after the sort holds its earliest position.
     positions = torch.arange(length, device=history.device).repeat(len(tables))
