@@ -1,5 +1,10 @@
-"""Per-range feature reads (issue 15): `DatasetInfo.feature_rows` slices equal today's whole-table
-read (`load_features`) bit for bit, decode only the row groups they overlap, and name a bad row."""
+"""Per-shard feature reads (issue 15).
+
+Every rank fills its shards of the frozen feature tables from the Parquet row groups holding its
+rows (`DatasetInfo.feature_rows`): the tables equal today's whole-table read (`load_features`) bit
+for bit on 1 and 2 ranks, a row-wise rank decodes its rows plus at most one row group, and a bad row
+is named by the range that reads it (and stops every rank).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from datapipes.schema import DataError, DatasetInfo, feature_path, feature_schema, register_modality
+from missrec_torchrec.config import load_config
+from missrec_torchrec.distributed import local_shards, table_weight
+from test_distributed import launch
+from test_train import small_overrides
 
 GROUP = 16  # feature rows per Parquet row group: 120 items make 8 groups, the last one short
+ITEMS = 120
 BAD_ROW = 101  # in row group 6, inside rank 1's half of a row-wise table
 
 
@@ -83,3 +94,56 @@ def test_a_table_that_is_not_what_stats_json_records_is_refused(grouped, tmp_pat
     (ds / "stats.json").write_text(json.dumps(stats))
     with pytest.raises(DataError, match="image.parquet: 120 feature rows for the dataset's 121 items"):
         DatasetInfo.open(ds).feature_rows("image")
+
+
+def session_config(ds: Path, out: Path, sharding: str):
+    return load_config("ml100k", small_overrides(ds, out, **{"train.sharding": sharding}))
+
+
+def shards_against_whole_table(session) -> dict:
+    """Per frozen table: (every local shard equals its slice of `load_features`, rows this rank
+    owns, rows it decoded, the table's dtype)."""
+    out = {}
+    for m in session.model.frozen_tables:
+        whole = torch.from_numpy(np.array(session.info.load_features(m)[0]))
+        shards = [(s, o) for s, o in local_shards(table_weight(session.dmp, m)) if s.numel()]
+        same = all(torch.equal(s.float(), whole[r0 : r0 + s.shape[0], c0 : c0 + s.shape[1]]) for s, (r0, c0) in shards)
+        out[m] = (same, sum(s.shape[0] for s, _ in shards), session.feature_rows_decoded[m], shards[0][0].dtype)
+    return out
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "column_wise", "table_wise"])
+def test_one_rank_tables_equal_the_whole_table_read(grouped, tmp_path, sharding):
+    from missrec_torchrec.session import Session
+
+    session = Session(session_config(grouped, tmp_path, sharding), prepare=False)
+    for m, (same, owned, decoded, dtype) in shards_against_whole_table(session).items():
+        assert same and owned == ITEMS and decoded == ITEMS and dtype == torch.float32, m
+        assert torch.equal(session.head.presence()[m], torch.from_numpy(session.info.load_features(m)[1]))
+
+
+def _two_rank_worker(good: str, bad: str, out: str):
+    from missrec_torchrec.session import Session
+
+    session = Session(session_config(Path(good), Path(out), "row_wise"), prepare=False)
+    result = shards_against_whole_table(session)
+    try:
+        Session(session_config(Path(bad), Path(out), "row_wise"), prepare=False)
+    except DataError as e:
+        return result, str(e)
+    return result, None
+
+
+def test_two_row_wise_ranks_read_their_own_rows_and_agree_on_a_bad_one(grouped, tmp_path):
+    bad = regroup(grouped, tmp_path / "bad", edit=plant_nan)
+    results = launch(_two_rank_worker, 2, str(grouped), str(bad), str(tmp_path / "runs"))
+    for m in ("text", "image"):
+        owned = [results[r][0][m][1] for r in (0, 1)]
+        assert owned == [60, 60], owned  # row-wise: each rank holds half, no rank the whole table
+        for rank in (0, 1):
+            same, mine, decoded, _ = results[rank][0][m]
+            assert same, (m, rank)
+            assert mine <= decoded <= mine + GROUP, (m, rank, decoded)  # its rows plus one row group
+    # Only rank 1 holds the bad row; both ranks stop with its message.
+    expected = f"{feature_path(bad, 'text')}: row {BAD_ROW} (item {BAD_ROW}) has NaN or inf values"
+    assert results[0][1] == results[1][1] == expected
