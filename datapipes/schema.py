@@ -186,6 +186,10 @@ class FeatureWriter:
             raise DataError(f"{source}: feature rows must be N x {self.dim}, got shape {vectors.shape}")
         check_finite(vectors, source, self.rows)
         np_dtype = np.float16 if self.dtype == "float16" else np.float32
+        big = (np.abs(vectors) > np.finfo(np_dtype).max).any(axis=1)
+        if big.any():  # would be stored as inf
+            raise DataError(f"{source}: row {self.rows + int(np.argmax(big))} overflows {self.dtype}; "
+                            f"store float32 (--dtype float32) or normalise the vectors")
         flat = pa.array(np.ascontiguousarray(vectors, dtype=np_dtype).reshape(-1))
         n = vectors.shape[0]
         table = pa.Table.from_arrays(
