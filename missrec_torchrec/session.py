@@ -136,6 +136,7 @@ def build_model(cfg: Config, info: DatasetInfo) -> MISSRecModel:
         mode=t.mode,
         loss=t.loss,
         aug_dim=aug_dim,
+        table_dtypes={m: info.dtype for m, info in mods.items()},
         cluster_points=points,
         dense_ids=t.sparse_optimizer == "dense_adam",
         mixed_negatives=t.in_batch_negatives,

@@ -1,9 +1,10 @@
-"""Per-shard feature reads (issue 15).
+"""Per-shard feature reads and float16 feature tables (issue 15).
 
 Every rank fills its shards of the frozen feature tables from the Parquet row groups holding its
 rows (`DatasetInfo.feature_rows`): the tables equal today's whole-table read (`load_features`) bit
 for bit on 1 and 2 ranks, a row-wise rank decodes its rows plus at most one row group, and a bad row
-is named by the range that reads it (and stops every rank).
+is named by the range that reads it. A float16 table stays float16 in its embedding table, trains,
+and scores as the same values stored in float32.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from datapipes.batch import PAD
 from datapipes.schema import DataError, DatasetInfo, feature_path, feature_schema, register_modality
 from missrec_torchrec.config import load_config
 from missrec_torchrec.distributed import local_shards, table_weight
@@ -147,3 +149,36 @@ def test_two_row_wise_ranks_read_their_own_rows_and_agree_on_a_bad_one(grouped, 
     # Only rank 1 holds the bad row; both ranks stop with its message.
     expected = f"{feature_path(bad, 'text')}: row {BAD_ROW} (item {BAD_ROW}) has NaN or inf values"
     assert results[0][1] == results[1][1] == expected
+
+
+def test_float16_tables_stay_float16_train_and_score_as_their_float32_values(grouped, tmp_path):
+    from missrec_torchrec.session import Session
+    from missrec_torchrec.trainer import Trainer
+
+    half = regroup(grouped, tmp_path / "half", dtype="float16")
+    # The same fp16 values stored as float32: what an fp32 table of those values scores.
+    rounded = regroup(grouped, tmp_path / "rounded", edit=lambda _, v: v.astype(np.float16).astype(np.float32))
+    assert (half / "features" / "text.parquet").stat().st_size < (rounded / "features" / "text.parquet").stat().st_size
+
+    def scores(ds: Path) -> torch.Tensor:
+        session = Session(session_config(ds, tmp_path / "runs", "row_wise"), prepare=False)
+        bank = session.item_bank()
+        history = torch.full((4, 6), PAD, dtype=torch.int64)
+        history[:, :5] = torch.arange(20).view(4, 5)
+        return session, bank.chunk_scores(bank.encode(history), 0, ITEMS)
+
+    session, s_half = scores(half)
+    assert table_weight(session.dmp, "text").local_shards()[0].tensor.dtype == torch.float16
+    assert all(v.dtype == torch.float32 for v in session.item_bank().adapted.values())  # the adapters ran in fp32
+    _, s_rounded = scores(rounded)
+    _, s_full = scores(grouped)
+    assert torch.equal(s_half, s_rounded)  # fp16 storage changes nothing beyond the rounding
+    assert not torch.equal(s_half, s_full)
+    # Against the unrounded values: within 8 fp16 steps (2^-11 relative each) of the score range.
+    torch.testing.assert_close(s_half, s_full, rtol=0, atol=8 * 2**-11 * float(s_full.abs().max()))
+
+    trainer = Trainer(load_config("ml100k", small_overrides(half, tmp_path / "train", **{"train.epochs": 3})))
+    losses = [row["train/loss"] for row in trainer.fit()["history"]]
+    assert losses[-1] < losses[0], losses
+    run_dir = Path(trainer.run_dir)
+    assert json.loads((run_dir / "fingerprint.rank0.json").read_text())["frozen_tables_unchanged"]
