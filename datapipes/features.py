@@ -48,7 +48,6 @@ HELP = "compute one item-feature modality (MiniLM / CLIP text or image / importe
 
 DEFAULT_CHUNK_SIZE = 4096
 MODALITY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,9 +115,6 @@ def _merge(parts, out: Path, dtype: str, normalize: bool) -> Tuple[int, int]:
                 if normalize:
                     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
                     vectors = vectors / np.where(norms > 0, norms, 1.0)
-                if dtype == "float16" and (np.abs(vectors) > FLOAT16_MAX).any():
-                    row = int(np.argmax((np.abs(vectors) > FLOAT16_MAX).any(axis=1)))
-                    raise DataError(f"{part}: row {row} overflows float16; use --dtype float32 or --normalize")
                 writer.add(vectors, present, source=str(part))
         finally:
             writer.close()

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datapipes.feature_rows import FeatureRows, check_finite, check_row_count, open_features
 from datapipes.io import DataError, staged_file
 
 SCHEMA_VERSION = 1
@@ -166,14 +167,6 @@ def write_items(path: Path | str, keys, domains, texts=None) -> int:
     return n
 
 
-def check_finite(vectors: np.ndarray, source: object, first_row: int = 0) -> None:
-    """Refuse feature rows holding NaN or inf, naming `source` and the row (= item index)."""
-    bad = ~np.isfinite(vectors).all(axis=1)
-    if bad.any():
-        row = first_row + int(np.argmax(bad))
-        raise DataError(f"{source}: row {row} (item {row}) has NaN or inf values")
-
-
 class FeatureWriter:
     """Streams a modality's feature rows (in item order) into `features/<modality>.parquet`."""
 
@@ -193,6 +186,10 @@ class FeatureWriter:
             raise DataError(f"{source}: feature rows must be N x {self.dim}, got shape {vectors.shape}")
         check_finite(vectors, source, self.rows)
         np_dtype = np.float16 if self.dtype == "float16" else np.float32
+        big = (np.abs(vectors) > np.finfo(np_dtype).max).any(axis=1)
+        if big.any():  # would be stored as inf
+            raise DataError(f"{source}: row {self.rows + int(np.argmax(big))} overflows {self.dtype}; "
+                            f"store float32 (--dtype float32) or normalise the vectors")
         flat = pa.array(np.ascontiguousarray(vectors, dtype=np_dtype).reshape(-1))
         n = vectors.shape[0]
         table = pa.Table.from_arrays(
@@ -287,19 +284,28 @@ class DatasetInfo:
         """The whole feature table as (N x dim float32 array, N bool present mask), refused (naming the
         file and row) unless it has one finite row of the recorded dim per item, present or not."""
         m = self.modalities[modality]
-        table = self._read_features(m.path, pq.read_table, m)
+        table = open_features(m.path, m.name, m.dim, pq.read_table)
         vec = table.column("vector").combine_chunks()
         values = vec.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, m.dim)
         check_finite(values, m.path)
         self._check_rows(m, len(values))
         return values, table.column("present").to_numpy()
 
+    def feature_rows(self, modality: str) -> FeatureRows:
+        """The feature table as a lazy N x dim view in its stored dtype: a slice reads only the row
+        groups it overlaps (per-shard loading; `datapipes.feature_rows`)."""
+        m = self.modalities[modality]
+        rows = FeatureRows(m.path, m.name, m.dim, self.num_items)
+        if rows.dtype.name != m.dtype:  # the model sizes its tables by the recorded dtype
+            raise DataError(f"{m.path}: vector values are {rows.dtype.name}, stats.json records {m.dtype}")
+        return rows
+
     def iter_features(self, modality: str, batch_rows: int = 1 << 16) -> Iterator[np.ndarray]:
         """The feature table's vectors, a (rows x dim) batch at a time in item order, with
         `load_features`'s checks in flat memory (the row count once the last batch is read)."""
         m = self.modalities[modality]
         rows = 0
-        for batch in self._read_features(m.path, pq.ParquetFile, m).iter_batches(columns=["vector"],
+        for batch in open_features(m.path, m.name, m.dim, pq.ParquetFile).iter_batches(columns=["vector"],
                                                                                   batch_size=batch_rows):
             values = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, m.dim)
             check_finite(values, m.path, rows)
@@ -311,25 +317,8 @@ class DatasetInfo:
         for _ in self.iter_features(modality):
             pass
 
-    @staticmethod
-    def _read_features(path: Path, reader, m: "ModalityInfo"):
-        if not path.is_file():
-            raise DataError(f"{path}: missing (stats.json lists modality {m.name!r})")
-        try:
-            opened = reader(path)
-            schema = opened.schema if reader is pq.read_table else opened.schema_arrow
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-        vector = schema.field("vector").type if "vector" in schema.names else None
-        if getattr(vector, "list_size", None) != m.dim or "present" not in schema.names:
-            raise DataError(f"{path}: needs a 'vector' column of {m.dim} values per row (got {vector}) "
-                            f"and a 'present' column")
-        return opened
-
     def _check_rows(self, m: "ModalityInfo", rows: int) -> None:
-        if rows != self.num_items:
-            raise DataError(f"{m.path}: {rows} feature rows for the dataset's {self.num_items} items")
-
+        check_row_count(m.path, rows, self.num_items)
 
     def _training_positions(self):
         """Per row group: (values, position of each value in its list, its row's train_end)."""

@@ -301,6 +301,18 @@ def all_reduce_scalar(value, op: str = "sum", pg: Optional[dist.ProcessGroup] = 
     return t.item()
 
 
+def first_error(message: Optional[str], pg: Optional[dist.ProcessGroup] = None) -> Optional[str]:
+    """The lowest rank's error message, on every rank of `pg` (None when no rank has one).
+
+    Collective: when each rank reads its own rows, only the rank holding a bad row sees it, and the
+    others must stop too instead of waiting in the next collective."""
+    if not dist.is_initialized() or dist.get_world_size(pg) == 1:
+        return message
+    messages: List[Optional[str]] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(messages, message, group=pg)
+    return next((m for m in messages if m), None)
+
+
 def lookup_rows(
     ec: nn.Module,
     feature: str,

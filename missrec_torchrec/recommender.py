@@ -351,17 +351,19 @@ class MISSRecHead(nn.Module):
 class MISSRecModel(nn.Module):
     """The TorchRec module that DistributedModelParallel shards: the item tables' collections
     (`tables.py`) around `MISSRecHead`, built with `head_options` (mode, loss, cluster_points,
-    dense_ids, mixed_negatives). `aug_dim` adds pre-training's text_aug table."""
+    dense_ids, mixed_negatives). `aug_dim` adds pre-training's text_aug table; `table_dtypes` the
+    feature tables' stored dtypes (float32 where missing)."""
 
     def __init__(self, config: ModelConfig, modality_dims: Mapping[str, int], num_items: int,
-                 aug_dim: Optional[int] = None, table_device: torch.device = torch.device("meta"), **head_options):
+                 aug_dim: Optional[int] = None, table_device: torch.device = torch.device("meta"),
+                 table_dtypes: Optional[Mapping[str, str]] = None, **head_options):
         super().__init__()
         self.config = config
         self.num_items = num_items
         use_aug = aug_dim is not None and head_options.get("mode") == "pretrain"
         layout, self.features, self.ids = ItemTables.build(
             modality_dims, aug_dim if use_aug else None, config.hidden if config.use_id else None, num_items,
-            table_device,
+            table_device, table_dtypes,
         )
         self.head = MISSRecHead(config, modality_dims, num_items, use_aug=use_aug, **head_options)
         self.frozen_tables = layout.frozen_tables

@@ -136,6 +136,7 @@ def build_model(cfg: Config, info: DatasetInfo) -> MISSRecModel:
         mode=t.mode,
         loss=t.loss,
         aug_dim=aug_dim,
+        table_dtypes={m: info.dtype for m, info in mods.items()},
         cluster_points=points,
         dense_ids=t.sparse_optimizer == "dense_adam",
         mixed_negatives=t.in_batch_negatives,
@@ -223,12 +224,24 @@ class Session:
             mdist.load_table_rows(self.dmp, ID_TABLE, self.head.id_table.weight[: self.num_items].detach())
 
     def _load_frozen_tables(self) -> None:
+        """Every rank fills its own shards of the frozen feature tables from the Parquet row groups
+        holding them, so no rank reads a row-wise table whole; `feature_rows_decoded` says how many
+        rows each table cost this rank. A bad row stops every rank with the reader's message."""
         presence = self.head.presence()
+        self.feature_rows_decoded: Dict[str, int] = {}
+        error = None
         for m in self.model.frozen_tables:
-            vectors, present = self.info.load_features(m)
-            mdist.load_table_rows(self.dmp, m, vectors)
-            if m in self.modality_dims:
-                presence[m].copy_(torch.from_numpy(present))
+            try:
+                rows = self.info.feature_rows(m)
+                mdist.load_table_rows(self.dmp, m, rows)
+                self.feature_rows_decoded[m] = rows.rows_decoded
+                if m in self.modality_dims:  # the head's presence flags are replicated: all N
+                    presence[m].copy_(torch.from_numpy(rows.present()))
+            except DataError as e:
+                error = error or str(e)
+        error = mdist.first_error(error, self.pg)
+        if error:
+            raise DataError(error)
 
     # -- data ----------------------------------------------------------------------------------
 

@@ -15,10 +15,14 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from datapipes.batch import candidates_key, history_key, target_key
+
+# A frozen table keeps its feature file's dtype (`missrec features --dtype`): float16 halves its memory.
+# The lookup returns fp32 (FBGEMM on CPU) and the adapters cast to their own dtype anyway.
+TABLE_DATA_TYPES = {"float16": DataType.FP16, "float32": DataType.FP32}
 
 ID_TABLE = "item_id"
 ID_GROUP = "ids"
@@ -33,8 +37,10 @@ def table_features(table: str) -> List[str]:
     return [history_key(table), target_key(table), candidates_key(table)]
 
 
-def _collection(tables: List[Tuple[str, int]], num_items: int, device: torch.device) -> EmbeddingCollection:
-    configs = [EmbeddingConfig(name=t, embedding_dim=d, num_embeddings=num_items, feature_names=table_features(t))
+def _collection(tables: List[Tuple[str, int]], num_items: int, device: torch.device,
+                dtypes: Mapping[str, str]) -> EmbeddingCollection:
+    configs = [EmbeddingConfig(name=t, embedding_dim=d, num_embeddings=num_items, feature_names=table_features(t),
+                               data_type=TABLE_DATA_TYPES.get(dtypes.get(t, ""), DataType.FP32))
                for t, d in tables]
     return EmbeddingCollection(tables=configs, device=device)
 
@@ -50,17 +56,19 @@ class ItemTables:
     @classmethod
     def build(
         cls, modality_dims: Mapping[str, int], aug_dim: Optional[int], id_dim: Optional[int], num_items: int,
-        device: torch.device,
+        device: torch.device, dtypes: Optional[Mapping[str, str]] = None,
     ) -> Tuple["ItemTables", nn.ModuleDict, nn.ModuleDict]:
         """(layout, frozen feature collections by group, ID collection by group): `aug_dim` adds the
-        text_aug table, `id_dim` (None = inductive) the trainable ID table."""
+        text_aug table, `id_dim` (None = inductive) the trainable ID table; `dtypes` the stored
+        dtype of feature tables by name (float32 where missing)."""
+        dtypes = dtypes or {}
         tables_by_dim: Dict[int, List[Tuple[str, int]]] = defaultdict(list)
         for m, dim in modality_dims.items():
             tables_by_dim[dim].append((m, dim))
         if aug_dim is not None:
             tables_by_dim[aug_dim].append((AUG_TABLE, aug_dim))
         groups = sorted(tables_by_dim.items())
-        features = nn.ModuleDict({feature_group(dim): _collection(group, num_items, device) for dim, group in groups})
+        features = nn.ModuleDict({feature_group(dim): _collection(group, num_items, device, dtypes) for dim, group in groups})
         layout = cls(
             frozen_tables=[t for group in tables_by_dim.values() for t, _ in group],
             kjt_groups={feature_group(dim): [t for t, _ in group] for dim, group in groups},
@@ -68,7 +76,7 @@ class ItemTables:
         )
         ids = nn.ModuleDict()
         if id_dim is not None:
-            ids[ID_GROUP] = _collection([(ID_TABLE, id_dim)], num_items, device)
+            ids[ID_GROUP] = _collection([(ID_TABLE, id_dim)], num_items, device, {})
             layout.kjt_groups[ID_GROUP] = [ID_TABLE]
             layout.table_dims[ID_TABLE] = id_dim
         return layout, features, ids

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from datapipes.batch import SeqBatch, candidates_key
+from datapipes.batch import SeqBatch
 from datapipes.candidates import Candidates
 from datapipes.io import creating, staged_file
 from datapipes.schema import DataError, DatasetInfo
@@ -331,10 +331,11 @@ class Trainer:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         unchanged = True
-        for m in self.session.model.frozen_tables:
-            rows = mdist.lookup_rows(self.session.collection(m), candidates_key(m), self.session.all_items.to(self.device),
-                                     pg=self.pg)
-            unchanged &= bool(torch.equal(rows.cpu(), torch.from_numpy(self.info.load_features(m)[0])))
+        for m in self.session.model.frozen_tables:  # each rank its own shards, against its own rows
+            rows = self.info.feature_rows(m)
+            for shard, (r0, c0) in mdist.local_shards(mdist.table_weight(self.session.dmp, m)):
+                n, d = shard.shape
+                unchanged &= bool(torch.equal(shard.cpu(), torch.from_numpy(rows[r0 : r0 + n, c0 : c0 + d])))
         record = {"rank": self.rank, "dense": digest.hexdigest(), "frozen_tables_unchanged": unchanged}
         (self.run_dir / f"fingerprint.rank{self.rank}.json").write_text(json.dumps(record) + "\n")
 

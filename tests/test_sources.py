@@ -352,6 +352,17 @@ def test_atomic_import_rebuilds_full_sequences(atomic_domains):
     assert info.stats["training_rows"] == sum(len(s) - 3 for s in sequences)
 
 
+def test_atomic_import_stores_float16_features(atomic_domains, tmp_path):
+    _, domains = atomic_domains
+    folder, ds, _, features = domains["Sci"]
+    prepare("missrec-atomic", "--path", folder, "--feat-dim", 8, "--dtype", "float16", "--out", tmp_path / "half")
+    half = DatasetInfo.open(tmp_path / "half")
+    assert {m.dtype for m in half.modalities.values()} == {"float16"}
+    assert half.feature_rows("image").dtype == np.float16
+    np.testing.assert_array_equal(half.load_features("image")[0], features["feat3CLS"].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(half.load_features("image")[1], DatasetInfo.open(ds).load_features("image")[1])
+
+
 def test_atomic_import_streams_train_file_in_blocks(atomic_domains, tmp_path, monkeypatch):
     from datapipes.sources import unisrec_import
 

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from datapipes.schema import DEFAULT_USERS_PER_ROW_GROUP, ITEMS_FILE, USERS_FILE, DataError, UsersWriter, write_items
+from datapipes.schema import (DEFAULT_USERS_PER_ROW_GROUP, FEATURE_DTYPES, ITEMS_FILE, USERS_FILE, DataError, UsersWriter,
+                              write_items)
 from datapipes.sequences import encode_keys
 from datapipes.sources.interactions import physical_lines
 from datapipes.sources.unisrec_layout import HEADER, HISTORY_WINDOW, Layout, read_layout, scan_features, write_features
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", type=Path, default=None, help="the atomic folder, as a flag (same as FOLDER)")
     parser.add_argument("--name", default=None, help="file name stem inside the folder (default: the folder name)")
     parser.add_argument("--feat-dim", type=int, default=512, help="feature width of the .feat*CLS files (default 512)")
+    parser.add_argument("--dtype", choices=sorted(FEATURE_DTYPES), default="float32",
+                        help="stored feature precision (default float32; float16 halves the tables)")
     parser.add_argument(
         "--rows-per-group", type=int, default=DEFAULT_USERS_PER_ROW_GROUP,
         help=f"users per Parquet row group in users.parquet (default {DEFAULT_USERS_PER_ROW_GROUP})",
@@ -313,7 +316,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     local = pc.cast(pa.array(np.arange(n_items) - np.repeat(tokens.offsets[:-1], domain_sizes)), pa.string())
     keys = pc.binary_join_element_wise(pc.cast(pa.array(item_domain), pa.string()), local, "-") if layout.pretrain else local
     write_items(out / ITEMS_FILE, keys, domain_names.take(pa.array(item_domain)))
-    modalities = {m: write_features(out, m, paths, args.feat_dim) for m, paths in feature_files.items()}
+    modalities = {m: write_features(out, m, paths, args.feat_dim, args.dtype) for m, paths in feature_files.items()}
     return {
         "source": "missrec-atomic",
         "domains": layout.domains,

@@ -81,10 +81,10 @@ def scan_features(layout: Layout, dim: int) -> Tuple[np.ndarray, Dict[str, List[
     return sizes, files
 
 
-def write_features(out: Path, modality: str, paths: List[Path], dim: int) -> dict:
-    """Copy raw feature rows into features/<modality>.parquet; present = row not all zero."""
+def write_features(out: Path, modality: str, paths: List[Path], dim: int, dtype: str = "float32") -> dict:
+    """Copy raw feature rows into features/<modality>.parquet as `dtype`; present = row not all zero."""
     feature_path(out, modality).parent.mkdir(parents=True, exist_ok=True)
-    writer = FeatureWriter(feature_path(out, modality), dim, "float32")
+    writer = FeatureWriter(feature_path(out, modality), dim, dtype)
     try:
         for path in paths:
             matrix = np.memmap(path, dtype="<f4", mode="r").reshape(-1, dim)
@@ -98,7 +98,7 @@ def write_features(out: Path, modality: str, paths: List[Path], dim: int) -> dic
         writer.close()
     return {
         "dim": dim,
-        "dtype": "float32",
+        "dtype": dtype,
         "present": writer.present,
         "encoder": f"precomputed .{MODALITY_SUFFIX[modality]} ({', '.join(p.name for p in paths)})",
     }
