@@ -59,6 +59,7 @@ class TrainConfig:
     sparse_optimizer: str
     sparse_lr: float
     loss: str
+    full_softmax_max_items: int
     num_negatives: int
     in_batch_negatives: bool
     softmax_items: str
@@ -68,6 +69,12 @@ class TrainConfig:
     init_checkpoint: Optional[str]
     peft: bool
     sharding: Any  # None, a sharding type, or a mapping of table names to those
+
+    def finetune_loss(self, num_items: int) -> str:
+        """`loss` with `auto` resolved for a catalogue of `num_items`."""
+        if self.loss != "auto":
+            return self.loss
+        return "full_softmax" if num_items <= self.full_softmax_max_items else "sampled_softmax"
 
 
 @dataclass

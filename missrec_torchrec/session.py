@@ -134,7 +134,7 @@ def build_model(cfg: Config, info: DatasetInfo) -> MISSRecModel:
         {m: mods[m].dim for m in names},
         info.num_items,
         mode=t.mode,
-        loss=t.loss,
+        loss=t.finetune_loss(info.num_items),
         aug_dim=aug_dim,
         table_dtypes={m: info.dtype for m, info in mods.items()},
         cluster_points=points,
@@ -206,7 +206,7 @@ class Session:
         if t.softmax_items == "training":
             self.head.softmax_items.copy_(self.training_items())
             self.head.restrict_softmax = True
-        if self.head.mixed_negatives and t.loss == "sampled_softmax":
+        if self.head.mixed_negatives and self.head.loss == "sampled_softmax":
             counts = torch.from_numpy(self.info.target_counts()).double()
             self.head.target_logq.copy_((counts.clamp(min=1) / counts.sum()).log())
         self.kjt_groups = self.model.kjt_groups

@@ -105,7 +105,7 @@ class Trainer:
         t = self.cfg.train
         if t.mode == "pretrain":
             return self.session.candidates("none")
-        if t.loss == "sampled_softmax":
+        if self.head.loss == "sampled_softmax":
             return self.session.candidates("sampled", t.num_negatives)
         return self.session.candidates("catalogue")
 

@@ -71,3 +71,15 @@ def test_for_inference_prepares_computes_and_logs_nothing_and_leaves_the_run_con
     assert inference.model == cfg.model and inference.eval == cfg.eval
     inference.eval.ks.append(100)
     assert cfg.eval.ks == [10, 50]  # a deep copy
+
+
+def test_auto_loss_is_full_softmax_up_to_the_stated_catalogue_size_then_sampled():
+    t = load_config(None, []).train
+    assert t.loss == "auto" and t.full_softmax_max_items == 1_000_000
+    assert t.finetune_loss(1_000_000) == "full_softmax"
+    assert t.finetune_loss(1_000_001) == "sampled_softmax"
+    pinned = load_config(None, ["train.loss=full_softmax"]).train
+    assert pinned.finetune_loss(10**8) == "full_softmax"
+    assert load_config("paper", []).train.finetune_loss(10**8) == "full_softmax"
+    with pytest.raises(ConfigError, match="train.full_softmax_max_items"):
+        load_config(None, ["train.full_softmax_max_items=0"])

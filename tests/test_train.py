@@ -273,3 +273,15 @@ def test_cold_start_metrics_count_targets_never_trained_on(tmp_path):
 
 def _plain_keys(metrics: dict) -> list:
     return [k for k in metrics if not k.startswith("cold/")]
+
+
+def test_auto_loss_builds_a_sampled_softmax_model_above_the_threshold(synthetic_mm):
+    from datapipes.schema import DatasetInfo
+    from missrec_torchrec.config import load_config
+    from missrec_torchrec.session import build_model
+
+    info = DatasetInfo.open(synthetic_mm)  # 120 items
+    for threshold, loss in ((120, "full_softmax"), (119, "sampled_softmax")):
+        cfg = load_config(None, [f"data.dataset={synthetic_mm}", "data.modalities=[text]", "data.features=null",
+                                 f"train.full_softmax_max_items={threshold}"])
+        assert build_model(cfg, info).head.loss == loss
