@@ -274,7 +274,8 @@ def check_resume_config(cfg: Config) -> List[str]:
     """With checkpoint.resume, refuse a config that differs from the run folder's config.yaml on a
     key not in checkpoint.allow_change (nor RESUME_FREE): one line naming every such key, its saved
     and its new value. Returns the allowed changes ("key old -> new") to report. No config.yaml
-    (nothing saved yet) means nothing to compare."""
+    (nothing saved yet) means nothing to compare. A key the saved config lacks (added to the defaults
+    after the run was made) counts as holding its default."""
     c = cfg.checkpoint
     if not c.resume or not c.run_dir:
         return []
@@ -282,6 +283,7 @@ def check_resume_config(cfg: Config) -> List[str]:
     if not saved_file.is_file():
         return []
     saved, now = _flat(load_yaml(saved_file)), _flat(cfg.to_dict())
+    saved = {**{k: v for k, v in _flat(load_yaml(DEFAULTS)).items() if k in now}, **saved}
     allowed = set(c.allow_change or [])
     unknown = sorted(allowed - set(now))
     if unknown:

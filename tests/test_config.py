@@ -83,3 +83,18 @@ def test_auto_loss_is_full_softmax_up_to_the_stated_catalogue_size_then_sampled(
     assert load_config("paper", []).train.finetune_loss(10**8) == "full_softmax"
     with pytest.raises(ConfigError, match="train.full_softmax_max_items"):
         load_config(None, ["train.full_softmax_max_items=0"])
+
+
+def test_resume_treats_a_key_the_saved_config_lacks_as_its_default(tmp_path):
+    from missrec_torchrec.config import check_resume_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = load_config(None, []).to_dict()
+    del saved["model"]["kmeans_backend"]  # a run made before the key existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    same = load_config(None, ["checkpoint.resume=true", f"checkpoint.run_dir={run}"])
+    assert check_resume_config(same) == []
+    moved = load_config(None, ["checkpoint.resume=true", f"checkpoint.run_dir={run}", "model.kmeans_backend=faiss"])
+    with pytest.raises(ConfigError, match=r"model.kmeans_backend 'auto' -> 'faiss'"):
+        check_resume_config(moved)
