@@ -229,7 +229,7 @@ def _add_score(sub) -> None:
                    "item vectors, built once per run; each table retrieves its C nearest items by cosine, their "
                    "union is re-scored exactly (scores exact, the item set approximate; no certificate)")
     p.add_argument("--ann-candidates", type=int, default=None, metavar="MULT",
-                   help="with --ann: C = MULT x TOPK candidates per table (default 4)")
+                   help="with --ann: C = MULT x TOPK candidates per table (default 8)")
     p.add_argument("--hnsw-m", type=int, default=None, metavar="M",
                    help="with --ann hnsw: graph links per item (default 32; more: better recall, slower build)")
     p.add_argument("--hnsw-ef", type=int, default=None, metavar="EF",

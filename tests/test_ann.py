@@ -14,7 +14,7 @@ from missrec_torchrec.topk import Seen, approx_topk, exact_topk, recall
 from test_topk import TwoModalityBank
 
 ITEMS, DIM, TOPICS, USERS, K = 4000, 16, 40, 200, 20
-RECALL = 0.95  # the stated floor of recall@K against the exact top-K (C = 4K per table, both indexes)
+RECALL = 0.95  # the stated floor of recall@K against the exact top-K (default C = 8K per table, both indexes)
 
 
 class TopicBank(TwoModalityBank):
@@ -46,8 +46,8 @@ def seen_of(bank: TopicBank, u: torch.Tensor, per_user: int = 5) -> Seen:
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_ann_topk_recall_exact_scores_and_no_seen_items(kind):
-    """Dynamic fusion (alpha 4): the fused top-K lies within each table's top 4K, so the union of the
-    ANN candidates holds nearly all of it."""
+    """Dynamic fusion (alpha 4): the fused top-K lies within each table's top 8K (the default C), so
+    the union of the ANN candidates holds nearly all of it."""
     bank = TopicBank(alpha=4.0)
     u = bank.users(USERS)
     seen = seen_of(bank, u)
@@ -71,7 +71,7 @@ def test_ann_candidates_are_nearly_the_scanned_ones(kind):
     bank = TopicBank(alpha=0.0)
     u = bank.users(USERS)
     _, exact = exact_topk(bank, u, K, 1024, None)
-    settings = AnnSettings(kind)
+    settings = AnnSettings(kind, candidates=4)
     per_table = settings.per_table(K, ITEMS)
     _, scanned, _ = approx_topk(bank, u, K, per_table, 1024, None)
     _, items = ann_topk(TableIndexes(bank, settings), bank, u, K, per_table, None)
