@@ -224,8 +224,23 @@ def _add_score(sub) -> None:
     p.add_argument("--approx", type=_positive, default=None, metavar="PER_TABLE_K",
                    help="approximate mode: retrieve each modality's (and the ID table's) PER_TABLE_K nearest "
                    "items by cosine, re-score their union exactly; reports the users provably exact")
+    p.add_argument("--ann", choices=["hnsw", "ivf"], default=None,
+                   help="ANN mode: a faiss index (HNSW graph or IVF lists) per modality and ID table over the unit "
+                   "item vectors, built once per run; each table retrieves its C nearest items by cosine, their "
+                   "union is re-scored exactly (scores exact, the item set approximate; no certificate)")
+    p.add_argument("--ann-candidates", type=int, default=None, metavar="MULT",
+                   help="with --ann: C = MULT x TOPK candidates per table (default 8)")
+    p.add_argument("--hnsw-m", type=int, default=None, metavar="M",
+                   help="with --ann hnsw: graph links per item (default 32; more: better recall, slower build)")
+    p.add_argument("--hnsw-ef", type=int, default=None, metavar="EF",
+                   help="with --ann hnsw: search breadth efSearch, never below C (default C)")
+    p.add_argument("--ivf-lists", type=int, default=None, metavar="L",
+                   help="with --ann ivf: k-means lists (default sqrt(items), at most items / 39)")
+    p.add_argument("--ivf-probe", type=int, default=None, metavar="P",
+                   help="with --ann ivf: lists scanned per user, nprobe (default 16, at most the lists)")
     p.add_argument("--recall-sample", type=int, default=0, metavar="N",
-                   help="with --approx: also score about N users exactly and report recall@K (default 0 = off)")
+                   help="with --approx or --ann: also score about N users exactly and report recall@K "
+                   "(default 0 = off)")
     p.add_argument("--batch-size", type=_positive, default=None,
                    help="users per rank per batch (default: the run's data.eval_batch_size)")
     p.add_argument("--commit-every", type=_positive, default=1,

@@ -88,7 +88,8 @@ class RankParts:
         if resume and manifest.is_file():
             saved = json.loads(manifest.read_text())
             if saved["plan"] != plan:
-                diff = sorted(k for k in plan if saved["plan"].get(k) != plan[k])
+                # Both sides' keys: a mode's own settings (--ann's) appear only in its plans.
+                diff = sorted(k for k in set(plan) | set(saved["plan"]) if saved["plan"].get(k) != plan.get(k))
                 raise DataError(f"{manifest}: written with other settings ({', '.join(diff)} differ); "
                                 f"resume with the same ones or pass --overwrite without --resume")
             self.segments = saved["segments"]

@@ -6,7 +6,8 @@ of users. The catalogue is looked up from the sharded tables once (collectively)
 `catalogue.ItemBank`; after that each rank works alone: users are encoded from the adapted catalogue
 and the catalogue is scored in item chunks with the model's dynamic fusion, keeping a running top-K
 per user (`topk.py`: exact, or approximate with a certificate), so no B x N matrix is ever built for
-all N items at once.
+all N items at once. `--ann` instead takes each table's candidates from a faiss index built once per
+run (`ann_index.py`) and re-scores their union exactly.
 
 Output and resuming (`score_parts.py`): each rank commits its results in segments listed by its
 manifest; a killed job restarted with `resume` keeps what the manifests list, and every rank
@@ -30,6 +31,7 @@ import torch
 from datapipes.batch import SeqBatch
 from datapipes.io import check_writable
 from datapipes.schema import DataError
+from missrec_torchrec.ann_index import AnnSettings, TableIndexes, ann_topk
 from missrec_torchrec.catalogue import ItemBank
 from missrec_torchrec.config import ConfigError
 from missrec_torchrec.distributed import all_reduce_scalar
@@ -50,6 +52,12 @@ class ScoreOptions:
     mask_history: bool = False
     chunk_items: int = 8192
     approx: Optional[int] = None
+    ann: Optional[str] = None
+    ann_candidates: Optional[int] = None
+    hnsw_m: Optional[int] = None
+    hnsw_ef: Optional[int] = None
+    ivf_lists: Optional[int] = None
+    ivf_probe: Optional[int] = None
     recall_sample: int = 0
     batch_size: Optional[int] = None
     commit_every: int = 1
@@ -61,6 +69,14 @@ class ScoreOptions:
     def from_args(cls, args) -> "ScoreOptions":
         """From `missrec score`'s parsed arguments (the flags carry these names)."""
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+    def ann_settings(self) -> Optional[AnnSettings]:
+        knobs = (self.ann_candidates, self.hnsw_m, self.hnsw_ef, self.ivf_lists, self.ivf_probe)
+        if self.ann is None:
+            if any(v is not None for v in knobs):
+                raise DataError("--ann-candidates, --hnsw-* and --ivf-* are knobs of --ann: pass --ann hnsw|ivf")
+            return None
+        return AnnSettings(self.ann, *knobs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,8 +102,13 @@ def _check_outputs(opts: ScoreOptions) -> None:
             raise DataError(f"--{name.replace('_', '-')} {value}: must be >= {least}")
     if opts.approx is not None and opts.approx < 1:
         raise DataError(f"--approx {opts.approx}: must be >= 1")
-    if opts.recall_sample and opts.approx is None:
-        raise DataError("--recall-sample compares approximate scoring with exact: it needs --approx")
+    ann = opts.ann_settings()
+    if ann is not None:
+        ann.check()
+        if opts.approx is not None:
+            raise DataError("--approx and --ann are two candidate modes: pass one")
+    if opts.recall_sample and opts.approx is None and ann is None:
+        raise DataError("--recall-sample compares approximate scoring with exact: it needs --approx or --ann")
 
 
 def _maybe_fail(session, end: int) -> None:
@@ -98,7 +119,8 @@ def _maybe_fail(session, end: int) -> None:
 
 
 class BatchScorer:
-    """Top-K rows for one batch of users: exact, or approximate with certificate and sampled recall."""
+    """Top-K rows for one batch of users: exact, approximate with certificate, or from ANN candidates;
+    the approximate modes can measure recall on a sample. The ANN indexes are built here."""
 
     def __init__(self, bank: ItemBank, opts: ScoreOptions, num_users: int):
         self.bank, self.opts = bank, opts
@@ -106,6 +128,17 @@ class BatchScorer:
         self.per_table = min(opts.approx, bank.num_items) if opts.approx else None
         # Every stride-th user (by user_index, so the sample does not depend on the world size).
         self.stride = max(1, num_users // opts.recall_sample) if opts.recall_sample else 0
+        ann = opts.ann_settings()
+        self.indexes = TableIndexes(bank, ann) if ann is not None else None
+        self.ann_per_table = ann.per_table(self.k, bank.num_items) if ann is not None else None
+        if self.indexes is not None:
+            log0(f"ann: {len(self.indexes.indexes)} {ann.kind} index(es) over {bank.num_items:,} items built in "
+                 f"{self.indexes.seconds:.1f} s (not counted in users/s)")
+
+    def mode(self) -> str:
+        if self.indexes is not None:
+            return self.indexes.settings.describe(self.k, self.bank.num_items)
+        return f"approx {self.opts.approx} per table" if self.opts.approx else "exact"
 
     @torch.no_grad()
     def __call__(self, batch: SeqBatch, u: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, float]]:
@@ -115,7 +148,11 @@ class BatchScorer:
         seen = Seen.of(batch, keep).to(u.device) if self.opts.mask_history else None
         stats: Dict[str, float] = {}
         chunk = self.opts.chunk_items
-        if self.per_table is None:
+        if self.indexes is not None:
+            scores, items = ann_topk(self.indexes, self.bank, u, self.k, self.ann_per_table, seen)
+            if self.stride:
+                stats.update(self._sampled_recall(u, users, items, seen))
+        elif self.per_table is None:
             scores, items = exact_topk(self.bank, u, self.k, chunk, seen)
         else:
             scores, items, certified = approx_topk(self.bank, u, self.k, self.per_table, chunk, seen)
@@ -136,12 +173,16 @@ class BatchScorer:
 
 def _plan(opts: ScoreOptions, step_dir: Path, world: int, batch_size: int, stream) -> Dict[str, Any]:
     """Everything the rows depend on; a resume must match it."""
-    return {
+    plan = {
         "checkpoint": str(step_dir.resolve()), "split": opts.split, "topk": opts.topk,
         "mask_history": opts.mask_history, "approx": opts.approx, "chunk_items": opts.chunk_items,
         "recall_sample": opts.recall_sample, "batch_size": batch_size, "world_size": world,
         "users": stream.num_users, "overrides": list(opts.overrides),
     }
+    ann = opts.ann_settings()
+    if ann is not None:  # only then, so plans of the other modes stay as they were
+        plan["ann"] = ann.plan()
+    return plan
 
 
 def _run_batches(session, stream, parts: RankParts, scorer: BatchScorer, opts: ScoreOptions, keys) -> int:
@@ -211,16 +252,23 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
     scored = all_reduce_scalar(committed, "sum", session.pg, session.device)  # also the barrier before the merge
     if session.rank != 0:
         return {}
-    mode = f"approx {opts.approx} per table" if opts.approx else "exact"
     summary = merge_parts(parts, opts.out, session.world, len(stream), stream.num_users, {"plan": plan})
-    summary.update(seconds=seconds, users_per_s=scored / max(seconds, 1e-9), mode=mode, out=str(opts.out))
-    log0(f"wrote {opts.out}: top-{opts.topk} of {summary['users']:,} users ({opts.split}, {mode}); "
-         f"{scored:,.0f} scored now in {seconds:.1f} s, {summary['users_per_s']:,.0f} users/s")
-    if "certified" in summary:
-        line = f"approx: {100 * summary['certified']:.1f}% of users provably got the exact top-{opts.topk}"
-        if "recall" in summary:
-            line += f"; recall@{opts.topk} vs exact {summary['recall']:.4f} on {summary['recall_users']} sampled users"
-        log0(line)
+    summary.update(seconds=seconds, users_per_s=scored / max(seconds, 1e-9), mode=scorer.mode(), out=str(opts.out))
+    if scorer.indexes is not None:
+        summary["index_seconds"] = scorer.indexes.seconds
+    _log_summary(opts, summary, scored)
     return summary
+
+
+def _log_summary(opts: ScoreOptions, summary: Dict[str, Any], scored: float) -> None:
+    log0(f"wrote {opts.out}: top-{opts.topk} of {summary['users']:,} users ({opts.split}, {summary['mode']}); "
+         f"{scored:,.0f} scored now in {summary['seconds']:.1f} s, {summary['users_per_s']:,.0f} users/s")
+    notes = []
+    if "certified" in summary:
+        notes.append(f"{100 * summary['certified']:.1f}% of users provably got the exact top-{opts.topk}")
+    if "recall" in summary:
+        notes.append(f"recall@{opts.topk} vs exact {summary['recall']:.4f} on {summary['recall_users']} sampled users")
+    if notes:
+        log0("approx: " + "; ".join(notes))
 
 

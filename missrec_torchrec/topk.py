@@ -104,6 +104,11 @@ class Seen:
     def to(self, device: torch.device) -> "Seen":
         return Seen(self.rows.to(device), self.items.to(device))
 
+    def contains(self, items: torch.Tensor, num_items: int) -> torch.Tensor:
+        """B x S: whether row b's item items[b, s] is one of its excluded pairs."""
+        rows = torch.arange(items.shape[0], device=items.device).unsqueeze(1)
+        return torch.isin(rows * num_items + items, self.rows * num_items + self.items)
+
     def mask(self, scores: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         inside = (self.items >= lo) & (self.items < hi)
         scores[self.rows[inside], self.items[inside] - lo] = float("-inf")
