@@ -148,10 +148,15 @@ def _init_lazy_state(optimizer: KeyedOptimizer, saved_keys: Set[str]) -> None:
     for prefix, opt in _leaf_optimizers(optimizer):
         if opt.state or not opt.params:
             continue
-        probe = f"optim.state.{prefix}{next(iter(opt.params))}."
-        if any(k.startswith(probe) for k in saved_keys):
-            opt.init_state()  # one zero-grad step: moves params, but the load overwrites them
-            opt.zero_grad(set_to_none=True)
+        saved = {name for name in opt.params if any(k.startswith(f"optim.state.{prefix}{name}.") for k in saved_keys)}
+        if not saved:
+            continue
+        opt.init_state()  # one zero-grad step: moves params, but the load overwrites them
+        opt.zero_grad(set_to_none=True)
+        # Parameters that never had a gradient (an ID-only model's interest encoder) have no saved state.
+        for name, param in opt.params.items():
+            if name not in saved:
+                opt.state.pop(param, None)
 
 
 # -- manager -------------------------------------------------------------------------------------

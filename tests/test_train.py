@@ -101,10 +101,15 @@ def check_curves(run_dir: Path, history: list, tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*bad.png*"))
 
 
-def test_kill_and_resume_matches_uninterrupted_run(synthetic_mm, tmp_path):
+ID_ONLY = {"model.use_id": "true", "data.modalities": "[]", "data.features": "[]"}
+
+
+@pytest.mark.parametrize("variant", [{}, ID_ONLY], ids=["text-image", "id-only"])
+def test_kill_and_resume_matches_uninterrupted_run(synthetic_mm, tmp_path, variant):
     # Checkpoints every 5 steps inside the epoch too, so the resume starts mid-epoch from the saved
-    # data-pipe position, RNG state, optimizer state and interest centroids.
-    extra = {"checkpoint.every_steps": 5}
+    # data-pipe position, RNG state, optimizer state and interest centroids. The ID-only model has
+    # dense parameters that never get a gradient (its interest encoder), so no optimizer state.
+    extra = {"checkpoint.every_steps": 5, **variant}
     straight = tmp_path / "straight"
     args = ["train", "--config", "ml100k", *small_overrides(synthetic_mm, straight, **extra)]
     done = run_cli(args)
