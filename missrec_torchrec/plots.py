@@ -100,9 +100,13 @@ def plot_bars(
 
     drawn: Dict[str, Dict[str, Tuple[float, float]]] = {}
     labels = list(rows)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 0.9 * len(labels) + 1.5) * len(metrics), 4.2),
+    cols = min(4, len(metrics))  # panels wrap into rows of four
+    rows_ = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(max(3.5, 0.55 * len(labels) + 1.5) * cols, 4.2 * rows_),
                              squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
         drawn[metric] = {}
         for x, label in enumerate(labels):
             values = [r[metric] for r in rows[label]]
