@@ -16,14 +16,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-import faiss
 import numpy as np
 import torch
 
 from datapipes.schema import DataError
 from missrec_torchrec.topk import RunningTopK, Seen
+
+if TYPE_CHECKING:
+    import faiss
 
 INDEX_KINDS = ("hnsw", "ivf")
 # Per-table candidates as a multiple of K. At 1e6 items (bench/score.py) 4K kept 0.73 of the exact
@@ -84,6 +86,7 @@ class AnnSettings:
 
 def build_index(vectors: torch.Tensor, settings: AnnSettings) -> faiss.Index:
     """A faiss inner-product index over one table's unit vectors (N x D)."""
+    import faiss  # here, not at the top: `missrec score` without --ann never needs it (~0.2 s)
     x = np.ascontiguousarray(vectors.detach().float().cpu().numpy())
     n, dim = x.shape
     if settings.kind == "hnsw":
@@ -114,6 +117,8 @@ class TableIndexes:
 
     def search(self, u: torch.Tensor, width: int) -> torch.Tensor:
         """B x (tables * width) item indices: each table's `width` nearest by cosine (-1: none found)."""
+        import faiss
+
         q = np.ascontiguousarray(u.detach().float().cpu().numpy())
         found = []
         for index in self.indexes.values():

@@ -13,7 +13,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
-import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -65,6 +64,7 @@ def faiss_kmeans(parts: Sequence[torch.Tensor], k: int, *, iters: int, generator
     Initial centroids are K random sample points, as faiss (and `interest.random_init`) draw them:
     faiss's k-means++ init cost 1.5x the five Lloyd passes (K = 8,192, 200,000 64-d points: 20 s vs 14 s).
     """
+    import faiss  # here, not at the top: ~0.2 s that runs clustering with torch never need
     points = parts[0]
     per_centroid = POINTS_PER_CENTROID if points_per_centroid is None else points_per_centroid
     n_total = int(all_reduce(torch.tensor([sum(p.shape[0] for p in parts)], device=points.device), group))
@@ -89,6 +89,7 @@ def faiss_kmeans(parts: Sequence[torch.Tensor], k: int, *, iters: int, generator
 def faiss_assign(points: torch.Tensor, centroids: torch.Tensor, rows: int = ASSIGN_ROWS) -> torch.Tensor:
     """Nearest centroid (Euclidean) of every point as int32 cluster ids 1..K (0 stays the padding id),
     searched `rows` points at a time, so the working memory does not grow with N."""
+    import faiss
     labels = torch.empty(points.shape[0], dtype=torch.int32)
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids.detach().cpu().float().numpy()))
@@ -103,6 +104,7 @@ def faiss_assign(points: torch.Tensor, centroids: torch.Tensor, rows: int = ASSI
 @contextmanager
 def faiss_threads():
     """faiss's OpenMP threads follow torch's setting for the duration (ranks sharing cores set it low)."""
+    import faiss
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(torch.get_num_threads())
     try:
