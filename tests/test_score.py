@@ -15,7 +15,6 @@ import torch
 from datapipes.batch import row_ids
 from datapipes.schema import USERS_SCHEMA
 from missrec_torchrec import export, scoring, topk
-from missrec_torchrec.catalogue import ItemBank
 from missrec_torchrec.session import load_run, open_session
 from missrec_torchrec.cli import main
 from test_train import run_cli, small_overrides
@@ -313,7 +312,7 @@ def test_certificate_implies_exact(run_dir):
     """Random user directions (harder than trained ones): a certified row is the exact top-k."""
     step_dir, cfg = load_run(run_dir, QUIET)
     session = open_session(cfg.for_inference(), step_dir)
-    bank = ItemBank(session)
+    bank = session.item_bank()
     gen = torch.Generator().manual_seed(0)
     u = torch.nn.functional.normalize(torch.randn(300, session.head.config.hidden, generator=gen), dim=-1)
     seen = topk.Seen(torch.arange(300).repeat_interleave(5), torch.randint(0, 120, (1500,), generator=gen))
