@@ -95,10 +95,6 @@ class ItemChunk:
         return {t: u @ v.T for t, v in self.unit.items()}
 
 
-def unit_chunk(lo: int, hi: int, adapted: Vectors, summed: bool) -> ItemChunk:
-    return ItemChunk(lo, hi, {t: F.normalize(v, dim=-1) for t, v in adapted.items()}, adapted if summed else {})
-
-
 class Catalogue:
     """What the scans read of a catalogue: `tables`, `summed`, `pg` (None: no collectives),
     `local_chunks(size)`, `fused(u, sims, idx, items)` and `vectors(ids)`."""
@@ -166,7 +162,9 @@ class ChunkedBank(Catalogue):
 
     def chunk(self, lo: int, hi: int) -> ItemChunk:
         """Items [lo, hi) (any range: a collective lookup like the others)."""
-        return unit_chunk(lo, hi, self.rows(torch.arange(lo, hi, device=self.device)), self.summed)
+        adapted = self.rows(torch.arange(lo, hi, device=self.device))
+        unit = {t: F.normalize(v, dim=-1) for t, v in adapted.items()}
+        return ItemChunk(lo, hi, unit, adapted if self.summed else {})
 
     # -- scores --------------------------------------------------------------------------------
 
@@ -223,12 +221,12 @@ class ChunkedBank(Catalogue):
         with precision.autocast(self.precision, history.device):
             for lo, hi in cost_groups(costs[order].tolist(), slots):
                 r = order[lo:hi]
-                width, m = max(1, int(lengths[r].max())), int(widths[r].max())
+                width, interests = max(1, int(lengths[r].max())), int(widths[r].max())
                 at = local[r, :width]
-                adapted = {m_: F.embedding(at, table[m_]) for m_ in self.modalities}
+                adapted = {m: F.embedding(at, table[m]) for m in self.modalities}
                 hist_id = F.embedding(at, table[ID_TABLE]) if self.use_id else None
                 out[r], _, _ = self.head.encode(history[r, :width], adapted, hist_id,
-                                                interests=(tokens[r, :m], first[r, :m]))
+                                                interests=(tokens[r, :interests], first[r, :interests]))
         return out
 
 

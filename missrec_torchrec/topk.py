@@ -3,8 +3,9 @@
 `RunningTopK` keeps each row's k best (score, item) pairs over the chunks seen so far; `Seen`
 (user_blocks.py) is the (row, item) pairs a block excludes. The passes scan this rank's items for
 every user of a block (user_blocks.py) and merge the ranks' lists for each rank's own users: the
-top-K of the union of the per-rank top-Ks is the top-K of all items, with the same tie rule
-(`RunningTopK.result`). `approx_topk` retrieves each table's K' nearest items by cosine
+top-K of the union of the per-rank top-Ks is the top-K of all items, ordered by the same rule
+(`RunningTopK.result`). Which of several items tied at the K-th score are kept is unspecified, as it
+was across chunk sizes in one process. `approx_topk` retrieves each table's K' nearest items by cosine
 and re-scores only their union exactly. Fused scores are convex combinations of the per-modality
 cosines, so every item outside the union scores at most `fusion.upper_bound` of the K'-th retrieved
 cosines; a row whose k-th re-scored item beats that bound got the exact top-k ("certified").
