@@ -1,14 +1,16 @@
 """ANN candidates for batch scoring: a faiss index per item table, then exact re-scoring of the union.
 
-Each table of the `ItemBank` (every modality, and the ID table in transductive mode) gets one faiss
-index over its unit item vectors, so inner product is cosine: HNSW (a graph; no training) or IVF (a
+Each item table (every modality, and the ID table in transductive mode) gets one faiss index over
+its unit item vectors, so inner product is cosine: HNSW (a graph; no training) or IVF (a
 k-means partition; trained on a seeded sample). Each table retrieves its C nearest items per user,
 C = `candidates` x K, and the union is re-scored exactly with the model's fusion, so every returned
 score is the exact one; only the choice of items is approximate (no certificate: an ANN list bounds
 nothing outside it). Seen items are dropped after retrieval, so with --mask-history each table
 retrieves up to C more, as many as the batch's longest seen list.
 
-The indexes are built per rank over the catalogue that rank scans (the whole replicated bank).
+Open work: unlike exact and `--approx` scoring, which scan only each rank's own items
+(catalogue.py, user_blocks.py), every rank builds its indexes over the whole catalogue, so it holds
+every item's unit vectors (`catalogue.HeldCatalogue`, looked up chunk by chunk) plus the index.
 """
 
 from __future__ import annotations
@@ -106,13 +108,14 @@ def build_index(vectors: torch.Tensor, settings: AnnSettings) -> faiss.Index:
 
 
 class TableIndexes:
-    """One index per table of the bank, built once per scoring run; `seconds` is the build time."""
+    """One index per table of a held catalogue (every item's unit vectors), built once per scoring
+    run; `seconds` is the build time."""
 
-    def __init__(self, bank, settings: AnnSettings):
+    def __init__(self, held, settings: AnnSettings):
         settings.check()
         self.settings = settings
         t0 = time.perf_counter()
-        self.indexes = {t: build_index(v, settings) for t, v in bank.unit.items()}
+        self.indexes = {t: build_index(v, settings) for t, v in held.unit.items()}
         self.seconds = time.perf_counter() - t0
 
     def search(self, u: torch.Tensor, width: int) -> torch.Tensor:
@@ -129,31 +132,33 @@ class TableIndexes:
         return torch.cat(found, 1).to(device=u.device, dtype=torch.int64)
 
 
-def candidate_scores(bank, u: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """B x S exact fused scores of each row's own candidates `cand` (B x S, valid indices)."""
+def candidate_scores(held, u: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """B x S exact fused scores of each row's own candidates `cand` (B x S, valid indices) in a held
+    catalogue."""
     out = torch.empty(cand.shape, device=u.device)
     step = max(1, RESCORE_FLOATS // max(1, cand.shape[1] * u.shape[1]))
     for lo in range(0, cand.shape[0], step):
         rows, uu = cand[lo : lo + step], u[lo : lo + step]
         # The one-modality model with IDs scores a summed vector: `fused` gathers it itself.
-        sims = {} if bank.summed else {t: torch.bmm(v[rows], uu.unsqueeze(2)).squeeze(2) for t, v in bank.unit.items()}
-        out[lo : lo + step] = bank.fused(uu, sims, rows)
+        sims = {} if held.summed else {t: torch.bmm(v[rows], uu.unsqueeze(2)).squeeze(2) for t, v in held.unit.items()}
+        out[lo : lo + step] = held.fused(uu, sims, rows)
     return out
 
 
-def ann_topk(indexes: TableIndexes, bank, u: torch.Tensor, k: int, per_table: int,
+def ann_topk(indexes: TableIndexes, held, u: torch.Tensor, k: int, per_table: int,
              seen: Optional[Seen]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scores, items) B x k: the union of every table's ANN candidates, re-scored exactly."""
+    """(scores, items) B x k: the union of every table's ANN candidates, re-scored exactly (`held`:
+    the catalogue the indexes were built over). No collective."""
     b = u.shape[0]
     extra = 0
     if seen is not None and seen.rows.numel():
         extra = min(per_table, int(torch.bincount(seen.rows, minlength=b).max()))
-    cand = indexes.search(u, min(bank.num_items, per_table + extra)).sort(dim=1).values
+    cand = indexes.search(u, min(held.num_items, per_table + extra)).sort(dim=1).values
     usable = cand >= 0
     usable[:, 1:] &= cand[:, 1:] != cand[:, :-1]  # an item several tables retrieved counts once
     if seen is not None:
-        usable &= ~seen.contains(cand, bank.num_items)
-    scores = candidate_scores(bank, u, cand.clamp(min=0)).masked_fill(~usable, float("-inf"))
+        usable &= ~seen.contains(cand, held.num_items)
+    scores = candidate_scores(held, u, cand.clamp(min=0)).masked_fill(~usable, float("-inf"))
     top = RunningTopK(b, k, u.device)
     top.add(scores, cand)
     return top.result()

@@ -1,21 +1,26 @@
-"""The catalogue at inference: every item's vectors, user encoding from them, chunked scoring.
+"""The catalogue at inference, rank-local: each rank owns the items `item_slice(rank, world, N)` and
+holds at most one chunk of their vectors at a time.
 
-Evaluation and batch scoring both look the whole catalogue up once (collective lookups into the
-sharded tables), adapt it once, and then never touch the sharded tables again: a user's history
-tokens are rows of the adapted catalogue (the adapters are linear, so this equals adapting the
-looked-up history rows), users are encoded in sub-batches sorted by history length plus interest
-tokens, each padded only to its own longest history and token list (padding is key-masked, so the
-vectors do not change), and candidates are scored in item chunks with the model's fusion, so no
-users x items matrix is larger than one chunk.
+`ChunkedBank` never holds the catalogue. A batch's users are encoded from a collective lookup of
+the batch's unique history ids, adapted under the training forward's autocast (the adapters are
+linear, so this equals adapting every history row), in sub-batches sorted by history length plus
+interest tokens, each padded only to its own longest history and token list (padding is key-masked,
+so the vectors do not change). Items are scored by scanning this rank's own range in chunks
+(`local_chunks`: one collective lookup and one adapter pass per chunk) against the users of a
+block gathered from every rank (`user_blocks.py`), with the model's fusion.
 
-Memory: items x hidden x tables floats per rank, twice (adapted and unit vectors), plus a bf16 copy
-of the adapted vectors (the history tokens) under bf16. Replicated on every rank: sharding it is open
-work for catalogues beyond a rank's memory.
+Memory per rank: one chunk's vectors (chunk x hidden x tables floats: unit vectors, and the adapted
+ones for a one-modality model with IDs), a batch's unique history rows, and what stays replicated:
+the head's per-item presence flags and interest assignments (bytes per item), which are open work.
+
+`HeldCatalogue` is the opposite: every item's vectors in memory, for what still needs them whole
+(the `--ann` indexes) and for tests; it offers the same scan, without collectives.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +28,13 @@ import torch.nn.functional as F
 from datapipes.batch import PAD, candidates_key
 from missrec_torchrec import precision
 from missrec_torchrec.distributed import lookup_rows
-from missrec_torchrec.metrics import RankCounter
+from missrec_torchrec.interest_state import item_slice
 from missrec_torchrec.recommender import ID_TABLE
 
 LOOKUP_CHUNK = 65536  # catalogue rows fetched from the sharded tables per collective lookup
 SUB_BATCH_SLOTS = 9216  # users x (longest history + most interest tokens) encoded at once
+
+Vectors = Dict[str, torch.Tensor]
 
 
 def item_tables(session) -> List[str]:
@@ -68,13 +75,44 @@ def item_ranges(n: int, size: int) -> Iterator[Tuple[int, int]]:
         yield lo, min(n, lo + size)
 
 
-class ItemBank:
-    """Every item's vectors per table (modalities, then IDs), replicated on each rank, and the
-    model's fusion over their cosines. Built collectively; used locally.
+@dataclass
+class ItemChunk:
+    """Items [lo, hi): unit vectors per table, and the adapted ones (raw for IDs) where the fusion
+    needs vectors rather than cosines (a one-modality model with IDs; empty otherwise)."""
 
-    `adapted[t]`: adapted modality vectors (raw ID vectors for the ID table), the tokens of histories;
-    `unit[t]`: the same normalised, for cosines.
-    """
+    lo: int
+    hi: int
+    unit: Vectors
+    adapted: Vectors
+
+    @property
+    def idx(self) -> torch.Tensor:
+        device = next(iter(self.unit.values())).device
+        return torch.arange(self.lo, self.hi, device=device)
+
+    def cosines(self, u: torch.Tensor) -> Vectors:
+        """B x (hi - lo) cosines per table."""
+        return {t: u @ v.T for t, v in self.unit.items()}
+
+
+class Catalogue:
+    """What the scans read of a catalogue: `tables`, `summed`, `pg` (None: no collectives),
+    `local_chunks(size)`, `fused(u, sims, idx, items)` and `vectors(ids)`."""
+
+    num_items: int
+    tables: List[str]
+    modalities: List[str]
+    summed: bool
+    pg = None
+
+    def chunk_scores(self, u: torch.Tensor, chunk: ItemChunk) -> torch.Tensor:
+        """B x (hi - lo) exact scores of the chunk's items."""
+        return self.fused(u, {} if self.summed else chunk.cosines(u), chunk.idx, chunk.adapted)
+
+
+class ChunkedBank(Catalogue):
+    """This rank's share of the catalogue at inference (see module doc). Lookups are collective:
+    every rank calls `encode`, `rows`, `vectors` and the `local_chunks` scan as often as the others."""
 
     def __init__(self, session, precision_: str = "fp32"):
         self.head = session.head
@@ -83,22 +121,92 @@ class ItemBank:
         self.precision = precision_
         self.modalities = list(self.head.modalities)
         self.use_id = self.head.config.use_id
+        self.tables = item_tables(session)
         # One modality with IDs scores normalize(v + id), which no function of cosines gives.
         self.summed = len(self.modalities) == 1 and self.use_id
         self.present = {m: p.to(session.device) for m, p in self.head.presence().items()}
-        # Adapted under the training forward's autocast, so both paths see the same item vectors.
-        with precision.autocast(precision_, session.device):
-            self.adapted = {t: torch.cat([v.float() for _, v in item_vector_chunks(session, t)])
-                            for t in item_tables(session)}
-        self.unit = {t: F.normalize(v, dim=-1) for t, v in self.adapted.items()}
-        # History tokens in the compute dtype: half the gather traffic under bf16, no casts later.
-        self.tokens = {t: v.to(precision.dtype_of(precision_)) for t, v in self.adapted.items()}
+        self.collections = {t: session.collection(t) for t in self.tables}
+        self.pg, self.device, self.world = session.pg, session.device, session.world
+        self.lo, self.hi = item_slice(session.rank, session.world, self.num_items)
+
+    # -- item rows -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rows(self, ids: torch.Tensor) -> Vectors:
+        """fp32 adapted vectors (raw for IDs) of `ids` per table; adapted under the training
+        forward's autocast, so both paths see the same item vectors."""
+        out = {}
+        with precision.autocast(self.precision, self.device):
+            for t, ec in self.collections.items():
+                v = lookup_rows(ec, candidates_key(t), ids, chunk_size=LOOKUP_CHUNK, pg=self.pg)
+                out[t] = v if t == ID_TABLE else self.core.adapt({t: v})[t]
+        return {t: v.float() for t, v in out.items()}
+
+    def vectors(self, ids: torch.Tensor) -> Vectors:
+        """`rows` of ids of any shape (ids.shape x D), each distinct id looked up once."""
+        distinct, where = torch.unique(ids.reshape(-1), return_inverse=True)
+        return {t: v[where].view(*ids.shape, -1) for t, v in self.rows(distinct).items()}
+
+    def local_chunks(self, size: int) -> Iterator[ItemChunk]:
+        """This rank's items, `size` at a time. Every rank takes as many steps as the widest range
+        needs (an empty lookup where its own is shorter), so all meet in every lookup: consume the
+        whole iterator. No chunk is kept past its step."""
+        widest = max(hi - lo for lo, hi in (item_slice(r, self.world, self.num_items) for r in range(self.world)))
+        for step in range(-(-widest // size)):
+            lo = min(self.hi, self.lo + step * size)
+            hi = min(self.hi, lo + size)
+            if hi > lo:
+                yield self.chunk(lo, hi)
+            else:
+                self.chunk(lo, hi)
+
+    def chunk(self, lo: int, hi: int) -> ItemChunk:
+        """Items [lo, hi) (any range: a collective lookup like the others)."""
+        adapted = self.rows(torch.arange(lo, hi, device=self.device))
+        unit = {t: F.normalize(v, dim=-1) for t, v in adapted.items()}
+        return ItemChunk(lo, hi, unit, adapted if self.summed else {})
+
+    # -- scores --------------------------------------------------------------------------------
+
+    def fused(self, u: torch.Tensor, sims: Vectors, idx: torch.Tensor, items: Optional[Vectors] = None) -> torch.Tensor:
+        """Exact scores of items `idx` (C shared by the rows, or B x S) from their cosines `sims`;
+        a one-modality model with IDs reads their vectors `items` (idx.shape x D) instead."""
+        present = {m: p[idx] for m, p in self.present.items()}
+        if self.summed:
+            return self.core.score(u, {m: items[m] for m in self.modalities}, items[ID_TABLE],
+                                   present=present, item_index=idx)
+        modal = {m: sims[m] for m in self.modalities}
+        return self.core.fuse(modal, sims.get(ID_TABLE), present, item_index=idx)
+
+    def pair_scores(self, u: torch.Tensor, items: torch.Tensor, vectors: Vectors) -> torch.Tensor:
+        """B scores of each user against its own item (items: B; vectors[t]: B x D, their rows)."""
+        idx = items.to(torch.int64).unsqueeze(1)
+        rows = {t: v.unsqueeze(1) for t, v in vectors.items()}
+        sims = {} if self.summed else {t: (u * F.normalize(v, dim=-1)).sum(-1, keepdim=True) for t, v in vectors.items()}
+        return self.fused(u, sims, idx, rows).squeeze(1)
 
     # -- users ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, history: torch.Tensor, slots: int = SUB_BATCH_SLOTS) -> torch.Tensor:
         """Unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded)."""
+        safe = history.clamp(min=0)
+        distinct, where = torch.unique(safe, return_inverse=True)
+        return self._users(history, where, self.rows(distinct), slots)
+
+    @torch.no_grad()
+    def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor,
+                            slots: int = SUB_BATCH_SLOTS) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(user vectors, each user's score of its target), from one lookup of both."""
+        safe = history.clamp(min=0)
+        distinct, where = torch.unique(torch.cat([safe.reshape(-1), target.to(safe)]), return_inverse=True)
+        rows = self.rows(distinct)
+        u = self._users(history, where[: safe.numel()].view_as(safe), rows, slots)
+        at_target = where[safe.numel():]
+        return u, self.pair_scores(u, target, {t: v[at_target] for t, v in rows.items()})
+
+    def _users(self, history: torch.Tensor, local: torch.Tensor, rows: Vectors, slots: int) -> torch.Tensor:
+        """`encode` with each history id's row in `rows` at `local` (B x L)."""
         lengths = (history != PAD).sum(1)
         tokens, first = self.head.interests(history)
         # A token-0 slot (the reference's kept pad id) may precede the real ones: one spare column.
@@ -107,57 +215,49 @@ class ItemBank:
         costs = lengths + widths
         order = torch.argsort(costs, stable=True)
         out = torch.empty(history.shape[0], self.core.config.hidden, device=history.device)
+        # History tokens in the compute dtype: half the gather traffic under bf16, no casts later.
+        table = {t: v.to(precision.dtype_of(self.precision)) for t, v in rows.items()}
         # One autocast region for all sub-batches: the weights are cast once, not once per sub-batch.
         with precision.autocast(self.precision, history.device):
             for lo, hi in cost_groups(costs[order].tolist(), slots):
-                rows = order[lo:hi]
-                width, m = max(1, int(lengths[rows].max())), int(widths[rows].max())
-                out[rows] = self._encode(history[rows, :width], (tokens[rows, :m], first[rows, :m]))
+                r = order[lo:hi]
+                width, interests = max(1, int(lengths[r].max())), int(widths[r].max())
+                at = local[r, :width]
+                adapted = {m: F.embedding(at, table[m]) for m in self.modalities}
+                hist_id = F.embedding(at, table[ID_TABLE]) if self.use_id else None
+                out[r], _, _ = self.head.encode(history[r, :width], adapted, hist_id,
+                                                interests=(tokens[r, :interests], first[r, :interests]))
         return out
 
-    def _encode(self, history: torch.Tensor, interests) -> torch.Tensor:
-        safe = history.clamp(min=0)
-        adapted = {m: F.embedding(safe, self.tokens[m]) for m in self.modalities}
-        hist_id = F.embedding(safe, self.tokens[ID_TABLE]) if self.use_id else None
-        u, _, _ = self.head.encode(history, adapted, hist_id, interests=interests)
-        return u
 
-    # -- items ---------------------------------------------------------------------------------
+class HeldCatalogue(Catalogue):
+    """Every item's vectors in memory (unit ones per table, adapted ones for a summed model), scored
+    with `fuse(u, sims, idx, items)`; its scan needs no collective."""
 
-    def cosines(self, u: torch.Tensor, lo: int, hi: int) -> Dict[str, torch.Tensor]:
-        """B x (hi - lo) cosines per table."""
-        return {t: u @ v[lo:hi].T for t, v in self.unit.items()}
+    def __init__(self, unit: Vectors, fuse: Callable, modalities: List[str], summed: bool = False,
+                 adapted: Optional[Vectors] = None):
+        self.unit, self.adapted = unit, adapted or {}
+        self.fuse, self.modalities, self.summed = fuse, list(modalities), summed
+        self.tables = list(unit)
+        self.num_items = next(iter(unit.values())).shape[0]
 
-    def fused(self, u: torch.Tensor, sims: Dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        """Exact scores of items `idx` (C shared by the rows, or B x S) from their cosines `sims`."""
-        present = {m: p[idx] for m, p in self.present.items()}
-        if self.summed:
-            items = {m: self.adapted[m][idx] for m in self.modalities}
-            return self.core.score(u, items, self.adapted[ID_TABLE][idx], present=present, item_index=idx)
-        modal = {m: sims[m] for m in self.modalities}
-        return self.core.fuse(modal, sims.get(ID_TABLE), present, item_index=idx)
+    @classmethod
+    def of(cls, bank: ChunkedBank, size: int = LOOKUP_CHUNK) -> "HeldCatalogue":
+        """The whole catalogue of a bank, looked up `size` items at a time (collective)."""
+        parts = [bank.chunk(lo, hi) for lo, hi in item_ranges(bank.num_items, size)]
+        unit = {t: torch.cat([p.unit[t] for p in parts]) for t in bank.tables}
+        adapted = {t: torch.cat([p.adapted[t] for p in parts]) for t in bank.tables} if bank.summed else None
+        return cls(unit, bank.fused, bank.modalities, bank.summed, adapted)
 
-    def chunk_scores(self, u: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        idx = torch.arange(lo, hi, device=u.device)
-        return self.fused(u, {} if self.summed else self.cosines(u, lo, hi), idx)
+    def local_chunks(self, size: int) -> Iterator[ItemChunk]:
+        for lo, hi in item_ranges(self.num_items, size):
+            yield ItemChunk(lo, hi, {t: v[lo:hi] for t, v in self.unit.items()},
+                            {t: v[lo:hi] for t, v in self.adapted.items()})
 
-    def pair_scores(self, u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """B scores of each user against its own item (items: B)."""
-        idx = items.to(torch.int64).unsqueeze(1)
-        sims = {} if self.summed else {t: (u * v[items]).sum(-1, keepdim=True) for t, v in self.unit.items()}
-        return self.fused(u, sims, idx).squeeze(1)
+    def vectors(self, ids: torch.Tensor) -> Vectors:
+        return {t: v[ids] for t, v in self.adapted.items()}
 
-    @torch.no_grad()
-    def ranks(
-        self,
-        u: torch.Tensor,
-        target: torch.Tensor,
-        chunk: int,
-        exclude_offsets: Optional[torch.Tensor] = None,
-        exclude_values: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Full-ranking target ranks, the catalogue scored `chunk` items at a time."""
-        counter = RankCounter(target, self.pair_scores(u, target), exclude_offsets, exclude_values)
-        for lo, hi in item_ranges(self.num_items, chunk):
-            counter.update(self.chunk_scores(u, lo, hi), lo)
-        return counter.ranks()
+    def fused(self, u: torch.Tensor, sims: Vectors, idx: torch.Tensor, items: Optional[Vectors] = None) -> torch.Tensor:
+        if self.summed and items is None:
+            items = self.vectors(idx)
+        return self.fuse(u, sims, idx, items)

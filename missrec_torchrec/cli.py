@@ -220,7 +220,8 @@ def _add_score(sub) -> None:
     p.add_argument("--mask-history", action="store_true",
                    help="never recommend an item of the user's history (the whole history before the split's target)")
     p.add_argument("--chunk-items", type=_positive, default=8192,
-                   help="items scored at once per batch; bounds memory at batch x chunk scores (default 8192)")
+                   help="items looked up, adapted and scored at once (each rank scans only its own items, one "
+                   "chunk held at a time; eval.block_users sets the users per rank scored together) (default 8192)")
     p.add_argument("--approx", type=_positive, default=None, metavar="PER_TABLE_K",
                    help="approximate mode: retrieve each modality's (and the ID table's) PER_TABLE_K nearest "
                    "items by cosine, re-score their union exactly; reports the users provably exact")

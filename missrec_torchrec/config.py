@@ -87,6 +87,7 @@ class EvalConfig:
     every: int
     engine: str
     chunk_items: int
+    block_users: int
     cold_start: bool
 
 

@@ -140,6 +140,7 @@ RULES: Dict[str, Check] = {
     "train.precision": _choice("auto", "fp32", "bf16"),  # as missrec_torchrec.precision.PRECISIONS
     "eval.engine": _choice("catalogue", "dmp"),
     "eval.chunk_items": _integer(1),
+    "eval.block_users": _integer(1),
     "eval.ks": _list_of(_integer(1), non_empty=True),
     "eval.metric": _text(),
     "eval.patience": _integer(1),

@@ -1,8 +1,10 @@
 """Full-ranking evaluation of a session's model, and `missrec evaluate` on a saved checkpoint.
 
-Two engines give the same ranks: eval.engine=catalogue adapts the catalogue once, encodes users in
-cost-sorted sub-batches and scores items in chunks (catalogue.py); dmp sends each batch through the
-sharded model's forward with the whole catalogue as candidates.
+Two engines give the same ranks: eval.engine=catalogue encodes each rank's users in cost-sorted
+sub-batches from looked-up history rows, gathers eval.block_users of every rank's users into a block
+and has each rank scan only its own items for it, chunk by chunk, the counts summed over the ranks
+(catalogue.py, user_blocks.py); dmp sends each batch through the sharded model's forward with the
+whole catalogue as candidates (the slow reference).
 """
 
 from __future__ import annotations
@@ -12,24 +14,38 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from datapipes.batch import SeqBatch
+from missrec_torchrec.catalogue import ChunkedBank
 from missrec_torchrec.config import EvalConfig
 from missrec_torchrec.metrics import RankingMetrics, target_ranks
 from missrec_torchrec.session import Session, load_run, log0, open_session, resolve
+from missrec_torchrec.user_blocks import Seen, batches_per_block, block_ranks, gather_block, in_blocks
 
 
 def ranked(session: Session, split: str, ev: EvalConfig) -> Iterator:
     """(batch, target ranks) over a split's users (see module doc for the engines)."""
-    bank = session.item_bank() if ev.engine == "catalogue" else None
-    # The dmp engine scores every batch against the whole catalogue; the catalogue engine reads no KJT.
-    stream = session.stream(split, None if bank is not None else session.candidates("catalogue"))
-    for batch in stream:
+    if ev.engine == "catalogue":
+        bank = session.item_bank()
+        per_block = batches_per_block(ev.block_users, session.cfg.data.eval_batch_size)
+        for batches in in_blocks(session.stream(split), per_block):
+            yield from block_of_ranks(bank, [b.to(session.device) for b in batches], ev)
+        return
+    # The dmp engine scores every batch against the whole catalogue.
+    for batch in session.stream(split, session.candidates("catalogue")):
         batch = batch.to(session.device)
         exclude = (batch.seen_offsets, batch.seen_values) if ev.mask_history else (None, None)
-        if bank is not None:
-            yield batch, bank.ranks(bank.encode(batch.history), batch.target, ev.chunk_items, *exclude)
-        else:
-            scores = session.dmp(batch)[1]["scores"]
-            yield batch, target_ranks(scores, batch.target, *exclude)
+        yield batch, target_ranks(session.dmp(batch)[1]["scores"], batch.target, *exclude)
+
+
+def block_of_ranks(bank: ChunkedBank, batches: List[SeqBatch], ev: EvalConfig) -> Iterator:
+    """(batch, target ranks) of one block of this rank's batches (collective: every rank scans its
+    own items for the whole block)."""
+    users, scores = zip(*(bank.encode_with_targets(b.history, b.target) for b in batches))
+    rows = [b.batch_size for b in batches]
+    seen = Seen.cat([Seen.of(b) for b in batches], rows) if ev.mask_history else None
+    target = torch.cat([b.target for b in batches])
+    block = gather_block(torch.cat(users), bank.pg, seen, target, torch.cat(scores))
+    yield from zip(batches, block_ranks(bank, block, ev.chunk_items).split(rows))
 
 
 @torch.no_grad()

@@ -2,17 +2,20 @@
 
 Scoring opens the run's model as a `session.Session` (the sharded model from the run's config,
 nothing prepared) and loads the checkpoint; the evaluation stream hands each rank a contiguous range
-of users. The catalogue is looked up from the sharded tables once (collectively) into a
-`catalogue.ItemBank`; after that each rank works alone: users are encoded from the adapted catalogue
-and the catalogue is scored in item chunks with the model's dynamic fusion, keeping a running top-K
-per user (`topk.py`: exact, or approximate with a certificate), so no B x N matrix is ever built for
-all N items at once. `--ann` instead takes each table's candidates from a faiss index built once per
-run (`ann_index.py`) and re-scores their union exactly.
+of users. Each rank encodes its own users (`catalogue.ChunkedBank`: their history rows looked up
+collectively) and collects eval.block_users of them into a block; every rank then scans only its own
+items, chunk by chunk, for the whole block (`user_blocks.py`), keeping a running top-K per user
+(`topk.py`: exact, or approximate with a certificate), and the ranks' lists are merged for each
+user. No rank holds more than one chunk of item vectors, and no users x items matrix is larger than
+a group of users x one chunk. `--ann` instead takes each table's candidates from a faiss index built
+once per run over the whole catalogue (`ann_index.py`) and re-scores their union exactly.
 
 Output and resuming (`score_parts.py`): each rank commits its results in segments listed by its
 manifest; a killed job restarted with `resume` keeps what the manifests list, and every rank
 restarts at the lowest committed batch count of all ranks (batches a rank had already committed
-are skipped, not written twice). Rank 0 merges the parts into OUT at the end.
+are scored again, since the other ranks' users need its items, but not written twice). Blocks
+start there too, so the ranks' blocks stay aligned; commits happen after a block's scan (a block
+is the least work a restart repeats). Rank 0 merges the parts into OUT at the end.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from datapipes.batch import SeqBatch
 from datapipes.io import check_writable
 from datapipes.schema import DataError
 from missrec_torchrec.ann_index import AnnSettings, TableIndexes, ann_topk
-from missrec_torchrec.catalogue import ItemBank
+from missrec_torchrec.catalogue import ChunkedBank, HeldCatalogue
 from missrec_torchrec.config import ConfigError
 from missrec_torchrec.distributed import all_reduce_scalar
 from missrec_torchrec.score_parts import Keys, RankParts, merge_parts, rank_folder, score_table
 from missrec_torchrec.session import load_run, log0, open_session, process_rank
-from missrec_torchrec.topk import Seen, approx_topk, exact_topk, recall
+from missrec_torchrec.topk import ApproxPass, TopKPass, exact_topk, recall
+from missrec_torchrec.user_blocks import Seen, batches_per_block, gather_block, in_blocks, scan
 
 FAIL_ENV = "MISSREC_SCORE_FAIL_AFTER_BATCHES"  # test hook: crash before committing past N batches
 FAIL_RANK_ENV = "MISSREC_SCORE_FAIL_RANK"  # ... on this rank only (default: every rank)
@@ -118,20 +122,23 @@ def _maybe_fail(session, end: int) -> None:
         raise SystemExit(f"{FAIL_ENV}={limit}: simulated crash on rank {session.rank}")
 
 
-class BatchScorer:
-    """Top-K rows for one batch of users: exact, approximate with certificate, or from ANN candidates;
-    the approximate modes can measure recall on a sample. The ANN indexes are built here."""
+class BlockScorer:
+    """Top-K rows for a block of users: exact, approximate with certificate, or from ANN candidates;
+    the approximate modes can measure recall on a sample. Collective: every rank scores each block
+    (exact and --approx scan their own items for every rank's users). The ANN indexes are built here."""
 
-    def __init__(self, bank: ItemBank, opts: ScoreOptions, num_users: int):
+    def __init__(self, bank: ChunkedBank, opts: ScoreOptions, num_users: int):
         self.bank, self.opts = bank, opts
         self.k = min(opts.topk, bank.num_items)
         self.per_table = min(opts.approx, bank.num_items) if opts.approx else None
         # Every stride-th user (by user_index, so the sample does not depend on the world size).
         self.stride = max(1, num_users // opts.recall_sample) if opts.recall_sample else 0
         ann = opts.ann_settings()
-        self.indexes = TableIndexes(bank, ann) if ann is not None else None
-        self.ann_per_table = ann.per_table(self.k, bank.num_items) if ann is not None else None
-        if self.indexes is not None:
+        self.held = self.indexes = self.ann_per_table = None
+        if ann is not None:
+            self.held = HeldCatalogue.of(bank)  # the indexes need every item (see ann_index.py)
+            self.indexes = TableIndexes(self.held, ann)
+            self.ann_per_table = ann.per_table(self.k, bank.num_items)
             log0(f"ann: {len(self.indexes.indexes)} {ann.kind} index(es) over {bank.num_items:,} items built in "
                  f"{self.indexes.seconds:.1f} s (not counted in users/s)")
 
@@ -141,34 +148,60 @@ class BatchScorer:
         return f"approx {self.opts.approx} per table" if self.opts.approx else "exact"
 
     @torch.no_grad()
-    def __call__(self, batch: SeqBatch, u: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, float]]:
-        keep = torch.nonzero(batch.user >= 0).squeeze(1)
-        u = u[keep.to(u.device)]
-        users = batch.user[keep]
-        seen = Seen.of(batch, keep).to(u.device) if self.opts.mask_history else None
-        stats: Dict[str, float] = {}
-        chunk = self.opts.chunk_items
-        if self.indexes is not None:
-            scores, items = ann_topk(self.indexes, self.bank, u, self.k, self.ann_per_table, seen)
-            if self.stride:
-                stats.update(self._sampled_recall(u, users, items, seen))
-        elif self.per_table is None:
-            scores, items = exact_topk(self.bank, u, self.k, chunk, seen)
-        else:
-            scores, items, certified = approx_topk(self.bank, u, self.k, self.per_table, chunk, seen)
-            stats["certified"] = int(certified.sum())
-            if self.stride:
-                stats.update(self._sampled_recall(u, users, items, seen))
-        return users.numpy(), items.cpu().numpy(), scores.cpu().numpy(), stats
+    def batches(self, batches: List[SeqBatch]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, float]]]:
+        """(users, items, scores, stats) of each batch's real users; the batches form one block."""
+        device, mask = self.bank.device, self.opts.mask_history
+        us, users, seen, counts = [], [], [], []
+        for batch in batches:
+            keep = torch.nonzero(batch.user >= 0).squeeze(1)
+            us.append(self.bank.encode(batch.history.to(device))[keep.to(device)])
+            users.append(batch.user[keep])
+            counts.append(keep.numel())
+            if mask:
+                seen.append(Seen.of(batch, keep))
+        items, scores, stats = self(torch.cat(us), torch.cat(users), Seen.cat(seen, counts).to(device) if mask else None)
+        out, lo = [], 0
+        for n, user in zip(counts, users):
+            batch_stats = {}
+            if "certified" in stats:
+                batch_stats["certified"] = int(stats["certified"][lo : lo + n].sum())
+            if "recall" in stats:
+                r = stats["recall"][lo : lo + n]
+                batch_stats.update(recall_sum=float(np.nansum(r)), recall_users=int(np.isfinite(r).sum()))
+            out.append((user.numpy(), items[lo : lo + n], scores[lo : lo + n], batch_stats))
+            lo += n
+        return out
 
-    def _sampled_recall(self, u, users, items, seen) -> Dict[str, float]:
-        pick = torch.nonzero(users % self.stride == 0).squeeze(1).to(u.device)
-        if pick.numel() == 0:
-            return {"recall_sum": 0.0, "recall_users": 0}
-        sub_seen = seen.subset(pick, u.shape[0]) if seen is not None else None
-        _, exact = exact_topk(self.bank, u[pick], self.k, self.opts.chunk_items, sub_seen)
-        r = recall(items[pick].cpu().numpy(), exact.cpu().numpy())
-        return {"recall_sum": float(np.nansum(r)), "recall_users": int(np.isfinite(r).sum())}
+    def __call__(self, u: torch.Tensor, users: torch.Tensor, seen: Optional[Seen]):
+        """(items, scores, per-user stats) as numpy: `certified` flags, `recall` (NaN: not sampled)."""
+        bank, chunk, stats = self.bank, self.opts.chunk_items, {}
+        sample = torch.nonzero(users % self.stride == 0).squeeze(1).to(u.device) if self.stride else None
+        sample_seen = seen.subset(sample, u.shape[0]) if seen is not None and sample is not None else None
+        if self.indexes is not None:
+            scores, items = ann_topk(self.indexes, self.held, u, self.k, self.ann_per_table, seen)
+            if sample is not None:  # the held catalogue scans without collectives
+                _, exact = exact_topk(self.held, u[sample], self.k, chunk, sample_seen)
+                stats["recall"] = sampled_recall(items, sample, exact)
+        elif self.per_table is None:
+            scores, items = exact_topk(bank, u, self.k, chunk, seen)
+        else:
+            approx = ApproxPass(bank, gather_block(u, bank.pg, seen), self.k, self.per_table, chunk)
+            passes = [approx]
+            if sample is not None:  # the sample's exact lists come from the same scan
+                passes.append(TopKPass(bank, gather_block(u[sample], bank.pg, sample_seen), self.k, chunk))
+            scan(bank, chunk, passes)
+            scores, items, certified = approx.finish()
+            stats["certified"] = certified.cpu().numpy()
+            if sample is not None:
+                stats["recall"] = sampled_recall(items, sample, passes[1].finish()[1])
+        return items.cpu().numpy(), scores.cpu().numpy(), stats
+
+
+def sampled_recall(items: torch.Tensor, sample: torch.Tensor, exact: torch.Tensor) -> np.ndarray:
+    """Per user recall@K of `items` against the sample's exact top-K (NaN outside the sample)."""
+    out = np.full(items.shape[0], np.nan)
+    out[sample.cpu().numpy()] = recall(items[sample].cpu().numpy(), exact.cpu().numpy())
+    return out
 
 
 def _plan(opts: ScoreOptions, step_dir: Path, world: int, batch_size: int, stream) -> Dict[str, Any]:
@@ -185,7 +218,7 @@ def _plan(opts: ScoreOptions, step_dir: Path, world: int, batch_size: int, strea
     return plan
 
 
-def _run_batches(session, stream, parts: RankParts, scorer: BatchScorer, opts: ScoreOptions, keys) -> int:
+def _run_batches(session, stream, parts: RankParts, scorer: BlockScorer, opts: ScoreOptions, keys) -> int:
     """Score this rank's batches from where every rank can restart; returns the rows committed."""
     total, done = len(stream), parts.done
     start = int(all_reduce_scalar(done, "min", session.pg, session.device, torch.int64))
@@ -199,22 +232,25 @@ def _run_batches(session, stream, parts: RankParts, scorer: BatchScorer, opts: S
     pending: List[pa.Table] = []
     stats: Dict[str, float] = {}
     segment_start, committed = max(done, start), 0
-    for i, batch in enumerate(stream, start=start):
-        if bar is not None:
-            bar.update(1)
-        if i < done:
-            continue  # committed before the restart
-        u = scorer.bank.encode(batch.history.to(session.device))
-        users, items, scores, batch_stats = scorer(batch, u)
-        pending.append(score_table(users, items, scores, *keys))
-        for key, value in batch_stats.items():
-            stats[key] = stats.get(key, 0) + value
-        if i + 1 - segment_start >= opts.commit_every or i + 1 == total:
-            _maybe_fail(session, i + 1)
-            table = pa.concat_tables(pending)
-            parts.commit(table, segment_start, i + 1, stats)
-            committed += table.num_rows
-            pending, stats, segment_start = [], {}, i + 1
+    per_block = batches_per_block(session.cfg.eval.block_users, session.cfg.data.eval_batch_size)
+    # Blocks start where every rank restarts, so the ranks' blocks (and scans) stay aligned; batches
+    # this rank committed before are scored again, for the other ranks' sake, but not written twice.
+    for block in in_blocks(enumerate(stream, start=start), per_block):
+        results = scorer.batches([batch for _, batch in block])
+        for (i, _), (users, items, scores, batch_stats) in zip(block, results):
+            if bar is not None:
+                bar.update(1)
+            if i < done:
+                continue
+            pending.append(score_table(users, items, scores, *keys))
+            for key, value in batch_stats.items():
+                stats[key] = stats.get(key, 0) + value
+            if i + 1 - segment_start >= opts.commit_every or i + 1 == total:
+                _maybe_fail(session, i + 1)
+                table = pa.concat_tables(pending)
+                parts.commit(table, segment_start, i + 1, stats)
+                committed += table.num_rows
+                pending, stats, segment_start = [], {}, i + 1
     if bar is not None:
         bar.close()
     return committed
@@ -238,8 +274,7 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
         stream = session.stream(opts.split)
         plan = _plan(opts, step_dir, session.world, cfg.data.eval_batch_size, stream)
         rank_parts = RankParts(rank_folder(parts, session.rank), plan, opts.resume)
-        bank = session.item_bank()
-        scorer = BatchScorer(bank, opts, stream.num_users)
+        scorer = BlockScorer(session.item_bank(), opts, stream.num_users)
         keys = (Keys(session.info.users_path, "user_index", "user_key"),
                 Keys(session.info.items_path, None, "item_key"))
         t0 = time.perf_counter()

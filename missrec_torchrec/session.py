@@ -3,8 +3,8 @@
 `Session(cfg)` joins the process group, opens the dataset (preparing it first when `prepare`),
 builds the model, loads a pre-trained core (train.init_checkpoint), shards it with
 DistributedModelParallel and fills the frozen feature tables. It offers the data streams, the
-sharded collection of a table, the catalogue (`ItemBank`: item and user vectors), interest refresh
-and checkpoint loading. It owns no optimizer and writes nothing: the trainer adds those.
+sharded collection of a table, the rank-local catalogue (`ChunkedBank`: user vectors, this rank's
+item chunks), interest refresh and checkpoint loading. It owns no optimizer and writes nothing: the trainer adds those.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from datapipes.stream import SequenceStream
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec import precision
-from missrec_torchrec.catalogue import ItemBank
+from missrec_torchrec.catalogue import ChunkedBank
 from missrec_torchrec.config import Config, load_config
 from missrec_torchrec.interest_state import InterestState
 from missrec_torchrec.model.core import peft_trainable
@@ -292,9 +292,10 @@ class Session:
                 return module.ids[group] if group == ID_GROUP else module.features[group]
         raise KeyError(table)
 
-    def item_bank(self) -> ItemBank:
-        """Every item's vectors, looked up and adapted once (collective); users are encoded from it."""
-        return ItemBank(self, self.precision)
+    def item_bank(self) -> ChunkedBank:
+        """This rank's share of the catalogue at inference: users encoded from looked-up rows, its own
+        items scanned in chunks (catalogue.py). Holds no item vectors until scanned."""
+        return ChunkedBank(self, self.precision)
 
     def refresh_interests(self, epoch: int, position: int = 0) -> Dict[str, float]:
         return self.interests.refresh(epoch, position)

@@ -1,7 +1,11 @@
 """Top-K over an item catalogue scored in chunks: exact, or approximate with a certificate.
 
-`RunningTopK` keeps each row's k best (score, item) pairs over the chunks seen so far; `Seen` is the
-(row, item) pairs a batch excludes. `approx_topk` retrieves each table's K' nearest items by cosine
+`RunningTopK` keeps each row's k best (score, item) pairs over the chunks seen so far; `Seen`
+(user_blocks.py) is the (row, item) pairs a block excludes. The passes scan this rank's items for
+every user of a block (user_blocks.py) and merge the ranks' lists for each rank's own users: the
+top-K of the union of the per-rank top-Ks is the top-K of all items, ordered by the same rule
+(`RunningTopK.result`). Which of several items tied at the K-th score are kept is unspecified, as it
+was across chunk sizes in one process. `approx_topk` retrieves each table's K' nearest items by cosine
 and re-scores only their union exactly. Fused scores are convex combinations of the per-modality
 cosines, so every item outside the union scores at most `fusion.upper_bound` of the K'-th retrieved
 cosines; a row whose k-th re-scored item beats that bound got the exact top-k ("certified").
@@ -16,9 +20,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from datapipes.batch import SeqBatch, row_ids
 from datapipes.schema import DataError
-from missrec_torchrec.catalogue import ItemBank, item_ranges
+from missrec_torchrec.catalogue import Catalogue, ItemChunk
+from missrec_torchrec.user_blocks import Block, Seen, gather_block, scan
 from missrec_torchrec.model import fusion
 from missrec_torchrec.recommender import ID_TABLE
 
@@ -81,68 +85,91 @@ class RunningTopK:
         return scores.gather(1, order), items.gather(1, order)
 
 
-class Seen:
-    """The (row, item) pairs a batch excludes from its candidates: each user's history."""
+def stacked(tops: Sequence[RunningTopK], width: int, rows: int, device: torch.device, payload: int = 0):
+    """(scores, items, payload planes), rows x width: the groups' lists one under the other, each
+    padded to `width` (a rank's range may hold fewer items) with -inf, item -1, payload 0."""
+    def cat(parts, fill, dtype):
+        if not parts:
+            return torch.full((rows, width), fill, dtype=dtype, device=device)
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill) for p in parts])
 
-    def __init__(self, rows: torch.Tensor, items: torch.Tensor):
-        self.rows, self.items = rows, items
-
-    @classmethod
-    def of(cls, batch: SeqBatch, keep: torch.Tensor) -> "Seen":
-        """Pairs of the rows `keep` (renumbered 0..len(keep)-1) from the batch's seen lists."""
-        offsets, values = batch.seen_offsets, batch.seen_values
-        rows = row_ids(offsets)
-        return cls(rows, values[offsets[0] : offsets[-1]]).subset(keep, batch.batch_size)
-
-    def subset(self, keep: torch.Tensor, rows: int) -> "Seen":
-        new_row = torch.full((rows,), -1, dtype=torch.int64, device=self.rows.device)
-        new_row[keep] = torch.arange(keep.numel(), device=self.rows.device)
-        mapped = new_row[self.rows]
-        ok = mapped >= 0
-        return Seen(mapped[ok], self.items[ok])
-
-    def to(self, device: torch.device) -> "Seen":
-        return Seen(self.rows.to(device), self.items.to(device))
-
-    def contains(self, items: torch.Tensor, num_items: int) -> torch.Tensor:
-        """B x S: whether row b's item items[b, s] is one of its excluded pairs."""
-        rows = torch.arange(items.shape[0], device=items.device).unsqueeze(1)
-        return torch.isin(rows * num_items + items, self.rows * num_items + self.items)
-
-    def mask(self, scores: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        inside = (self.items >= lo) & (self.items < hi)
-        scores[self.rows[inside], self.items[inside] - lo] = float("-inf")
-        return scores
+    scores = cat([t.scores for t in tops], float("-inf"), torch.float32)
+    items = cat([t.items for t in tops], -1, torch.int64)
+    planes = [cat([t.payload[j] for t in tops], 0.0, torch.float32) for j in range(payload)]
+    return scores, items, planes
 
 
-def exact_topk(bank: ItemBank, u: torch.Tensor, k: int, chunk: int, seen: Optional[Seen]):
-    """(scores, items) B x k: the whole catalogue scored exactly, chunk by chunk."""
-    top = RunningTopK(u.shape[0], k, u.device)
-    for lo, hi in item_ranges(bank.num_items, chunk):
-        scores = bank.chunk_scores(u, lo, hi)
-        top.add(seen.mask(scores, lo, hi) if seen is not None else scores, torch.arange(lo, hi, device=u.device))
-    return top.result()
+def merged(block: Block, width: int, scores: torch.Tensor, items: torch.Tensor,
+           payload: Sequence[torch.Tensor] = ()) -> RunningTopK:
+    """Each of this rank's users' best `width` of every rank's lists (collective)."""
+    s, i = block.exchange(scores), block.exchange(items)
+    top = RunningTopK(s.shape[0], width, s.device, payload=len(payload))
+    top.add(s, i, [block.exchange(p) for p in payload])
+    return top
 
 
-def approx_topk(bank: ItemBank, u: torch.Tensor, k: int, per_table: int, chunk: int, seen: Optional[Seen]):
-    """(scores, items, certified): the union of every table's `per_table` nearest items by cosine,
-    re-scored exactly; certified[b] says row b's top-k provably equals the exact one.
+class TopKPass:
+    """Exact top-k of every block user over this rank's items; `finish` merges the ranks' lists
+    into this rank's users' (scores, items), B x k (collective)."""
 
-    Each table's top list carries every table's cosines of its items, so the re-scoring needs no
-    vector lookups (except for a one-modality model with IDs, see ItemBank).
-    """
-    b, tables = u.shape[0], list(bank.unit)
-    tops = {t: RunningTopK(b, per_table, u.device, payload=len(tables)) for t in tables}
-    for lo, hi in item_ranges(bank.num_items, chunk):
-        sims = bank.cosines(u, lo, hi)
-        if seen is not None:  # a seen item then never enters any list, so its payload never matters
-            for plane in sims.values():
-                seen.mask(plane, lo, hi)
-        idx = torch.arange(lo, hi, device=u.device)
-        for t, top in tops.items():
-            top.add(sims[t], idx, [sims[s] for s in tables])
-    none = torch.full((b,), float("-inf"), device=u.device)  # the table retrieved every candidate
-    kth = {t: top.scores[:, -1] if top.scores.shape[1] == per_table else none for t, top in tops.items()}
+    def __init__(self, bank: Catalogue, block: Block, k: int, chunk: int):
+        self.bank, self.block, self.k = bank, block, k
+        self.groups = block.groups(chunk)
+        self.tops = [RunningTopK(hi - lo, k, block.u.device) for lo, hi in self.groups]
+        self.seen = [block.window(lo, hi) for lo, hi in self.groups]
+
+    def visit(self, chunk: ItemChunk) -> None:
+        idx = chunk.idx
+        for (lo, hi), top, seen in zip(self.groups, self.tops, self.seen):
+            scores = self.bank.chunk_scores(self.block.u[lo:hi], chunk)
+            top.add(seen.mask(scores, chunk.lo, chunk.hi) if seen is not None else scores, idx)
+
+    def finish(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        scores, items, _ = stacked(self.tops, self.k, self.block.u.shape[0], self.block.u.device)
+        return merged(self.block, self.k, scores, items).result()
+
+
+class ApproxPass:
+    """Each table's `per_table` nearest items by cosine for every block user, each list carrying
+    every table's cosines of its items, so the re-scoring needs no vector lookups (except for a
+    one-modality model with IDs); `finish` merges the ranks' lists and re-scores their union."""
+
+    def __init__(self, bank: Catalogue, block: Block, k: int, per_table: int, chunk: int):
+        self.bank, self.block, self.k, self.per_table = bank, block, k, per_table
+        self.tables = list(bank.tables)
+        self.groups = block.groups(chunk)
+        device = block.u.device
+        self.tops = [{t: RunningTopK(hi - lo, per_table, device, payload=len(self.tables)) for t in self.tables}
+                     for lo, hi in self.groups]
+        self.seen = [block.window(lo, hi) for lo, hi in self.groups]
+
+    def visit(self, chunk: ItemChunk) -> None:
+        idx = chunk.idx
+        for (lo, hi), tops, seen in zip(self.groups, self.tops, self.seen):
+            sims = chunk.cosines(self.block.u[lo:hi])
+            if seen is not None:  # a seen item then never enters any list, so its payload never matters
+                for plane in sims.values():
+                    seen.mask(plane, chunk.lo, chunk.hi)
+            for t, top in tops.items():
+                top.add(sims[t], idx, [sims[s] for s in self.tables])
+
+    def finish(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores, items, certified) of this rank's users; certified[b]: row b's top-k provably
+        equals the exact one."""
+        rows, device, n = self.block.u.shape[0], self.block.u.device, len(self.tables)
+        tops = {}
+        for t in self.tables:
+            scores, items, payload = stacked([g[t] for g in self.tops], self.per_table, rows, device, n)
+            tops[t] = merged(self.block, self.per_table, scores, items, payload)
+        return rescore_union(self.bank, self.block.u[self.block.own], tops, self.k)
+
+
+def rescore_union(bank: Catalogue, u: torch.Tensor, tops: Dict[str, RunningTopK], k: int):
+    """(scores, items, certified): the union of the tables' lists re-scored exactly (collective for
+    a one-modality model with IDs, whose candidates' vectors are looked up)."""
+    b, tables = u.shape[0], list(tops)
+    # A list's last score is -inf when the table retrieved every candidate there was.
+    kth = {t: top.scores[:, -1] for t, top in tops.items()}
     found = torch.cat([top.items.masked_fill(top.scores == float("-inf"), -1) for top in tops.values()], 1)
     cand, order = found.sort(dim=1)
     payload = {t: torch.cat([top.payload[j] for top in tops.values()], 1).gather(1, order)
@@ -150,14 +177,16 @@ def approx_topk(bank: ItemBank, u: torch.Tensor, k: int, per_table: int, chunk: 
     duplicate = torch.zeros_like(cand, dtype=torch.bool)
     duplicate[:, 1:] = cand[:, 1:] == cand[:, :-1]
     usable = (cand >= 0) & ~duplicate
-    rescored = bank.fused(u, payload, cand.clamp(min=0)).masked_fill(~usable, float("-inf"))
+    safe = cand.clamp(min=0)
+    items = bank.vectors(safe) if bank.summed else None
+    rescored = bank.fused(u, payload, safe, items).masked_fill(~usable, float("-inf"))
     top = RunningTopK(b, k, u.device)
     top.add(rescored, cand)
-    scores, items = top.result()
-    return scores, items, _certified(bank, scores, kth, k)
+    scores, best = top.result()
+    return scores, best, certified(bank, scores, kth, k)
 
 
-def _certified(bank: ItemBank, scores: torch.Tensor, kth: Dict[str, torch.Tensor], k: int) -> torch.Tensor:
+def certified(bank: Catalogue, scores: torch.Tensor, kth: Dict[str, torch.Tensor], k: int) -> torch.Tensor:
     """Rows whose k-th re-scored item beats every item outside the retrieved union.
 
     Outside the union each table's cosine is at most its k'-th retrieved one, so every item there
@@ -173,6 +202,21 @@ def _certified(bank: ItemBank, scores: torch.Tensor, kth: Dict[str, torch.Tensor
     kth_score = scores[:, k - 1] if scores.shape[1] >= k else torch.full((b,), float("-inf"), device=device)
     return everything | (kth_score > bound + CERTIFY_MARGIN)
 
+
+def exact_topk(bank: Catalogue, u: torch.Tensor, k: int, chunk: int, seen: Optional[Seen] = None):
+    """(scores, items) B x k of this rank's users `u` over the whole catalogue, scored exactly chunk
+    by chunk. Collective for a rank-local bank: every rank passes its own users (maybe none)."""
+    top = TopKPass(bank, gather_block(u, bank.pg, seen), k, chunk)
+    scan(bank, chunk, [top])
+    return top.finish()
+
+
+def approx_topk(bank: Catalogue, u: torch.Tensor, k: int, per_table: int, chunk: int, seen: Optional[Seen] = None):
+    """(scores, items, certified): the union of every table's `per_table` nearest items by cosine,
+    re-scored exactly (`ApproxPass`). Collective like `exact_topk`."""
+    approx = ApproxPass(bank, gather_block(u, bank.pg, seen), k, per_table, chunk)
+    scan(bank, chunk, [approx])
+    return approx.finish()
 
 def recall(approx_items: np.ndarray, exact_items: np.ndarray) -> np.ndarray:
     """Per row |approx & exact| / |exact| over valid (>= 0) entries; NaN where exact is empty."""

@@ -165,11 +165,11 @@ def test_float16_tables_stay_float16_train_and_score_as_their_float32_values(gro
         bank = session.item_bank()
         history = torch.full((4, 6), PAD, dtype=torch.int64)
         history[:, :5] = torch.arange(20).view(4, 5)
-        return session, bank.chunk_scores(bank.encode(history), 0, ITEMS)
+        return session, bank.chunk_scores(bank.encode(history), bank.chunk(0, ITEMS))
 
     session, s_half = scores(half)
     assert table_weight(session.dmp, "text").local_shards()[0].tensor.dtype == torch.float16
-    assert all(v.dtype == torch.float32 for v in session.item_bank().adapted.values())  # the adapters ran in fp32
+    assert all(v.dtype == torch.float32 for v in session.item_bank().rows(torch.arange(ITEMS)).values())  # the adapters ran in fp32
     _, s_rounded = scores(rounded)
     _, s_full = scores(grouped)
     assert torch.equal(s_half, s_rounded)  # fp16 storage changes nothing beyond the rounding

@@ -15,7 +15,6 @@ import torch
 from datapipes.batch import row_ids
 from datapipes.schema import USERS_SCHEMA
 from missrec_torchrec import export, scoring, topk
-from missrec_torchrec.catalogue import ItemBank
 from missrec_torchrec.session import load_run, open_session
 from missrec_torchrec.cli import main
 from test_train import run_cli, small_overrides
@@ -116,13 +115,14 @@ def test_exact_matches_brute_force(run_dir, tmp_path, split, mask):
         assert all(not set(items) & set(seq[u]) for u, items in zip(got["user_index"], got["items"]))
 
 
-def test_kill_and_resume(run_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("blocks", [[], ["eval.block_users=64"]])  # one block; blocks of 2 batches
+def test_kill_and_resume(run_dir, tmp_path, monkeypatch, blocks):
     straight = tmp_path / "straight.parquet"
     run_score(run_dir, straight)
     out = tmp_path / "killed.parquet"
     monkeypatch.setenv(scoring.FAIL_ENV, "3")
     with pytest.raises(SystemExit):
-        run_score(run_dir, out)
+        run_score(run_dir, out, overrides=blocks)
     monkeypatch.delenv(scoring.FAIL_ENV)
     assert not out.exists()
     rank0 = scoring.parts_folder(out) / "rank-00000"
@@ -132,15 +132,16 @@ def test_kill_and_resume(run_dir, tmp_path, monkeypatch):
     with pytest.raises(scoring.DataError, match="--resume"):
         run_score(run_dir, out)
     with pytest.raises(scoring.DataError, match="progress.json: written with other settings \\(topk differ"):
-        run_score(run_dir, out, "--resume", "--topk", "5")
-    summary = run_score(run_dir, out, "--resume")
+        run_score(run_dir, out, "--resume", "--topk", "5", overrides=blocks)
+    summary = run_score(run_dir, out, "--resume", overrides=blocks)  # blocks start at batch 3 now
     assert summary["users"] == 240
     assert rows(out) == rows(straight)
     assert not scoring.parts_folder(out).exists()
 
 
-def test_one_vs_two_processes_uneven_with_crash(run_dir, uneven_data, tmp_path):
-    data = [f"data.dataset={uneven_data}"]
+@pytest.mark.parametrize("blocks", [[], ["eval.block_users=32"]])  # one block; one batch per block
+def test_one_vs_two_processes_uneven_with_crash(run_dir, uneven_data, tmp_path, blocks):
+    data = [f"data.dataset={uneven_data}", *blocks]
     single = tmp_path / "single.parquet"
     run_score(run_dir, single, overrides=data)
     out = tmp_path / "double.parquet"
@@ -313,7 +314,7 @@ def test_certificate_implies_exact(run_dir):
     """Random user directions (harder than trained ones): a certified row is the exact top-k."""
     step_dir, cfg = load_run(run_dir, QUIET)
     session = open_session(cfg.for_inference(), step_dir)
-    bank = ItemBank(session)
+    bank = session.item_bank()
     gen = torch.Generator().manual_seed(0)
     u = torch.nn.functional.normalize(torch.randn(300, session.head.config.hidden, generator=gen), dim=-1)
     seen = topk.Seen(torch.arange(300).repeat_interleave(5), torch.randint(0, 120, (1500,), generator=gen))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from datapipes.candidates import Candidates
 from datapipes.stream import SequenceStream
 from missrec_torchrec import precision
-from missrec_torchrec.catalogue import ItemBank
+from missrec_torchrec.catalogue import ChunkedBank
 from missrec_torchrec.evaluate import evaluate
 from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.model.attention import Attention
@@ -139,10 +139,11 @@ def test_fast_users_and_scores_equal_the_padded_forward_on_a_real_batch(session)
     with torch.no_grad():
         _, ref = session.dmp(batch)
     session.head.gather_history = True
-    bank = ItemBank(session, "fp32")
+    bank = ChunkedBank(session, "fp32")
     u = bank.encode(batch.history, slots=16 * 20)  # cost-sorted sub-batches, each trimmed
     torch.testing.assert_close(u, ref["user"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bank.chunk_scores(u, 0, session.num_items), ref["scores"], rtol=1e-5, atol=1e-5)
+    everything = bank.chunk(0, session.num_items)
+    torch.testing.assert_close(bank.chunk_scores(u, everything), ref["scores"], rtol=1e-5, atol=1e-5)
 
 
 def test_gathering_models_skip_the_history_lookups_with_the_same_loss_and_gradients(session):
@@ -206,7 +207,8 @@ def test_folded_single_query_attention_equals_the_projected_one_with_gradients(s
 def test_projected_centroids_give_the_same_user_vectors_and_gradients(session):
     batch = _padded_batch(session)
     head, core = session.head, session.head.core
-    bank = ItemBank(session, "fp32")
+    bank = ChunkedBank(session, "fp32")
+    rows = bank.rows(torch.arange(session.num_items))
     safe = batch.history.clamp(min=0)
     results = []
     for project in (False, True):
@@ -214,8 +216,8 @@ def test_projected_centroids_give_the_same_user_vectors_and_gradients(session):
         users = bank.encode(batch.history)
         core.train()  # dropout is 0 here: training mode only turns the gradients' path on
         core.zero_grad(set_to_none=True)
-        adapted = {m: F.embedding(safe, bank.adapted[m]) for m in bank.modalities}
-        u, _, _ = head.encode(batch.history, adapted, F.embedding(safe, bank.adapted[ID_TABLE]))
+        adapted = {m: F.embedding(safe, rows[m]) for m in bank.modalities}
+        u, _, _ = head.encode(batch.history, adapted, F.embedding(safe, rows[ID_TABLE]))
         u.square().sum().backward()
         core.eval()
         results.append((users, u.detach(), {n: p.grad for n, p in core.named_parameters() if p.grad is not None}))
@@ -251,14 +253,15 @@ BF16_ATOL = 0.02
 
 def test_bf16_stays_within_the_stated_tolerance_of_fp32(session):
     batch = _padded_batch(session)
-    fp32 = ItemBank(session, "fp32")
-    bf16 = ItemBank(session, "bf16")
+    fp32 = ChunkedBank(session, "fp32")
+    bf16 = ChunkedBank(session, "bf16")
     u32, u16 = fp32.encode(batch.history), bf16.encode(batch.history)
     assert u16.dtype == torch.float32
     assert not torch.equal(u16, u32)  # autocast really ran in bf16
     torch.testing.assert_close(u16, u32, rtol=0, atol=BF16_ATOL)
     assert float((u16 * u32).sum(-1).min()) > 0.99
-    s32, s16 = fp32.chunk_scores(u32, 0, session.num_items), bf16.chunk_scores(u16, 0, session.num_items)
+    n = session.num_items
+    s32, s16 = fp32.chunk_scores(u32, fp32.chunk(0, n)), bf16.chunk_scores(u16, bf16.chunk(0, n))
     torch.testing.assert_close(s16, s32, rtol=0, atol=BF16_ATOL)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from missrec_torchrec.catalogue import HeldCatalogue
 from missrec_torchrec.model.fusion import fuse
 from missrec_torchrec.topk import RunningTopK, Seen, approx_topk, exact_topk, recall
 
@@ -50,26 +51,25 @@ def test_recall_counts_valid_entries_and_is_nan_without_exact_items():
     assert r[0] == 0.5 and np.isnan(r[1])
 
 
-class TwoModalityBank:
-    """What top-K reads of `catalogue.ItemBank`, on random vectors: two modalities, dynamic fusion
-    with one alpha, some items missing a modality."""
+class TwoModalityBank(HeldCatalogue):
+    """A held catalogue of random vectors: two modalities, dynamic fusion with one alpha, some items
+    missing a modality."""
 
     def __init__(self, n: int, dim: int, alpha: float, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
-        self.modalities, self.summed, self.num_items = ["text", "image"], False, n
-        self.unit = {m: F.normalize(torch.randn(n, dim, generator=gen), dim=-1) for m in self.modalities}
+        modalities = ["text", "image"]
+        super().__init__({m: F.normalize(torch.randn(n, dim, generator=gen), dim=-1) for m in modalities},
+                         self.fuse_cosines, modalities)
         self.present = {m: torch.rand(n, generator=gen) > 0.2 for m in self.modalities}
         self.alpha = torch.tensor(alpha)
 
-    def cosines(self, u, lo, hi):
-        return {m: u @ v[lo:hi].T for m, v in self.unit.items()}
-
-    def fused(self, u, sims, idx):
+    def fuse_cosines(self, u, sims, idx, items=None):
         present = [self.present[m][idx] for m in self.modalities]
         return fuse([sims[m] for m in self.modalities], present, self.alpha, inference=True)
 
-    def chunk_scores(self, u, lo, hi):
-        return self.fused(u, self.cosines(u, lo, hi), torch.arange(lo, hi))
+    def all_scores(self, u):
+        """B x N: every item scored at once."""
+        return self.chunk_scores(u, next(self.local_chunks(self.num_items)))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 4.0, -3.0])
@@ -78,7 +78,7 @@ def test_certified_rows_of_approximate_topk_equal_the_exact_topk(alpha):
     u = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
     seen = Seen(torch.arange(40).repeat_interleave(3), torch.randint(0, 600, (120,)))
     exact_scores, exact_items = exact_topk(bank, u, k=10, chunk=128, seen=seen)
-    brute = bank.chunk_scores(u, 0, 600)
+    brute = bank.all_scores(u)
     seen.mask(brute, 0, 600)
     torch.testing.assert_close(exact_scores, brute.topk(10, dim=1).values)
     scores, items, certified = approx_topk(bank, u, k=10, per_table=60, chunk=128, seen=seen)
