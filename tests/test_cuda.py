@@ -136,7 +136,7 @@ def test_rank_counter_in_chunks_equals_the_cpu_with_exclusions():
 
 def test_bf16_training_lowers_the_loss_on_planted_groups():
     g = torch.Generator().manual_seed(0)
-    n_items, groups, dim, b, length = 64, 4, 24, 128, 8
+    n_items, groups, b, length = 64, 4, 128, 8
     group = torch.arange(n_items) % groups
     feats = {m: (torch.randn(groups, d, generator=g) * 2)[group] + 0.5 * torch.randn(n_items, d, generator=g)
              for m, d in (("text", 24), ("image", 20))}
