@@ -243,6 +243,18 @@ def test_checkpoint_keeps_the_bias_exactly(run, tmp_path):
     assert torch.equal(other.head.repeat_bias.detach(), value)
 
 
+def test_export_records_the_bias(run, tmp_path):
+    import json
+
+    from missrec_torchrec import export
+
+    folder = export.export_items(run, tmp_path / "items", overrides=QUIET)
+    record = json.loads((Path(folder) / "export.json").read_text())
+    step_dir, cfg = load_run(run, QUIET)
+    learned = float(open_session(cfg.for_inference(), step_dir).head.repeat_bias.detach())
+    assert record["repeat_bias"] == learned != 0.0 and "repeat_bias" in record["scoring"]
+
+
 def test_peft_leaves_the_bias_trainable(run):
     session = open_run(run)
     peft_trainable(session.head.core)
