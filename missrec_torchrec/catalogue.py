@@ -97,13 +97,15 @@ class ItemChunk:
 
 class Catalogue:
     """What the scans read of a catalogue: `tables`, `summed`, `pg` (None: no collectives),
-    `local_chunks(size)`, `fused(u, sims, idx, items)` and `vectors(ids)`."""
+    `local_chunks(size)`, `fused(u, sims, idx, items)`, `vectors(ids)` and `repeat_bias` (the
+    model's learned repeat bias, None when off: user_blocks.py lowers the history items by it)."""
 
     num_items: int
     tables: List[str]
     modalities: List[str]
     summed: bool
     pg = None
+    repeat_bias: Optional[float] = None
 
     def chunk_scores(self, u: torch.Tensor, chunk: ItemChunk) -> torch.Tensor:
         """B x (hi - lo) exact scores of the chunk's items."""
@@ -128,6 +130,8 @@ class ChunkedBank(Catalogue):
         self.collections = {t: session.collection(t) for t in self.tables}
         self.pg, self.device, self.world = session.pg, session.device, session.world
         self.lo, self.hi = item_slice(session.rank, session.world, self.num_items)
+        bias = self.head.repeat_bias
+        self.repeat_bias = None if bias is None else float(bias.detach())
 
     # -- item rows -----------------------------------------------------------------------------
 
@@ -247,7 +251,9 @@ class HeldCatalogue(Catalogue):
         parts = [bank.chunk(lo, hi) for lo, hi in item_ranges(bank.num_items, size)]
         unit = {t: torch.cat([p.unit[t] for p in parts]) for t in bank.tables}
         adapted = {t: torch.cat([p.adapted[t] for p in parts]) for t in bank.tables} if bank.summed else None
-        return cls(unit, bank.fused, bank.modalities, bank.summed, adapted)
+        held = cls(unit, bank.fused, bank.modalities, bank.summed, adapted)
+        held.repeat_bias = bank.repeat_bias
+        return held
 
     def local_chunks(self, size: int) -> Iterator[ItemChunk]:
         for lo, hi in item_ranges(self.num_items, size):

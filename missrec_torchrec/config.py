@@ -154,7 +154,7 @@ class Config:
                 dotted = f"{section}.{key}"
                 # Keys without a rule of their own are switches (tests/test_bad_config.py checks that).
                 checked[section][key] = check_value(dotted, value, RULES.get(dotted, BOOL))
-        check_related(checked["model"], checked["eval"])
+        check_related(checked["model"], checked["eval"], checked["train"])
         return cls(**{section: types[section](**values) for section, values in checked.items()})
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:

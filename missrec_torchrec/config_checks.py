@@ -176,7 +176,7 @@ def metric_names(ks: List[int], cold_start: bool) -> List[str]:
     return metrics + [f"cold/{m}" for m in metrics] if cold_start else metrics
 
 
-def check_related(model: Mapping[str, Any], ev: Mapping[str, Any]) -> None:
+def check_related(model: Mapping[str, Any], ev: Mapping[str, Any], train: Mapping[str, Any]) -> None:
     """The rules that tie keys together (each value already passed its own rule)."""
     if model["hidden"] % model["heads"]:
         raise ConfigError(f"config key model.hidden: {model['hidden']} is not divisible by model.heads "
@@ -186,7 +186,22 @@ def check_related(model: Mapping[str, Any], ev: Mapping[str, Any]) -> None:
     if model.get("kmeans_backend") == "faiss" and quirks:
         raise ConfigError(f"config key model.kmeans_backend: faiss has none of the reference's k-means quirks "
                           f"(model.{quirks[0]} is on): use torch")
+    check_repeat_bias(model, train)
     metrics = metric_names(ev["ks"], ev["cold_start"])
     if ev["metric"] not in metrics:
         raise ConfigError(f"config key eval.metric: {ev['metric']!r} is not one of the metrics eval.ks "
                           f"{ev['ks']} gives ({', '.join(metrics)})")
+
+
+def check_repeat_bias(model: Mapping[str, Any], train: Mapping[str, Any]) -> None:
+    """model.repeat_bias lowers the history items among every catalogue score, so it trains only
+    where the loss sees the whole catalogue (train.loss=auto above full_softmax_max_items items is
+    refused when the model is built)."""
+    if not model.get("repeat_bias"):
+        return
+    if train["mode"] != "finetune":
+        raise ConfigError("config key model.repeat_bias: it is learned by the finetune full softmax; "
+                          f"train.mode={train['mode']} has no catalogue scores to learn it from")
+    if train["loss"] == "sampled_softmax":
+        raise ConfigError("config key model.repeat_bias: needs train.loss full_softmax (or auto): sampled "
+                          "softmax scores no history item as a negative")

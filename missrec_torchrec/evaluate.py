@@ -44,7 +44,8 @@ def block_of_ranks(bank: ChunkedBank, batches: List[SeqBatch], ev: EvalConfig) -
     rows = [b.batch_size for b in batches]
     seen = Seen.cat([Seen.of(b) for b in batches], rows) if ev.mask_history else None
     target = torch.cat([b.target for b in batches])
-    block = gather_block(torch.cat(users), bank.pg, seen, target, torch.cat(scores))
+    history = Seen.cat([Seen.of_window(b.history) for b in batches], rows) if bank.repeat_bias is not None else None
+    block = gather_block(torch.cat(users), bank.pg, seen, target, torch.cat(scores), history)
     yield from zip(batches, block_ranks(bank, block, ev.chunk_items).split(rows))
 
 

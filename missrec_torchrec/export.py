@@ -53,7 +53,7 @@ def _vector_table(lo: int, vectors: np.ndarray, present: np.ndarray, item_keys: 
 def _fusion_record(session, files: Dict[str, str]) -> Dict[str, Any]:
     core, c = session.head.core, session.head.config
     alpha = core.fusion_alpha
-    return {
+    record = {
         "items": session.num_items,
         "hidden": c.hidden,
         "tables": files,
@@ -64,6 +64,11 @@ def _fusion_record(session, files: Dict[str, str]) -> Dict[str, Any]:
         "temperature": c.temperature,
         "scoring": fusion.DESCRIPTION,
     }
+    if session.head.repeat_bias is not None:
+        # No item vector holds it: a user's score of each item of its history window is lowered by it.
+        record["repeat_bias"] = float(session.head.repeat_bias.detach())
+        record["scoring"] += " Then minus repeat_bias for each item in the user's history window."
+    return record
 
 
 def export_items(checkpoint: Path | str, out: Path | str, overwrite: bool = False,

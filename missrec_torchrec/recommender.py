@@ -16,7 +16,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from datapipes.batch import PAD, SeqBatch, candidates_key, history_key, target_key
-from missrec_torchrec import precision
+from missrec_torchrec import precision, repeats
 from missrec_torchrec.model import losses
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import MISSRecCore
@@ -61,6 +61,19 @@ def _materialise(outputs) -> Dict[str, JaggedTensor]:
     return merged
 
 
+def _check_head(config: ModelConfig, modalities: int, mode: str, loss: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"train.mode {mode!r} is not one of {MODES}")
+    if loss not in LOSSES:
+        raise ValueError(f"train.loss {loss!r} is not one of {LOSSES}")
+    if config.pad_negative and config.fusion == "dynamic_instance" and modalities > 1:
+        raise ValueError("model.pad_negative needs one alpha for the padding item: use fusion dynamic_shared or static")
+    if config.causal and mode != "finetune":
+        raise ValueError("model.causal trains with next-item targets: it needs train.mode=finetune")
+    if config.repeat_bias and (mode, loss) != ("finetune", "full_softmax"):
+        raise ValueError("model.repeat_bias is learned by the full softmax: it needs train.mode=finetune")
+
+
 class MISSRecHead(nn.Module):
     """Everything between the embedding lookups and the loss: adapters, interest tokens,
     encoder-decoder, dynamic-fusion scoring and the training objectives."""
@@ -78,14 +91,7 @@ class MISSRecHead(nn.Module):
         mixed_negatives: bool = False,
     ):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"train.mode {mode!r} is not one of {MODES}")
-        if loss not in LOSSES:
-            raise ValueError(f"train.loss {loss!r} is not one of {LOSSES}")
-        if config.pad_negative and config.fusion == "dynamic_instance" and len(modality_dims) > 1:
-            raise ValueError("model.pad_negative needs one alpha for the padding item: use fusion dynamic_shared or static")
-        if config.causal and mode != "finetune":
-            raise ValueError("model.causal trains with next-item targets: it needs train.mode=finetune")
+        _check_head(config, len(modality_dims), mode, loss)
         self.config = config
         self.core = MISSRecCore(config, modality_dims, num_items=num_items)
         self.modalities = list(modality_dims)
@@ -124,6 +130,9 @@ class MISSRecHead(nn.Module):
         self.mixed_negatives = mixed_negatives
         # Log of each item's share of the training targets: the in-batch negatives' log-Q.
         self.register_buffer("target_logq", torch.full((num_items,), -math.log(num_items)), persistent=False)
+        # model.repeat_bias: registered only when on, so the checkpoints of other models load unchanged.
+        # A head parameter, outside the core: PEFT's freezing never reaches it (a per-domain prior).
+        self.repeat_bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(())) if config.repeat_bias else None
 
     def assignments(self) -> Dict[str, torch.Tensor]:
         return {m: getattr(self, f"assign_{m}") for m in self.modalities}
@@ -252,11 +261,20 @@ class MISSRecHead(nn.Module):
         return self.core.adapt(cand_raw), cand_id
 
     def _candidate_scores(self, u, batch, feats, ids, cands=None) -> torch.Tensor:
-        """Scores in fp32 whatever the autocast: bf16 cosines would tie far more often."""
+        """Scores in fp32 whatever the autocast: bf16 cosines would tie far more often. With
+        model.repeat_bias, less the bias at the items of each row's history window."""
         adapted, cand_id = cands if cands is not None else self._catalogue(feats, ids)
         c = batch.candidates
         with _fp32(u):
-            return self.core.score(u.float(), _floats(adapted), _float(cand_id), present=self._present_at(c), item_index=c)
+            scores = self.core.score(u.float(), _floats(adapted), _float(cand_id), present=self._present_at(c),
+                                     item_index=c)
+            if self.repeat_bias is None:
+                return scores
+            if not self._catalogue_candidates(c.numel()):
+                raise ValueError("model.repeat_bias scores the whole catalogue: these candidates are not it")
+            # Causal training scores one row per real position, each against its own window prefix.
+            causal = self.training and self.config.causal
+            return repeats.lowered(scores, self.repeat_bias, batch.history, per_position=causal)
 
     def _target_items(self, batch, feats, ids):
         """(adapted target vectors per modality, target ID embeddings or None), B x D each."""

@@ -151,7 +151,8 @@ class BlockScorer:
     def batches(self, batches: List[SeqBatch]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, float]]]:
         """(users, items, scores, stats) of each batch's real users; the batches form one block."""
         device, mask = self.bank.device, self.opts.mask_history
-        us, users, seen, counts = [], [], [], []
+        repeats = self.bank.repeat_bias is not None
+        us, users, seen, windows, counts = [], [], [], [], []
         for batch in batches:
             keep = torch.nonzero(batch.user >= 0).squeeze(1)
             us.append(self.bank.encode(batch.history.to(device))[keep.to(device)])
@@ -159,7 +160,11 @@ class BlockScorer:
             counts.append(keep.numel())
             if mask:
                 seen.append(Seen.of(batch, keep))
-        items, scores, stats = self(torch.cat(us), torch.cat(users), Seen.cat(seen, counts).to(device) if mask else None)
+            if repeats:
+                windows.append(Seen.of_window(batch.history, keep))
+        excluded = Seen.cat(seen, counts).to(device) if mask else None
+        history = Seen.cat(windows, counts).to(device) if repeats else None
+        items, scores, stats = self(torch.cat(us), torch.cat(users), excluded, history)
         out, lo = [], 0
         for n, user in zip(counts, users):
             batch_stats = {}
@@ -172,8 +177,9 @@ class BlockScorer:
             lo += n
         return out
 
-    def __call__(self, u: torch.Tensor, users: torch.Tensor, seen: Optional[Seen]):
-        """(items, scores, per-user stats) as numpy: `certified` flags, `recall` (NaN: not sampled)."""
+    def __call__(self, u: torch.Tensor, users: torch.Tensor, seen: Optional[Seen], history: Optional[Seen] = None):
+        """(items, scores, per-user stats) as numpy: `certified` flags, `recall` (NaN: not sampled).
+        `history`: the users' windows, which the repeat bias lowers (exact scoring only)."""
         bank, chunk, stats = self.bank, self.opts.chunk_items, {}
         sample = torch.nonzero(users % self.stride == 0).squeeze(1).to(u.device) if self.stride else None
         sample_seen = seen.subset(sample, u.shape[0]) if seen is not None and sample is not None else None
@@ -183,7 +189,7 @@ class BlockScorer:
                 _, exact = exact_topk(self.held, u[sample], self.k, chunk, sample_seen)
                 stats["recall"] = sampled_recall(items, sample, exact)
         elif self.per_table is None:
-            scores, items = exact_topk(bank, u, self.k, chunk, seen)
+            scores, items = exact_topk(bank, u, self.k, chunk, seen, history)
         else:
             approx = ApproxPass(bank, gather_block(u, bank.pg, seen), self.k, self.per_table, chunk)
             passes = [approx]
@@ -261,6 +267,9 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
     opts.out = Path(opts.out)
     step_dir, cfg = load_run(opts.checkpoint, opts.overrides)
     _check_outputs(opts)
+    if cfg.model.repeat_bias and (opts.approx is not None or opts.ann is not None):
+        # Both shortlist by cosines alone, blind to the history items the bias lowers.
+        raise DataError("--approx and --ann do not support a model with model.repeat_bias: score exactly")
     parts = parts_folder(opts.out)
     if opts.overwrite and not opts.resume and process_rank() == 0 and parts.exists():
         shutil.rmtree(parts)

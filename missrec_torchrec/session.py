@@ -27,7 +27,7 @@ from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec import precision
 from missrec_torchrec.catalogue import ChunkedBank
-from missrec_torchrec.config import Config, load_config
+from missrec_torchrec.config import Config, ConfigError, load_config
 from missrec_torchrec.interest_state import InterestState
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.recommender import AUG_TABLE, ID_GROUP, ID_TABLE, MISSRecModel
@@ -129,12 +129,16 @@ def build_model(cfg: Config, info: DatasetInfo) -> MISSRecModel:
     points = (
         sum(mods[m].present for m in names) if model_cfg.mask_missing_modality else info.num_items * len(names)
     )
+    loss = t.finetune_loss(info.num_items)
+    if model_cfg.repeat_bias and loss != "full_softmax":
+        raise ConfigError(f"config key model.repeat_bias: needs the full softmax, and train.loss auto is sampled "
+                          f"softmax for {info.num_items:,} items (train.full_softmax_max_items)")
     return MISSRecModel(
         model_cfg,
         {m: mods[m].dim for m in names},
         info.num_items,
         mode=t.mode,
-        loss=t.finetune_loss(info.num_items),
+        loss=loss,
         aug_dim=aug_dim,
         table_dtypes={m: info.dtype for m, info in mods.items()},
         cluster_points=points,

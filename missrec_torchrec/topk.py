@@ -22,7 +22,7 @@ import torch
 
 from datapipes.schema import DataError
 from missrec_torchrec.catalogue import Catalogue, ItemChunk
-from missrec_torchrec.user_blocks import Block, Seen, gather_block, scan
+from missrec_torchrec.user_blocks import Block, Seen, gather_block, lowered_scores, scan
 from missrec_torchrec.model import fusion
 from missrec_torchrec.recommender import ID_TABLE
 
@@ -117,11 +117,12 @@ class TopKPass:
         self.groups = block.groups(chunk)
         self.tops = [RunningTopK(hi - lo, k, block.u.device) for lo, hi in self.groups]
         self.seen = [block.window(lo, hi) for lo, hi in self.groups]
+        self.repeats = [block.repeats(bank, lo, hi) for lo, hi in self.groups]
 
     def visit(self, chunk: ItemChunk) -> None:
         idx = chunk.idx
-        for (lo, hi), top, seen in zip(self.groups, self.tops, self.seen):
-            scores = self.bank.chunk_scores(self.block.u[lo:hi], chunk)
+        for (lo, hi), top, seen, repeats in zip(self.groups, self.tops, self.seen, self.repeats):
+            scores = lowered_scores(self.bank, self.block.u[lo:hi], chunk, repeats)
             top.add(seen.mask(scores, chunk.lo, chunk.hi) if seen is not None else scores, idx)
 
     def finish(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +136,8 @@ class ApproxPass:
     one-modality model with IDs); `finish` merges the ranks' lists and re-scores their union."""
 
     def __init__(self, bank: Catalogue, block: Block, k: int, per_table: int, chunk: int):
+        if bank.repeat_bias is not None:  # its certificate bounds cosines, which know no history
+            raise ValueError("model.repeat_bias: approximate top-K is not supported; score exactly")
         self.bank, self.block, self.k, self.per_table = bank, block, k, per_table
         self.tables = list(bank.tables)
         self.groups = block.groups(chunk)
@@ -203,10 +206,12 @@ def certified(bank: Catalogue, scores: torch.Tensor, kth: Dict[str, torch.Tensor
     return everything | (kth_score > bound + CERTIFY_MARGIN)
 
 
-def exact_topk(bank: Catalogue, u: torch.Tensor, k: int, chunk: int, seen: Optional[Seen] = None):
+def exact_topk(bank: Catalogue, u: torch.Tensor, k: int, chunk: int, seen: Optional[Seen] = None,
+               history: Optional[Seen] = None):
     """(scores, items) B x k of this rank's users `u` over the whole catalogue, scored exactly chunk
-    by chunk. Collective for a rank-local bank: every rank passes its own users (maybe none)."""
-    top = TopKPass(bank, gather_block(u, bank.pg, seen), k, chunk)
+    by chunk (`history`: their windows, for the repeat bias). Collective for a rank-local bank:
+    every rank passes its own users (maybe none)."""
+    top = TopKPass(bank, gather_block(u, bank.pg, seen, history=history), k, chunk)
     scan(bank, chunk, [top])
     return top.finish()
 

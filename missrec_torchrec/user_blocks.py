@@ -8,8 +8,13 @@ exceeds SCORE_FLOATS. What a rank found about each user then goes back to that u
 counts are summed (`RankPass`), top-K lists travel in one all-to-all (`Block.exchange`) and are
 merged there (topk.py). Every item is scored once, by its owner, against every user: exact.
 
-Memory per rank: the gathered block (world x block users x hidden floats, their exclusion lists),
-each user's running result (a count, or top-K lists) and one group x chunk score matrix.
+With the model's learned repeat bias (model.repeat_bias) every block user's history window travels
+with it as (row, item) pairs like the exclusions (`Seen.of_window`), and each pass lowers those
+items' scores by the bias (`lowered_scores`; a target in the history too), as the forward does.
+
+Memory per rank: the gathered block (world x block users x hidden floats, their exclusion lists and
+history windows), each user's running result (a count, or top-K lists) and one group x chunk score
+matrix.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 import torch
 import torch.distributed as dist
 
-from datapipes.batch import SeqBatch, row_ids
-from missrec_torchrec.catalogue import Catalogue, item_ranges
+from datapipes.batch import PAD, SeqBatch, row_ids
+from missrec_torchrec.catalogue import Catalogue, ItemChunk, item_ranges
 from missrec_torchrec.metrics import RankCounter
 from missrec_torchrec.model.collectives import all_gather_scalar, group_active
 
@@ -62,6 +67,15 @@ class Seen:
         return seen if keep is None else seen.subset(keep, batch.batch_size)
 
     @classmethod
+    def of_window(cls, history: torch.Tensor, keep: Optional[torch.Tensor] = None) -> "Seen":
+        """The distinct (row, item) pairs of history windows (B x L, PAD excluded), `keep` as in `of`:
+        the items the repeat bias lowers (an item twice in a window is lowered once, as a column)."""
+        rows, cols = torch.nonzero(history != PAD, as_tuple=True)
+        pairs = torch.unique(torch.stack([rows, history[rows, cols].to(torch.int64)]), dim=1)
+        seen = cls(pairs[0], pairs[1])
+        return seen if keep is None else seen.subset(keep, history.shape[0])
+
+    @classmethod
     def cat(cls, parts: Sequence["Seen"], rows: Sequence[int]) -> "Seen":
         """The pairs of consecutive row blocks (`rows[i]` rows each) as one block's."""
         starts = torch.tensor([0, *rows[:-1]]).cumsum(0).tolist()
@@ -98,6 +112,13 @@ class Seen:
         scores[self.rows[inside], self.items[inside] - lo] = float("-inf")
         return scores
 
+    def lower(self, scores: torch.Tensor, lo: int, hi: int, by: float) -> torch.Tensor:
+        """scores (rows x items lo..hi-1) less `by` at the pairs, in place (pairs distinct)."""
+        inside = (self.items >= lo) & (self.items < hi)
+        rows, cols = self.rows[inside], self.items[inside] - lo
+        scores[rows, cols] = scores[rows, cols] - by
+        return scores
+
 
 def all_gather_rows(t: torch.Tensor, sizes: List[int], pg) -> torch.Tensor:
     """Every rank's `t` (sizes[r] rows on rank r) concatenated in rank order."""
@@ -112,7 +133,8 @@ def all_gather_rows(t: torch.Tensor, sizes: List[int], pg) -> torch.Tensor:
 @dataclass
 class Block:
     """Every rank's users of one block, in rank order (u: T x D); this rank's are rows `own`.
-    Evaluation adds each user's target and target score; `seen`: pairs excluded, by block row."""
+    Evaluation adds each user's target and target score; `seen`: pairs excluded, by block row;
+    `history`: each user's history window (`Seen.of_window`), for the model's repeat bias."""
 
     u: torch.Tensor
     sizes: List[int]
@@ -121,6 +143,7 @@ class Block:
     seen: Optional[Seen] = None
     target: Optional[torch.Tensor] = None
     target_scores: Optional[torch.Tensor] = None
+    history: Optional[Seen] = None
 
     @property
     def own(self) -> slice:
@@ -133,6 +156,14 @@ class Block:
 
     def window(self, lo: int, hi: int) -> Optional[Seen]:
         return None if self.seen is None else self.seen.window(lo, hi)
+
+    def repeats(self, bank: Catalogue, lo: int, hi: int) -> Optional[Seen]:
+        """Rows [lo, hi)'s history pairs when the bank's model has a repeat bias, else None."""
+        if bank.repeat_bias is None:
+            return None
+        if self.history is None:
+            raise ValueError("model.repeat_bias: this block carries no history windows to lower")
+        return self.history.window(lo, hi)
 
     def exchange(self, t: torch.Tensor) -> torch.Tensor:
         """From T x W rows (one per block user, on every rank): this rank's users' rows from every
@@ -148,22 +179,33 @@ class Block:
 
 
 def gather_block(u: torch.Tensor, pg=None, seen: Optional[Seen] = None, target: Optional[torch.Tensor] = None,
-                 target_scores: Optional[torch.Tensor] = None) -> Block:
-    """The block of every rank's users `u` (with their exclusions and targets). Collective when
-    `pg` spans several ranks; pg None: this process's users alone."""
+                 target_scores: Optional[torch.Tensor] = None, history: Optional[Seen] = None) -> Block:
+    """The block of every rank's users `u` (with their exclusions, targets and history windows).
+    Collective when `pg` spans several ranks; pg None: this process's users alone."""
     if pg is None or not group_active(pg):
-        return Block(u, [u.shape[0]], seen=seen, target=target, target_scores=target_scores)
+        return Block(u, [u.shape[0]], seen=seen, target=target, target_scores=target_scores, history=history)
     rank = dist.get_rank(pg)
     sizes = all_gather_scalar(u.shape[0], u.device, pg).tolist()
     block = Block(all_gather_rows(u, sizes, pg), sizes, rank, pg)
     if target is not None:
         block.target = all_gather_rows(target, sizes, pg)
         block.target_scores = all_gather_rows(target_scores, sizes, pg)
-    if seen is not None:
-        pairs = all_gather_scalar(seen.rows.numel(), u.device, pg).tolist()
-        start = sum(sizes[:rank])
-        block.seen = Seen(all_gather_rows(seen.rows + start, pairs, pg), all_gather_rows(seen.items, pairs, pg))
+    start = sum(sizes[:rank])
+    block.seen = None if seen is None else gather_pairs(seen, start, pg)
+    block.history = None if history is None else gather_pairs(history, start, pg)
     return block
+
+
+def gather_pairs(pairs: Seen, start: int, pg) -> Seen:
+    """Every rank's pairs, this rank's rows moved to start at block row `start` (collective)."""
+    counts = all_gather_scalar(pairs.rows.numel(), pairs.rows.device, pg).tolist()
+    return Seen(all_gather_rows(pairs.rows + start, counts, pg), all_gather_rows(pairs.items, counts, pg))
+
+
+def lowered_scores(bank: Catalogue, u: torch.Tensor, chunk: ItemChunk, repeats: Optional[Seen]) -> torch.Tensor:
+    """B x chunk exact scores, less the repeat bias at each user's history items (`Block.repeats`)."""
+    scores = bank.chunk_scores(u, chunk)
+    return scores if repeats is None else repeats.lower(scores, chunk.lo, chunk.hi, bank.repeat_bias)
 
 
 def scan(bank: Catalogue, chunk: int, passes: Sequence) -> None:
@@ -181,14 +223,18 @@ class RankPass:
     def __init__(self, bank: Catalogue, block: Block, chunk: int):
         self.bank, self.block = bank, block
         self.groups = block.groups(chunk)
-        self.counters = []
-        for lo, hi in self.groups:
+        self.counters, self.repeats = [], [block.repeats(bank, lo, hi) for lo, hi in self.groups]
+        for (lo, hi), repeats in zip(self.groups, self.repeats):
             exclude = block.window(lo, hi).jagged(hi - lo) if block.seen is not None else (None, None)
-            self.counters.append(RankCounter(block.target[lo:hi], block.target_scores[lo:hi], *exclude))
+            target, target_scores = block.target[lo:hi], block.target_scores[lo:hi]
+            if repeats is not None:  # a target the user had before is lowered as in its chunk
+                again = repeats.contains(target.to(torch.int64).unsqueeze(1), bank.num_items).squeeze(1)
+                target_scores = torch.where(again, target_scores - bank.repeat_bias, target_scores)
+            self.counters.append(RankCounter(target, target_scores, *exclude))
 
     def visit(self, chunk) -> None:
-        for (lo, hi), counter in zip(self.groups, self.counters):
-            counter.update(self.bank.chunk_scores(self.block.u[lo:hi], chunk), chunk.lo)
+        for (lo, hi), counter, repeats in zip(self.groups, self.counters, self.repeats):
+            counter.update(lowered_scores(self.bank, self.block.u[lo:hi], chunk, repeats), chunk.lo)
 
     def finish(self) -> torch.Tensor:
         """This rank's users' ranks."""

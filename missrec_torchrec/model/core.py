@@ -243,7 +243,8 @@ def peft_trainable(core: MISSRecCore) -> int:
     """The reference's fine-tuning from a pre-trained checkpoint (docs/model.md §10).
 
     Freezes positions, encoder and decoder; adapters, input LayerNorm and alpha train. The ID table
-    lives outside the core (TorchRec) and always trains. Returns the trainable parameter count.
+    lives outside the core (TorchRec) and always trains, as does the head's repeat bias
+    (model.repeat_bias, a per-domain prior like alpha). Returns the trainable parameter count.
     """
     frozen = (core.positions, core.encoder, core.decoder)
     for module in frozen:
