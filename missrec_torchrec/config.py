@@ -106,6 +106,7 @@ class LogConfig:
     every: int
     progress: bool
     fingerprint: bool
+    resources: bool
 
 
 def section_types() -> Dict[str, type]:

@@ -157,6 +157,7 @@ RULES: Dict[str, Check] = {
     "log.every": _integer(1),
     "log.progress": BOOL,
     "log.fingerprint": BOOL,
+    "log.resources": BOOL,
 }
 
 

@@ -21,14 +21,14 @@ import torch.distributed as dist
 
 from datapipes import features, sources
 from datapipes.candidates import Candidates
-from datapipes.schema import DataError, DatasetInfo
+from datapipes.schema import STATS_FILE, DataError, DatasetInfo
 from datapipes.stream import SequenceStream
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
-from missrec_torchrec import precision
+from missrec_torchrec import precision, resources
 from missrec_torchrec.catalogue import ChunkedBank
 from missrec_torchrec.config import Config, load_config
-from missrec_torchrec.interest_state import InterestState
+from missrec_torchrec.interest_state import InterestState, item_slice
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.recommender import AUG_TABLE, ID_GROUP, ID_TABLE, MISSRecModel
 
@@ -173,6 +173,8 @@ class Session:
     def __init__(self, cfg: Config, prepare: bool = True):
         self.cfg = cfg
         self.rank, self.world, self.device, self.pg = mdist.init_distributed()
+        resources.enable(cfg.log.resources, self.rank)
+        resources.mark_runtime()
         seed_everything(cfg.experiment.seed)
         self.info = ensure_dataset(cfg) if prepare else DatasetInfo.open(cfg.data.dataset)
         self.num_items = self.info.num_items
