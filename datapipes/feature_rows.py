@@ -13,7 +13,7 @@ reader (`DatasetInfo.load_features`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,7 @@ def open_features(path: Path, modality: str, dim: int, reader):
         raise DataError(f"{path}: missing (stats.json lists modality {modality!r})")
     try:
         opened = reader(path)
-        schema = opened.schema if reader is pq.read_table else opened.schema_arrow
+        schema = opened.schema_arrow if isinstance(opened, pq.ParquetFile) else opened.schema
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     vector = schema.field("vector").type if "vector" in schema.names else None
@@ -87,6 +87,13 @@ class FeatureRows:
         hi = max(lo, hi)
         width = len(range(*cols.indices(self.shape[1])))
         out = np.empty((hi - lo, width), dtype=self.dtype)
+        for g_lo, g_hi, values in self.checked(lo, hi):
+            out[g_lo - lo : g_hi - lo] = values[:, cols]
+        return out
+
+    def checked(self, lo: int, hi: int) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """(first row, end row, their vectors) of rows [lo, hi), refused at the first NaN/inf row; one
+        row group is decoded at a time, so a pass over the table holds one row group, whatever N is."""
         for group, g_lo, g_hi in self.groups(lo, hi):
             part = self.file.read_row_group(group, columns=["vector"]).column(0)
             values = part.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.shape[1])
@@ -94,8 +101,7 @@ class FeatureRows:
             start = int(self.starts[group])
             values = values[g_lo - start : g_hi - start]
             check_finite(values, self.path, g_lo)
-            out[g_lo - lo : g_hi - lo] = values[:, cols]
-        return out
+            yield g_lo, g_hi, values
 
     def groups(self, lo: int, hi: int) -> list[Tuple[int, int, int]]:
         """(row group, first row, end row) of the groups overlapping [lo, hi), clipped to it."""

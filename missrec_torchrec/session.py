@@ -116,6 +116,31 @@ def ensure_dataset(cfg: Config) -> DatasetInfo:
     return info
 
 
+def check_features(cfg: Config) -> None:
+    """Refuse a bad feature table of an existing dataset (NaN/inf, rows, dim) in one line. A dataset
+    the trainer prepares itself is checked as it loads. Each rank checks the rows of its own item
+    slice, one row group at a time (a 1e7-item table is never read whole, nor by every rank), and
+    every rank stops with the first rank's message."""
+    root = Path(cfg.data.dataset)
+    if not (root / STATS_FILE).is_file():
+        return
+    info = DatasetInfo.open(root)
+    rank, world, _, pg = mdist.init_distributed()  # the trainer joins the same process group
+    resources.mark_runtime()  # before any table is read
+    lo, hi = item_slice(rank, world, info.num_items)
+    used = [*cfg.data.modalities, *([AUG_TABLE] if cfg.train.mode == "pretrain" else [])]
+    error = None
+    try:
+        for name in used:
+            if name in info.modalities:
+                info.check_features(name, lo, hi)
+    except DataError as e:
+        error = str(e)
+    error = mdist.first_error(error, pg)
+    if error:
+        raise DataError(error)
+
+
 def build_model(cfg: Config, info: DatasetInfo) -> MISSRecModel:
     """The unsharded model (tables on the meta device) for a config and a prepared dataset."""
     mods = info.modalities
