@@ -346,10 +346,20 @@ class DatasetInfo:
         return seen
 
     def target_counts(self) -> np.ndarray:
-        """N counts: how often each item is a training target (`items[1:train_end]`, one per prefix)."""
+        """N counts: how often each item is a training target (`items[1:train_end]`, one per prefix).
+        Targets are counted N at a time, not per row group: a bincount costs O(N) however few values
+        it counts, and a 1e7-item catalogue has thousands of row groups."""
         counts = np.zeros(self.num_items, dtype=np.int64)
+        pending: List[np.ndarray] = []
+        held = 0
         for values, position, train_end in self._training_positions():
-            counts += np.bincount(values[(position >= 1) & (position < train_end)], minlength=self.num_items)
+            pending.append(values[(position >= 1) & (position < train_end)])
+            held += len(pending[-1])
+            if held >= self.num_items:
+                counts += np.bincount(np.concatenate(pending), minlength=self.num_items)
+                pending, held = [], 0
+        if pending:
+            counts += np.bincount(np.concatenate(pending), minlength=self.num_items)
         return counts
 
 

@@ -55,3 +55,18 @@ def test_chunked_refresh_equals_clustering_the_slice_held_whole(synthetic_mm, tm
         assert torch.equal(streamed[1][m], held[m]), m
         assert (held[m][~head.presence()[m]] == 0).all() and (held[m][head.presence()[m]] >= 1).all()
 
+
+def test_target_counts_equal_a_direct_count(synthetic_mm):
+    """Counted N targets at a time (120 items, ~2,600 targets: many flushes), as one count over all."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from datapipes.schema import DatasetInfo
+
+    info = DatasetInfo.open(synthetic_mm)
+    users = pq.read_table(info.users_path)
+    targets = [item for items, end in zip(users.column("items").to_pylist(), users.column("train_end").to_pylist())
+               for item in items[1:end]]
+    assert len(targets) > 10 * info.num_items
+    assert np.array_equal(info.target_counts(), np.bincount(targets, minlength=info.num_items))
+
