@@ -89,6 +89,7 @@ class EvalConfig:
     chunk_items: int
     block_users: int
     cold_start: bool
+    max_users: Optional[int]
 
 
 @dataclass

@@ -149,6 +149,7 @@ RULES: Dict[str, Check] = {
     "eval.recbole_stopping": BOOL,
     "eval.every": _integer(1),
     "eval.cold_start": BOOL,
+    "eval.max_users": _integer(1, nullable=True),
     "checkpoint.keep": _integer(1),
     "checkpoint.resume": BOOL,
     "checkpoint.run_dir": _text(nullable=True),

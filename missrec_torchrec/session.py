@@ -301,6 +301,7 @@ class Session:
             length_buckets=d.length_buckets,
             windows=train and self.model_cfg.causal,
             candidates=candidates,
+            max_users=None if train else self.cfg.eval.max_users,
         )
 
     def training_items(self) -> torch.Tensor:

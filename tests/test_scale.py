@@ -70,3 +70,14 @@ def test_target_counts_equal_a_direct_count(synthetic_mm):
     assert len(targets) > 10 * info.num_items
     assert np.array_equal(info.target_counts(), np.bincount(targets, minlength=info.num_items))
 
+
+def test_max_users_evaluates_the_first_users_once_across_ranks(synthetic_mm):
+    from datapipes.stream import SequenceStream
+
+    seen = []
+    for rank in range(2):
+        stream = SequenceStream(synthetic_mm, split="test", batch_size=16, rank=rank, world_size=2, max_users=50)
+        assert stream.num_users == 50 and len(stream) == 2  # 25 users per rank: 2 batches of 16
+        seen += [u for batch in stream for u in batch.user.tolist() if u >= 0]
+    assert sorted(seen) == list(range(50))
+    assert SequenceStream(synthetic_mm, split="test", max_users=10**6).num_users == 240  # at most every user
