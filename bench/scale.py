@@ -152,8 +152,9 @@ def print_table(rows: Dict[str, Dict]) -> None:
 
 
 def print_phases(rows: Dict[str, Dict]) -> None:
-    """Each training phase's peak over the bound, per size: an excess that grows with N would show here."""
-    print("\nTraining phases: peak RSS of the worse rank, GiB, and its excess over that rank's bound, MiB")
+    """Each training phase's peak against the bound, per size: an excess that grows with N shows here."""
+    print("\nTraining phases, the worse rank: peak RSS GiB (its excess over the rank's bound, MiB; of which "
+          "held when the phase began, MiB)")
     names = ["startup", "recluster", "train", "evaluate", "checkpoint"]
     print("| items | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
@@ -162,8 +163,14 @@ def print_phases(rows: Dict[str, Dict]) -> None:
         bounds = {x["rank"]: x["bound"]["total"] for x in rec if "bound" in x}
         cells = []
         for name in names:
-            peaks = [(x["peak_bytes"], x["peak_bytes"] - bounds.get(x["rank"], 0)) for x in rec if x["phase"] == name]
-            cells.append("-" if not peaks else "{:.2f} (+{:.0f})".format(max(peaks)[0] / GIB, max(peaks)[1] / MIB))
+            runs = [x for x in rec if x["phase"] == name]
+            if not runs:
+                cells.append("-")
+                continue
+            x = max(runs, key=lambda x: x["peak_bytes"] - bounds.get(x["rank"], 0))
+            bound = bounds.get(x["rank"], 0)
+            held = "" if "start_bytes" not in x else f"; {(x['start_bytes'] - bound) / MIB:+.0f}"
+            cells.append(f"{x['peak_bytes'] / GIB:.2f} ({(x['peak_bytes'] - bound) / MIB:+.0f}{held})")
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

@@ -2,7 +2,8 @@
 is expected to need: what `bench/scale.py` and `scripts/scale.sh` read.
 
 With log.resources every rank prints one line per phase, `resources {json}`: the phase's seconds,
-its peak resident memory, the process's peak so far, and what the phase adds (steps, users). A
+its peak resident memory, its resident memory as it started, the process's peak so far, and what the
+phase adds (steps, users). A
 phase's peak is its own: the kernel's high-water mark (VmHWM) is reset as the phase starts
 (/proc/self/clear_refs, Linux >= 4.0), so a long run's later phases do not inherit the start-up's
 peak. Where the reset is refused, a phase reports the process's peak so far (`"reset": false`).
@@ -118,7 +119,9 @@ def phase(name: str, **extra: Any) -> Iterator[Dict[str, Any]]:
         yield {}
         return
     reset = _reset_peak()
-    fields: Dict[str, Any] = dict(extra)
+    # What the phase starts from: a peak above it is the phase's own working set, below it what earlier
+    # phases left in use.
+    fields: Dict[str, Any] = {"start_bytes": rss(), **extra}
     t0 = time.perf_counter()
     yield fields
     report(name, time.perf_counter() - t0, reset=reset, **fields)
