@@ -13,7 +13,7 @@ reader (`DatasetInfo.load_features`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,7 @@ def open_features(path: Path, modality: str, dim: int, reader):
         raise DataError(f"{path}: missing (stats.json lists modality {modality!r})")
     try:
         opened = reader(path)
-        schema = opened.schema if reader is pq.read_table else opened.schema_arrow
+        schema = opened.schema_arrow if isinstance(opened, pq.ParquetFile) else opened.schema
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     vector = schema.field("vector").type if "vector" in schema.names else None
@@ -58,7 +58,8 @@ def check_row_count(path: Path, rows: int, items: int) -> None:
 class FeatureRows:
     """A feature table as a lazy `shape = (items, dim)` matrix of its stored dtype (float16 or
     float32). `rows_decoded` counts the rows this view has decoded so far (whole row groups), so a
-    caller can check that it read its own range and not the table."""
+    caller can check that it read its own range and not the table. The last row group decoded is kept,
+    so consecutive ranges (a shard filled piece by piece) decode a shared row group once."""
 
     def __init__(self, path: Path | str, modality: str, dim: int, items: int):
         self.path = Path(path)
@@ -73,6 +74,7 @@ class FeatureRows:
         self.dtype = np.dtype(STORED_DTYPES[value_type])
         self.shape = (items, dim)
         self.rows_decoded = 0
+        self._last: Optional[Tuple[int, np.ndarray]] = None  # the last row group decoded, kept for the next range
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -87,15 +89,25 @@ class FeatureRows:
         hi = max(lo, hi)
         width = len(range(*cols.indices(self.shape[1])))
         out = np.empty((hi - lo, width), dtype=self.dtype)
+        for g_lo, g_hi, values in self.checked(lo, hi):
+            out[g_lo - lo : g_hi - lo] = values[:, cols]
+        return out
+
+    def checked(self, lo: int, hi: int) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """(first row, end row, their vectors) of rows [lo, hi), refused at the first NaN/inf row; one
+        row group is decoded at a time, so a pass over the table holds one row group, whatever N is."""
         for group, g_lo, g_hi in self.groups(lo, hi):
-            part = self.file.read_row_group(group, columns=["vector"]).column(0)
-            values = part.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.shape[1])
-            self.rows_decoded += len(values)
+            if self._last is not None and self._last[0] == group:  # a range that starts where the last ended
+                values = self._last[1]
+            else:
+                part = self.file.read_row_group(group, columns=["vector"]).column(0)
+                values = part.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.shape[1])
+                self.rows_decoded += len(values)
+                self._last = (group, values)
             start = int(self.starts[group])
             values = values[g_lo - start : g_hi - start]
             check_finite(values, self.path, g_lo)
-            out[g_lo - lo : g_hi - lo] = values[:, cols]
-        return out
+            yield g_lo, g_hi, values
 
     def groups(self, lo: int, hi: int) -> list[Tuple[int, int, int]]:
         """(row group, first row, end row) of the groups overlapping [lo, hi), clipped to it."""

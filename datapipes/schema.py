@@ -302,19 +302,24 @@ class DatasetInfo:
 
     def iter_features(self, modality: str, batch_rows: int = 1 << 16) -> Iterator[np.ndarray]:
         """The feature table's vectors, a (rows x dim) batch at a time in item order, with
-        `load_features`'s checks in flat memory (the row count once the last batch is read)."""
+        `load_features`'s checks in flat memory (the row count once the last batch is read). Without
+        pre-buffering: pyarrow would otherwise fetch every row group's pages of the file at once."""
         m = self.modalities[modality]
         rows = 0
-        for batch in open_features(m.path, m.name, m.dim, pq.ParquetFile).iter_batches(columns=["vector"],
-                                                                                  batch_size=batch_rows):
+        opened = open_features(m.path, m.name, m.dim, lambda path: pq.ParquetFile(path, pre_buffer=False))
+        for batch in opened.iter_batches(columns=["vector"], batch_size=batch_rows):
             values = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, m.dim)
             check_finite(values, m.path, rows)
             rows += len(values)
             yield values
         self._check_rows(m, rows)
 
-    def check_features(self, modality: str) -> None:
-        for _ in self.iter_features(modality):
+    def check_features(self, modality: str, lo: int = 0, hi: Optional[int] = None) -> None:
+        """Refuse a bad feature table in one line naming the file (and row): unreadable, another width,
+        row count or dtype than stats.json records, or NaN/inf in rows [lo, hi) (default: every row).
+        One row group is decoded at a time, so memory stays flat however large the table is."""
+        rows = self.feature_rows(modality)
+        for _ in rows.checked(lo, self.num_items if hi is None else hi):
             pass
 
     def _check_rows(self, m: "ModalityInfo", rows: int) -> None:
@@ -341,10 +346,20 @@ class DatasetInfo:
         return seen
 
     def target_counts(self) -> np.ndarray:
-        """N counts: how often each item is a training target (`items[1:train_end]`, one per prefix)."""
+        """N counts: how often each item is a training target (`items[1:train_end]`, one per prefix).
+        Targets are counted N at a time, not per row group: a bincount costs O(N) however few values
+        it counts, and a 1e7-item catalogue has thousands of row groups."""
         counts = np.zeros(self.num_items, dtype=np.int64)
+        pending: List[np.ndarray] = []
+        held = 0
         for values, position, train_end in self._training_positions():
-            counts += np.bincount(values[(position >= 1) & (position < train_end)], minlength=self.num_items)
+            pending.append(values[(position >= 1) & (position < train_end)])
+            held += len(pending[-1])
+            if held >= self.num_items:
+                counts += np.bincount(np.concatenate(pending), minlength=self.num_items)
+                pending, held = [], 0
+        if pending:
+            counts += np.bincount(np.concatenate(pending), minlength=self.num_items)
         return counts
 
 

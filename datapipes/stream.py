@@ -14,8 +14,9 @@ of them) to the `world_size * num_workers` data workers (`datapipes.plan`). Ever
 enough for its heaviest peer to emit all its rows, re-reading its own units when it runs short:
 no rank ever sees an empty or short batch (TorchRec's sharded embeddings cannot take one).
 
-Evaluation gives one row per user; users are split over ranks as contiguous ranges and every rank
-yields the same number of batches, padded with `weight == 0` dummy rows.
+Evaluation gives one row per user (the first `max_users` users only, when given); users are split
+over ranks as contiguous ranges and every rank yields the same number of batches, padded with
+`weight == 0` dummy rows.
 
 Candidates. A `datapipes.candidates.Candidates` policy, when given, puts each batch's candidate
 items into its KJTs as they are collated (none, the catalogue or a seeded sample of negatives).
@@ -56,8 +57,7 @@ class SequenceStream(IterableDataset):
     `num_workers` must equal the data loader's worker count (`make_loader` keeps them equal): the
     work plan and the batch count depend on it. Dummy eval rows have ``user == -1``, ``weight == 0``,
     history ``[0]`` and target 0. `steps_per_epoch` (training only) fixes the batches per rank.
-`length_buckets`, `windows` and `candidates`: see the module docstring.
-    """
+    `length_buckets`, `windows`, `candidates` and `max_users` (evaluation only): see the module docstring."""
 
     def __init__(
         self,
@@ -77,6 +77,7 @@ class SequenceStream(IterableDataset):
         length_buckets: bool = False,
         windows: bool = False,
         candidates: Optional[Candidates] = None,
+        max_users: Optional[int] = None,
     ):
         super().__init__()
         if split not in SPLITS:
@@ -104,7 +105,7 @@ class SequenceStream(IterableDataset):
         self.epoch = 0
         meta = pq.ParquetFile(self.path).metadata
         self.row_group_sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], np.int64)
-        self.num_users = int(self.row_group_sizes.sum())
+        self.num_users = min(int(self.row_group_sizes.sum()), int(max_users or self.row_group_sizes.sum()))
         self._units: Optional[Tuple[int, List[Unit]]] = None  # (planned worker count, units)
         self._resume: Optional[Dict[str, int]] = None
         self._progress: Optional[List[int]] = None  # [epoch, batches emitted] while iterating

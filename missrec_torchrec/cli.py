@@ -170,19 +170,11 @@ def _announce_run_dir(cfg) -> None:
 
 
 def _check_features(cfg) -> None:
-    """Refuse a bad feature table of an existing dataset (NaN/inf, rows, dim) before the trainer
-    creates its run folder. A dataset the trainer prepares itself is checked as it loads."""
-    from datapipes.schema import STATS_FILE, DatasetInfo
-    from missrec_torchrec.recommender import AUG_TABLE
+    """Refuse a bad feature table of an existing dataset before the trainer creates its run folder
+    (`session.check_features`: each rank its own rows, one row group at a time)."""
+    from missrec_torchrec.session import check_features
 
-    root = Path(cfg.data.dataset)
-    if not (root / STATS_FILE).is_file():
-        return
-    info = DatasetInfo.open(root)
-    used = [*cfg.data.modalities, *([AUG_TABLE] if cfg.train.mode == "pretrain" else [])]
-    for name in used:
-        if name in info.modalities:
-            info.check_features(name)
+    check_features(cfg)
 
 
 def _evaluate(args) -> None:

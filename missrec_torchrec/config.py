@@ -89,6 +89,7 @@ class EvalConfig:
     chunk_items: int
     block_users: int
     cold_start: bool
+    max_users: Optional[int]
 
 
 @dataclass
@@ -106,6 +107,7 @@ class LogConfig:
     every: int
     progress: bool
     fingerprint: bool
+    resources: bool
 
 
 def section_types() -> Dict[str, type]:

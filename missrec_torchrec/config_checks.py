@@ -19,7 +19,7 @@ Check = Tuple[str, Callable[[Any], Tuple[bool, Any]]]
 
 
 def _integer(minimum: int, nullable: bool = False) -> Check:
-    what = "a positive integer" if minimum == 1 else "a non-negative integer"
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
 
     def check(v):
         if v is None:
@@ -113,6 +113,7 @@ RULES: Dict[str, Check] = {
     "model.kmeans_iters": _integer(1),
     "model.kmeans_minibatch": _integer(1),
     "model.kmeans_backend": _choice("auto", "torch", "faiss"),  # as model.config.KMEANS_BACKENDS
+    "model.kmeans_points_per_centroid": _integer(2),
     "model.lambda_ss": _number(0),
     "model.gamma": _number(0),
     "model.item_drop_prob": _number(0, 1, high_open=False),
@@ -148,6 +149,7 @@ RULES: Dict[str, Check] = {
     "eval.recbole_stopping": BOOL,
     "eval.every": _integer(1),
     "eval.cold_start": BOOL,
+    "eval.max_users": _integer(1, nullable=True),
     "checkpoint.keep": _integer(1),
     "checkpoint.resume": BOOL,
     "checkpoint.run_dir": _text(nullable=True),
@@ -157,6 +159,7 @@ RULES: Dict[str, Check] = {
     "log.every": _integer(1),
     "log.progress": BOOL,
     "log.fingerprint": BOOL,
+    "log.resources": BOOL,
 }
 
 

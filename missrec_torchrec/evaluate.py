@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from datapipes.batch import SeqBatch
+from missrec_torchrec import resources
 from missrec_torchrec.catalogue import ChunkedBank
 from missrec_torchrec.config import EvalConfig
 from missrec_torchrec.metrics import RankingMetrics, target_ranks
@@ -60,12 +61,16 @@ def evaluate(session: Session, split: str) -> Dict[str, float]:
         warm = session.training_items()
         groups["cold/"] = RankingMetrics(ks=ev.ks)
     session.dmp.eval()
-    for batch, ranks in ranked(session, split, ev):
-        for prefix, metrics in groups.items():
-            weight = batch.weight
-            if prefix:  # cold start: only targets that no training sequence contains
-                weight = weight * (~warm[batch.target.cpu()]).to(weight)
-            metrics.update_ranks(ranks, weight)
+    with resources.phase("evaluate", split=split) as phase:
+        users = 0.0
+        for batch, ranks in ranked(session, split, ev):
+            users += float(batch.weight.sum())
+            for prefix, metrics in groups.items():
+                weight = batch.weight
+                if prefix:  # cold start: only targets that no training sequence contains
+                    weight = weight * (~warm[batch.target.cpu()]).to(weight)
+                metrics.update_ranks(ranks, weight)
+        phase["users"] = int(users)
     session.dmp.train()
     return {f"{prefix}{k}": v for prefix, metrics in groups.items() for k, v in metrics.compute(session.pg).items()}
 
@@ -74,6 +79,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", overrides: Option
     """Evaluate a saved checkpoint (a `step_N` folder or a run's `checkpoints/` folder) on `split`."""
     step_dir, cfg = load_run(resolve(checkpoint), overrides)
     session = open_session(cfg.for_inference(), step_dir)
+    resources.report_bound(session.dmp, session.head)
     result = evaluate(session, split)
     log0(f"{split} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())))
     return result

@@ -2,20 +2,26 @@
 
 The head holds them as buffers (they travel with checkpoints); only `InterestState.refresh` writes
 them: k-means over the catalogue's adapted modality vectors, each rank clustering its own slice of
-the items, the assignments then gathered so every rank holds all of them.
+the items (looked up and adapted a chunk at a time, never held whole), the assignments then
+gathered so every rank holds all of them.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Dict, Iterator, Tuple
 
 import torch
 import torch.distributed as dist
 
 from datapipes.batch import candidates_key
+from missrec_torchrec import resources
 from missrec_torchrec.distributed import lookup_rows
-from missrec_torchrec.model.interest import discover_interests
+from missrec_torchrec.model.interest import discover_interests_chunked
+
+# Items looked up and adapted at once when re-clustering (per modality): 16,384 x 128 fp32 raw rows are
+# 8 MiB; the lookup's buffers hold a few copies, so a chunk stays well under the model's footprint.
+REFRESH_CHUNK = 1 << 14
 
 
 def item_slice(rank: int, world: int, num_items: int):
@@ -59,10 +65,26 @@ class InterestState:
             sizes += torch.bincount(assign.cpu(), minlength=self.head.num_clusters + 1)
         return sizes
 
+    def chunks(self, lo: int, hi: int, size: int = 0) -> Iterator[Tuple[str, int, torch.Tensor]]:
+        """(modality, first local item, adapted vectors) over items [lo, hi), `size` items at a time.
+        Collective: every rank takes as many steps as the widest rank's slice needs (empty lookups
+        past its own end), so all meet in every lookup."""
+        s, core = self.session, self.head.core
+        size = size or REFRESH_CHUNK
+        widest = max(b - a for a, b in (item_slice(r, s.world, s.num_items) for r in range(s.world)))
+        for step in range(-(-widest // size)):
+            a, b = min(hi, lo + step * size), min(hi, lo + (step + 1) * size)
+            ids = s.all_items[a:b].to(s.device)
+            for m in self.head.modalities:
+                raw = lookup_rows(s.collection(m), candidates_key(m), ids, pg=s.pg)
+                yield m, a - lo, core.adapt({m: raw})[m].float()
+
     @torch.no_grad()
     def refresh(self, epoch: int, position: int = 0) -> Dict[str, float]:
-        """k-means over the catalogue's adapted modality vectors; each rank clusters its item slice.
-        The seed depends on the epoch and the position in it, so a resumed run re-clusters alike."""
+        """k-means over the catalogue's adapted modality vectors; each rank clusters its item slice,
+        looked up and adapted a chunk at a time (`chunks`: the faiss backend reads them twice and holds
+        none of them past its step). The seed depends on the epoch and the position in it, so a
+        resumed run re-clusters alike."""
         t0 = time.time()
         s, head, core = self.session, self.head, self.head.core
         if not head.modalities:  # ID-only model: no modality vectors, no interests
@@ -70,16 +92,14 @@ class InterestState:
         was_training = core.training
         core.eval()
         lo, hi = item_slice(s.rank, s.world, s.num_items)
-        ids = s.all_items[lo:hi].to(s.device)
-        points, present = {}, {}
         presence = head.presence()
-        for m in head.modalities:
-            raw = lookup_rows(s.collection(m), candidates_key(m), ids, pg=s.pg)
-            points[m] = core.adapt({m: raw})[m].float()
-            present[m] = presence[m][lo:hi]
+        present = {m: presence[m][lo:hi] for m in head.modalities}
         gen = torch.Generator().manual_seed(s.cfg.experiment.seed + 1_000_003 * epoch + position)
-        table, local = discover_interests(points, s.model_cfg, present, generator=gen, group=s.pg, k=head.num_clusters)
-        self.set(table, {m: gather_slices(a, s.world, s.num_items, s.pg) for m, a in local.items()})
+        with resources.phase("recluster", clusters=head.num_clusters, items=hi - lo):
+            table, local = discover_interests_chunked(lambda: self.chunks(lo, hi), list(head.modalities), hi - lo,
+                                                      s.model_cfg.hidden, s.model_cfg, present, generator=gen,
+                                                      group=s.pg, k=head.num_clusters, device=s.device)
+            self.set(table, {m: gather_slices(a, s.world, s.num_items, s.pg) for m, a in local.items()})
         core.train(was_training)
         used = self.cluster_sizes()[1:]
         return {

@@ -34,6 +34,7 @@ import torch
 from datapipes.batch import SeqBatch
 from datapipes.io import check_writable
 from datapipes.schema import DataError
+from missrec_torchrec import resources
 from missrec_torchrec.ann_index import AnnSettings, TableIndexes, ann_topk
 from missrec_torchrec.catalogue import ChunkedBank, HeldCatalogue
 from missrec_torchrec.config import ConfigError
@@ -280,14 +281,17 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
         cfg.data.eval_batch_size = opts.batch_size
     try:
         session = open_session(cfg, step_dir)
+        resources.report_bound(session.dmp, session.head)
         stream = session.stream(opts.split)
         plan = _plan(opts, step_dir, session.world, cfg.data.eval_batch_size, stream)
         rank_parts = RankParts(rank_folder(parts, session.rank), plan, opts.resume)
-        scorer = BlockScorer(session.item_bank(), opts, stream.num_users)
+        with resources.phase("score_setup"):  # the --ann indexes are built here
+            scorer = BlockScorer(session.item_bank(), opts, stream.num_users)
         keys = (Keys(session.info.users_path, "user_index", "user_key"),
                 Keys(session.info.items_path, None, "item_key"))
         t0 = time.perf_counter()
-        committed = _run_batches(session, stream, rank_parts, scorer, opts, keys)
+        with resources.phase("score") as phase:
+            committed = phase["users"] = _run_batches(session, stream, rank_parts, scorer, opts, keys)
     except (DataError, ConfigError):
         if ours:
             shutil.rmtree(parts, ignore_errors=True)

@@ -21,14 +21,14 @@ import torch.distributed as dist
 
 from datapipes import features, sources
 from datapipes.candidates import Candidates
-from datapipes.schema import DataError, DatasetInfo
+from datapipes.schema import STATS_FILE, DataError, DatasetInfo
 from datapipes.stream import SequenceStream
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
-from missrec_torchrec import precision
+from missrec_torchrec import precision, resources
 from missrec_torchrec.catalogue import ChunkedBank
 from missrec_torchrec.config import Config, ConfigError, load_config
-from missrec_torchrec.interest_state import InterestState
+from missrec_torchrec.interest_state import InterestState, item_slice
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.recommender import AUG_TABLE, ID_GROUP, ID_TABLE, MISSRecModel
 
@@ -116,6 +116,31 @@ def ensure_dataset(cfg: Config) -> DatasetInfo:
     return info
 
 
+def check_features(cfg: Config) -> None:
+    """Refuse a bad feature table of an existing dataset (NaN/inf, rows, dim) in one line. A dataset
+    the trainer prepares itself is checked as it loads. Each rank checks the rows of its own item
+    slice, one row group at a time (a 1e7-item table is never read whole, nor by every rank), and
+    every rank stops with the first rank's message."""
+    root = Path(cfg.data.dataset)
+    if not (root / STATS_FILE).is_file():
+        return
+    info = DatasetInfo.open(root)
+    rank, world, _, pg = mdist.init_distributed()  # the trainer joins the same process group
+    resources.mark_runtime()  # before any table is read
+    lo, hi = item_slice(rank, world, info.num_items)
+    used = [*cfg.data.modalities, *([AUG_TABLE] if cfg.train.mode == "pretrain" else [])]
+    error = None
+    try:
+        for name in used:
+            if name in info.modalities:
+                info.check_features(name, lo, hi)
+    except DataError as e:
+        error = str(e)
+    error = mdist.first_error(error, pg)
+    if error:
+        raise DataError(error)
+
+
 def build_model(cfg: Config, info: DatasetInfo) -> MISSRecModel:
     """The unsharded model (tables on the meta device) for a config and a prepared dataset."""
     mods = info.modalities
@@ -177,6 +202,8 @@ class Session:
     def __init__(self, cfg: Config, prepare: bool = True):
         self.cfg = cfg
         self.rank, self.world, self.device, self.pg = mdist.init_distributed()
+        resources.enable(cfg.log.resources, self.rank)
+        resources.mark_runtime()
         seed_everything(cfg.experiment.seed)
         self.info = ensure_dataset(cfg) if prepare else DatasetInfo.open(cfg.data.dataset)
         self.num_items = self.info.num_items
@@ -278,6 +305,7 @@ class Session:
             length_buckets=d.length_buckets,
             windows=train and self.model_cfg.causal,
             candidates=candidates,
+            max_users=None if train else self.cfg.eval.max_users,
         )
 
     def training_items(self) -> torch.Tensor:

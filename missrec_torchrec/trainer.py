@@ -25,7 +25,7 @@ from datapipes.schema import DataError, DatasetInfo
 from datapipes.stream import SequenceStream, make_loader
 from missrec_torchrec import distributed as mdist
 from missrec_torchrec import evaluate as evaluation
-from missrec_torchrec import precision
+from missrec_torchrec import precision, resources
 from missrec_torchrec.config import Config, check_resume_config, dump_config
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.metrics import early_stopping
@@ -80,6 +80,7 @@ class Trainer:
         )
         # Dropout and augmentation differ per rank; data order comes from the streams' own seeds.
         torch.manual_seed(cfg.experiment.seed * 1000 + self.rank)
+        resources.report_bound(self.dmp, self.head)
         self.log = RunLog(cfg, self.rank, self.run_dir)
         self.ckpt = s.checkpoints(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep)
         self.stream: Optional[SequenceStream] = None  # the training stream of the current epoch
@@ -140,7 +141,8 @@ class Trainer:
             for period in (ckpt_every, recluster_every):
                 if period:
                     n = min(n, period - (skip + done) % period)
-            ran = self._segment(itertools.islice(batches, n), progress, totals, done, t0)
+            with resources.phase("train") as phase:
+                ran = phase["steps"] = self._segment(itertools.islice(batches, n), progress, totals, done, t0)
             if ran == 0:
                 raise DataError(f"{self.info.root}: the training stream ended after {skip + done} of "
                                 f"{skip + steps} batches in epoch {epoch}")
@@ -226,8 +228,9 @@ class Trainer:
         # Each rank's place in the training data: the batch `progress` stands at, under this run's plan.
         stream = self.stream or self.session.stream("train")
         position = stream.position(progress.get("epoch", stream.epoch), progress.get("skip_batches", 0))
-        return self.ckpt.save(progress["step"], self.dmp, self.optimizer, progress=progress, metric=metric,
-                              rank_state={"stream": position}, extra_files={CORE_FILE: core})
+        with resources.phase("checkpoint"):
+            return self.ckpt.save(progress["step"], self.dmp, self.optimizer, progress=progress, metric=metric,
+                                  rank_state={"stream": position}, extra_files={CORE_FILE: core})
 
     def load(self, which: Any = "latest", optimizer: bool = True) -> Optional[Dict[str, Any]]:
         """`which` into the model (and optimizer). "latest" resumes: this rank's data position is kept

@@ -182,3 +182,14 @@ def test_float16_tables_stay_float16_train_and_score_as_their_float32_values(gro
     assert losses[-1] < losses[0], losses
     run_dir = Path(trainer.run_dir)
     assert json.loads((run_dir / "fingerprint.rank0.json").read_text())["frozen_tables_unchanged"]
+
+
+def test_shards_filled_piece_by_piece_decode_each_row_group_once(grouped, tmp_path, monkeypatch):
+    """Pieces of 7 rows against row groups of 16: no piece is a whole shard, no group decoded twice."""
+    from missrec_torchrec import distributed
+    from missrec_torchrec.session import Session
+
+    monkeypatch.setattr(distributed, "LOAD_ROWS", 7)
+    session = Session(session_config(grouped, tmp_path, "row_wise"), prepare=False)
+    for m, (same, owned, decoded, _) in shards_against_whole_table(session).items():
+        assert same and owned == ITEMS and decoded == ITEMS, m

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import missrec_torchrec.model.faiss_kmeans as faiss_kmeans_module
 from missrec_torchrec.config import load_config
 from missrec_torchrec.config_checks import ConfigError
 from missrec_torchrec.interest_state import item_slice
@@ -55,14 +54,13 @@ def planted(seed: int, blobs: int = 20, per_blob: int = 150, dim: int = 32):
 
 def ari_of(backend: str, seed: int) -> float:
     points, labels = planted(seed)
-    config = ModelConfig(kmeans_backend=backend, kmeans_iters=10)
+    config = ModelConfig(kmeans_backend=backend, kmeans_iters=10, kmeans_points_per_centroid=30)
     _, ids = discover_interests({"text": points}, config, generator=torch.Generator().manual_seed(seed), k=20)
     return adjusted_rand_index(labels, ids["text"])
 
 
-def test_faiss_recovers_planted_clusters_as_well_as_the_torch_kmeans(monkeypatch):
+def test_faiss_recovers_planted_clusters_as_well_as_the_torch_kmeans():
     # 3,000 points, K = 20: a 30-per-centroid sample (600 points) trains, every point is assigned.
-    monkeypatch.setattr(faiss_kmeans_module, "POINTS_PER_CENTROID", 30)
     seeds = range(4)
     found = [ari_of("faiss", s) for s in seeds]
     today = [ari_of("torch", s) for s in seeds]
@@ -135,8 +133,8 @@ def catalogue(n_items: int = 300):
 def discover_sharded(rank: int, world: int, per_centroid, group=None):
     points, present = catalogue()
     lo, hi = item_slice(rank, world, 300)
-    faiss_kmeans_module.POINTS_PER_CENTROID = per_centroid
-    return discover_interests({m: p[lo:hi] for m, p in points.items()}, ModelConfig(kmeans_backend="faiss"),
+    config = ModelConfig(kmeans_backend="faiss", kmeans_points_per_centroid=per_centroid)
+    return discover_interests({m: p[lo:hi] for m, p in points.items()}, config,
                               {m: p[lo:hi] for m, p in present.items()}, generator=torch.Generator().manual_seed(4),
                               group=group, k=12)
 
@@ -159,13 +157,12 @@ def faiss_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_agree_with_one_process(monkeypatch):
+def test_two_gloo_ranks_agree_with_one_process():
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(faiss_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
     points, present = catalogue()
     for per_centroid in (256, 20):
-        monkeypatch.setattr(faiss_kmeans_module, "POINTS_PER_CENTROID", per_centroid)
         table, ids = discover_sharded(0, 1, per_centroid)
         assert torch.equal(ranks[0][per_centroid][0], ranks[1][per_centroid][0])  # identical centroids
         assert torch.allclose(ranks[0][per_centroid][0], table, atol=1e-5)

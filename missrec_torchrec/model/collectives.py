@@ -34,20 +34,6 @@ def global_offsets(n_local: int, device: torch.device, group) -> Tuple[int, int]
     return int(sizes[:rank].sum()), int(sizes.sum())
 
 
-def gather_rows(rows: torch.Tensor, group) -> Optional[torch.Tensor]:
-    """Every rank's `rows` concatenated in rank order, on the group's first rank (None elsewhere)."""
-    if not group_active(group):
-        return rows
-    sizes = all_gather_scalar(rows.shape[0], rows.device, group)
-    # Collectives need equal shapes: pad every rank's rows to the longest, cut after.
-    padded = rows.new_zeros(int(sizes.max()), *rows.shape[1:])
-    padded[: rows.shape[0]] = rows
-    first = dist.get_rank(group) == 0
-    parts = [torch.empty_like(padded) for _ in sizes] if first else None
-    dist.gather(padded, parts, group=group, group_dst=0)
-    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)]) if first else None
-
-
 def broadcast_from_first(t: torch.Tensor, group) -> torch.Tensor:
     """`t` as the group's first rank holds it, on every rank (in place)."""
     if group_active(group):

@@ -56,6 +56,7 @@ class ModelConfig:
     kmeans_iters: int = 5
     kmeans_minibatch: int = 2048
     kmeans_backend: str = "auto"  # one of KMEANS_BACKENDS
+    kmeans_points_per_centroid: int = 256  # faiss: sample points per centroid (faiss's own default)
     lambda_ss: float = 1e-3  # weight of the seq->seq InfoNCE in pre-training
     gamma: float = 1e-4  # weight of the interest regulariser
     item_drop_prob: float = 0.2

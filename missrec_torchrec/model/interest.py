@@ -10,14 +10,14 @@ assigned twice. Without a process group (or with world size 1) the same code run
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .collectives import all_reduce, global_offsets, group_active
 from .config import ModelConfig
-from .faiss_kmeans import faiss_assign, faiss_kmeans
+from .faiss_kmeans import faiss_assign, faiss_kmeans_chunks
 
 # `auto` clusters more points than this with faiss: 100,000 items x 2 modalities. Every dataset the
 # README trains (ML-100K: 3,364 points) and every test stays on the torch k-means.
@@ -163,6 +163,11 @@ def kmeans(
     return centroids.to(points.dtype)
 
 
+def _keep_masks(names: Sequence[str], config: ModelConfig, present) -> Dict[str, Optional[torch.Tensor]]:
+    return {m: present[m].bool() if (config.mask_missing_modality and present is not None and m in present) else None
+            for m in names}
+
+
 def discover_interests(
     points: Mapping[str, torch.Tensor],
     config: ModelConfig,
@@ -184,30 +189,76 @@ def discover_interests(
     picks the k-means (see `kmeans_backend`; `faiss_above` overrides its threshold); the ids are int32.
     """
     names = list(points)
-    keep = {
-        m: present[m].bool() if (config.mask_missing_modality and present is not None and m in present) else None
-        for m in names
-    }
-    parts = [points[m] if keep[m] is None else points[m][keep[m]] for m in names]
-    n_total = int(all_reduce(torch.tensor([sum(p.shape[0] for p in parts)], device=parts[0].device), group))
+    first = points[names[0]]
+    return discover_interests_chunked(lambda: ((m, 0, points[m]) for m in names), names, first.shape[0],
+                                      first.shape[1], config, present, generator, group, k, faiss_above, first.device)
+
+
+def discover_interests_chunked(
+    chunks: Callable[[], Iterable[Tuple[str, int, torch.Tensor]]],
+    names: Sequence[str],
+    local_items: int,
+    dim: int,
+    config: ModelConfig,
+    present: Optional[Mapping[str, torch.Tensor]] = None,
+    generator: Optional[torch.Generator] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    k: Optional[int] = None,
+    faiss_above: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """`discover_interests` of points that arrive in chunks: `chunks()` yields (modality, first local
+    item, the adapted vectors of items first, first + 1, ...), every modality's chunks in ascending
+    order over this rank's `local_items` items (collective where it looks rows up). The faiss backend
+    reads it twice, once for its sample and once to assign each chunk, so a rank never holds its
+    points whole: one chunk, the sample (on the first rank) and the int32 ids. The torch k-means
+    needs every point in memory at once; it collects them (small catalogues: `kmeans_backend`)."""
+    names = list(names)
+    keep = _keep_masks(names, config, present)
+    local = [local_items if keep[m] is None else int(keep[m].sum()) for m in names]
+    n_total = int(all_reduce(torch.tensor([sum(local)], device=device), group))
     if k is None:
         k = num_clusters(config.interest_ratio, n_total, config.interest_cap)
-    backend = kmeans_backend(config, n_total, faiss_above)
-    if backend == "faiss":
-        centroids = faiss_kmeans(parts, k, iters=config.kmeans_iters, generator=generator, group=group)
-        nearest = faiss_assign
-    else:
-        centroids = torch_kmeans(torch.cat(parts), k, config, generator, group)
-        nearest = assign
+    if kmeans_backend(config, n_total, faiss_above) == "torch":
+        return _torch_interests(chunks, names, keep, config, generator, group, k, dim, device)
+
+    def kept_chunks():
+        seen = dict.fromkeys(names, 0)  # kept rows of each modality before the chunk
+        for m, start, rows in chunks():
+            if keep[m] is not None:
+                rows = rows[keep[m][start : start + rows.shape[0]]]
+            yield names.index(m), seen[m], rows
+            seen[m] += rows.shape[0]
+
+    centroids = faiss_kmeans_chunks(local, kept_chunks, k, dim=dim, iters=config.kmeans_iters, generator=generator,
+                                    group=group, points_per_centroid=config.kmeans_points_per_centroid, device=device)
+    # int32: the head keeps these N-long tables replicated on every rank.
+    assignments = {m: torch.zeros(local_items, dtype=torch.int32, device=device) for m in names}
+    for m, start, rows in chunks():
+        out = assignments[m][start : start + rows.shape[0]]
+        if keep[m] is None:
+            out.copy_(faiss_assign(rows, centroids))
+        else:
+            mask = keep[m][start : start + rows.shape[0]]
+            out[mask] = faiss_assign(rows[mask], centroids)
+    return torch.cat([centroids.new_zeros(1, dim), centroids]), assignments
+
+
+def _torch_interests(chunks, names, keep, config: ModelConfig, generator, group, k: int, dim: int, device):
+    """The torch k-means over every point (collected from `chunks`), then each point's nearest centroid."""
+    held: Dict[str, List[torch.Tensor]] = {m: [] for m in names}
+    for m, _, rows in chunks():
+        held[m].append(rows)
+    points = {m: torch.cat(v) if v else torch.zeros(0, dim, device=device) for m, v in held.items()}
+    parts = [points[m] if keep[m] is None else points[m][keep[m]] for m in names]
+    centroids = torch_kmeans(torch.cat(parts), k, config, generator, group)
     assignments = {}
     for m in names:
-        # int32: the head keeps these N-long tables replicated on every rank.
         ids = torch.zeros(points[m].shape[0], dtype=torch.int32, device=points[m].device)
         rows = slice(None) if keep[m] is None else keep[m]
-        ids[rows] = nearest(points[m][rows], centroids).to(torch.int32)
+        ids[rows] = assign(points[m][rows], centroids).to(torch.int32)
         assignments[m] = ids
-    table = torch.cat([centroids.new_zeros(1, centroids.shape[1]), centroids])
-    return table, assignments
+    return torch.cat([centroids.new_zeros(1, dim), centroids]), assignments
 
 
 def torch_kmeans(points: torch.Tensor, k: int, config: ModelConfig, generator, group) -> torch.Tensor:
