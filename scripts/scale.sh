@@ -11,7 +11,9 @@
 #
 # OUT/dataset is made once (an existing complete one is reused), OUT/run is trained once (a run
 # without results.json is started over), scoring runs every time. Logs: OUT/logs/<step>.log, and
-# OUT/logs/<step>.time from /usr/bin/time -v (the peak RSS of the largest process) where it exists.
+# OUT/logs/<step>.time from /usr/bin/time -v where it exists (wall and CPU time; its maximum RSS is
+# only the last phase's, since log.resources resets the high-water mark as each phase starts: the
+# resources lines in the .log hold every phase's peak per rank).
 # Environment: ITEMS, INTERACTIONS (default 10 x ITEMS), STEPS (300), EVAL_USERS (4096), SCORE_USERS
 # (100000), ANN=1 to also score with --ann ivf and measure its recall on RECALL_USERS (1000) users
 # (every rank then holds every item's vectors: not at 1e7), TRAIN_ARGS (more train overrides), PY.
