@@ -7,10 +7,9 @@
 Per size N it runs `scripts/scale.sh` (ITEMS=N, INTERACTIONS=10 N) into DATA/scale-N: a synthetic
 dataset with two 128-d float16 feature tables (made once), 2-rank training with configs/scale-1e7.yaml
 (row-wise tables, an ID table, sampled softmax, K = 65,536 interests by faiss, --steps steps,
-evaluation of --eval-users users), `missrec score` of --score-users users exactly, and below 1e7 also
-with `--ann ivf` and its recall@100 against exact scoring on --recall-users users. (--ann holds every
-item's vectors on every rank: at 1e7 that is 1e7 x 64 x 3 tables x 4 B = 7.2 GiB per rank, so the
-script leaves it out there.) Nothing is estimated: every number comes from the `resources` lines each
+evaluation of --eval-users users), `missrec score` of --exact-users users exactly and of --score-users
+users with `--ann ivf` (rank-local indexes), with its recall@100 against exact scoring on
+--recall-users users. Nothing is estimated: every number comes from the `resources` lines each
 rank prints per phase (log.resources; missrec_torchrec/resources.py) and the commands' own summaries.
 
 Columns. peak RSS: the largest of any phase on any rank of the command (its own peak, the high-water
@@ -117,8 +116,9 @@ def summarise(logs: Path) -> Dict[str, object]:
         if sc:
             row[f"{key}_users_per_s"] = sc["users"] / sc["seconds"]
             row[f"{key}_users"] = sc["users"]
-        setup = phase_stats(rec, "score_setup")
-        row[f"{key}_setup"] = setup.get("seconds")
+        setup = [r for r in rec if r["phase"] == "score_setup"]
+        row[f"{key}_setup"] = max((r["seconds"] for r in setup), default=None)
+        row[f"{key}_index"] = max((r.get("index_bytes", 0) for r in setup), default=0)
         recall = re.search(r"recall@(\d+) vs exact ([0-9.]+) on (\d+) sampled users", text)
         if recall:
             row["recall"] = float(recall.group(2))
@@ -138,11 +138,12 @@ def fmt_memory(m: Optional[Dict]) -> str:
 
 def print_table(rows: Dict[str, Dict]) -> None:
     print("| items | peak RSS / bound per rank, train GiB | the same, score | the same, score --ann | start-up s "
-          "| step s | re-cluster s | eval users/s | score users/s | ANN users/s (index s) | recall@100 ANN vs exact |")
+          "| step s | re-cluster s | eval users/s | score users/s | ANN users/s (index s, MiB per rank) "
+          "| recall@100 ANN vs exact |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         ann = "-" if r.get("ann_users_per_s") is None else \
-            f"{r['ann_users_per_s']:,.0f} ({fmt(r.get('ann_setup'), '.0f')})"
+            f"{r['ann_users_per_s']:,.0f} ({fmt(r.get('ann_setup'), '.0f')}, {r.get('ann_index', 0) / MIB:,.0f})"
         recall = "-" if r.get("recall") is None else f"{r['recall']:.3f} ({r['recall_users']} users)"
         print(f"| {label} | {fmt_memory(r.get('train_memory'))} | {fmt_memory(r.get('score_memory'))} | "
               f"{fmt_memory(r.get('ann_memory'))} | "
@@ -177,8 +178,8 @@ def print_phases(rows: Dict[str, Dict]) -> None:
 def run_size(n: int, args) -> Path:
     out = Path(args.data) / f"scale-{n:.0e}".replace("e+0", "e")
     env = dict(os.environ, ITEMS=str(n), INTERACTIONS=str(10 * n), STEPS=str(args.steps),
-               EVAL_USERS=str(args.eval_users), SCORE_USERS=str(args.score_users),
-               ANN="1" if n < 1e7 else "0", RECALL_USERS=str(args.recall_users), PY=sys.executable)
+               EVAL_USERS=str(args.eval_users), EXACT_USERS=str(args.exact_users),
+               SCORE_USERS=str(args.score_users), RECALL_USERS=str(args.recall_users), PY=sys.executable)
     load = os.getloadavg()[0]
     start = time.perf_counter()
     print(f"  {n:.0e} items: scripts/scale.sh {out} (load average {load:.1f})", file=sys.stderr, flush=True)
@@ -196,7 +197,8 @@ def main() -> None:
     p.add_argument("--max", type=float, default=1e6, help="largest catalogue: 1e5, 1e6 or 1e7 (default 1e6)")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300, as scale-1e7.yaml)")
     p.add_argument("--eval-users", type=int, default=4096, help="users evaluated (default 4096)")
-    p.add_argument("--score-users", type=int, default=20000, help="users scored (default 20000)")
+    p.add_argument("--exact-users", type=int, default=2000, help="users scored exactly (default 2000)")
+    p.add_argument("--score-users", type=int, default=20000, help="users scored with --ann ivf (default 20000)")
     p.add_argument("--recall-users", type=int, default=1000, help="users scored exactly too, for recall (1000)")
     p.add_argument("--logs", nargs="+", type=Path, help="only print the table of these scale.sh logs folders")
     args = p.parse_args()

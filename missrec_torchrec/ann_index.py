@@ -1,16 +1,21 @@
-"""ANN candidates for batch scoring: a faiss index per item table, then exact re-scoring of the union.
+"""ANN candidates for batch scoring: rank-local faiss indexes, then exact re-scoring of the union.
 
-Each item table (every modality, and the ID table in transductive mode) gets one faiss index over
-its unit item vectors, so inner product is cosine: HNSW (a graph; no training) or IVF (a
-k-means partition; trained on a seeded sample). Each table retrieves its C nearest items per user,
-C = `candidates` x K, and the union is re-scored exactly with the model's fusion, so every returned
-score is the exact one; only the choice of items is approximate (no certificate: an ANN list bounds
-nothing outside it). Seen items are dropped after retrieval, so with --mask-history each table
-retrieves up to C more, as many as the batch's longest seen list.
+Each rank indexes only its own items [lo, hi) (catalogue.py), like the exact scan: one faiss index
+per item table (every modality, and the ID table in transductive mode) over the unit item vectors,
+so inner product is cosine: HNSW (a graph) or IVF (a k-means partition), both storing 8-bit
+scalar-quantized codes (a quarter of fp32, trained on a seeded, strided sample of the rank's items).
+The build is two collective scans of the rank's range: the sample, then every chunk added.
 
-Open work: unlike exact and `--approx` scoring, which scan only each rank's own items
-(catalogue.py, user_blocks.py), every rank builds its indexes over the whole catalogue, so it holds
-every item's unit vectors (`catalogue.HeldCatalogue`, looked up chunk by chunk) plus the index.
+For a block of every rank's users (user_blocks.py) each rank retrieves each table's C nearest of its
+items per user, C = `candidates` x K, looks the union's rows up in its own shards, re-scores them
+exactly with the model's fusion and keeps a top-K; the ranks' lists are merged for each user as in
+the exact scan. So every returned score is the exact one; only the choice of items is approximate
+(no certificate: an ANN list bounds nothing outside it). The codes only choose candidates. Seen
+items are dropped after retrieval, so with --mask-history each table retrieves up to C more, as many
+as the block's longest seen list.
+
+Memory per rank: its indexes (items/rank x tables x (D bytes + list ids or graph links)) and one
+group of users' candidate rows (RESCORE_IDS x tables x D floats).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import numpy as np
 import torch
 
 from datapipes.schema import DataError
-from missrec_torchrec.topk import RunningTopK, Seen
+from missrec_torchrec.catalogue import LOOKUP_CHUNK, Catalogue, item_ranges
+from missrec_torchrec.topk import RunningTopK, merged, stacked
+from missrec_torchrec.user_blocks import Seen, gather_block
 
 if TYPE_CHECKING:
     import faiss
@@ -37,7 +44,10 @@ HNSW_M = 32  # graph links per node: faiss's usual choice for 64-300-d vectors
 IVF_PROBE = 16  # lists scanned per query
 # IVF k-means trains on at most this many points per list: more barely moves the centroids.
 IVF_TRAIN_PER_LIST = 64
-RESCORE_FLOATS = 1 << 23  # users x candidates x hidden gathered at once when re-scoring (32 MiB)
+# Candidate slots (users x tables x width) re-scored at once: each table's gathered rows are this
+# many x D floats, 32 MiB at D = 64.
+RESCORE_IDS = 1 << 17
+SAMPLE = 65536  # points an HNSW index's scalar quantizer trains its ranges on
 
 
 @dataclass
@@ -70,95 +80,128 @@ class AnnSettings:
     def per_table(self, k: int, num_items: int) -> int:
         return min(num_items, (self.candidates or CANDIDATES) * k)
 
-    def lists(self, num_items: int) -> int:
+    def lists(self, per_rank: int, num_items: int, world: int) -> int:
+        """IVF lists of each rank's index (the smallest rank's `per_rank` items decide, so every rank
+        builds the same number and raises the same error)."""
         if self.ivf_lists is None:
-            return max(1, min(round(math.sqrt(num_items)), num_items // 39))
-        if self.ivf_lists > num_items:
-            raise DataError(f"--ivf-lists {self.ivf_lists}: more lists than the catalogue's {num_items} items")
+            return max(1, min(round(math.sqrt(per_rank)), per_rank // 39))
+        if self.ivf_lists > per_rank:
+            where = "" if world == 1 else f" a rank indexes ({num_items} over {world} ranks)"
+            raise DataError(f"--ivf-lists {self.ivf_lists}: more lists than the catalogue's {per_rank} items{where}")
         return self.ivf_lists
 
-    def describe(self, k: int, num_items: int) -> str:
+    def describe(self, k: int, num_items: int, lists: int) -> str:
         c = self.per_table(k, num_items)
         if self.kind == "hnsw":
             knobs = f"M {self.hnsw_m or HNSW_M}, efSearch {max(self.hnsw_ef or 0, c)}"
         else:
-            knobs = f"{self.lists(num_items)} lists, nprobe {self.ivf_probe or IVF_PROBE}"
-        return f"ann {self.kind} ({knobs}), {c} candidates per table"
+            knobs = f"{lists} lists, nprobe {min(lists, self.ivf_probe or IVF_PROBE)}"
+        return f"ann {self.kind} ({knobs}, 8-bit codes, one index per rank), {c} candidates per table"
 
 
-def build_index(vectors: torch.Tensor, settings: AnnSettings) -> faiss.Index:
-    """A faiss inner-product index over one table's unit vectors (N x D)."""
+def new_index(dim: int, settings: AnnSettings, lists: int) -> faiss.Index:
+    """An untrained inner-product index of 8-bit codes for one table's unit vectors."""
     import faiss  # here, not at the top: `missrec score` without --ann never needs it (~0.2 s)
-    x = np.ascontiguousarray(vectors.detach().float().cpu().numpy())
-    n, dim = x.shape
+    codes = faiss.ScalarQuantizer.QT_8bit
     if settings.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, settings.hnsw_m or HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    else:
-        lists = settings.lists(n)
-        probe = settings.ivf_probe or IVF_PROBE
-        if settings.ivf_probe is not None and probe > lists:
-            raise DataError(f"--ivf-probe {probe}: more than the index's {lists} lists")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        index.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST  # faiss samples (seeded) above this
-        index.cp.min_points_per_centroid = 1  # small catalogues: lists are capped above, no warning needed
-        index.train(x)
-        index.nprobe = min(probe, lists)
-    index.add(x)
+        return faiss.IndexHNSWSQ(dim, codes, settings.hnsw_m or HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    probe = settings.ivf_probe or IVF_PROBE
+    if settings.ivf_probe is not None and probe > lists:
+        raise DataError(f"--ivf-probe {probe}: more than the index's {lists} lists")
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, lists, codes, faiss.METRIC_INNER_PRODUCT)
+    index.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST  # faiss samples (seeded) above this
+    index.cp.min_points_per_centroid = 1  # small catalogues: lists are capped above, no warning needed
+    index.nprobe = min(probe, lists)
     return index
 
 
-class TableIndexes:
-    """One index per table of a held catalogue (every item's unit vectors), built once per scoring
-    run; `seconds` is the build time."""
+def numpy_of(v: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(v.detach().float().cpu().numpy())
 
-    def __init__(self, held, settings: AnnSettings):
+
+class TableIndexes:
+    """One index per table over this process's items [bank.lo, bank.hi), built once per scoring run
+    (two collective scans of the range: a strided training sample, then every item); `seconds` is
+    the build time, `bytes` the indexes' codes and ids."""
+
+    def __init__(self, bank: Catalogue, settings: AnnSettings):
         settings.check()
-        self.settings = settings
+        self.settings, self.lo = settings, bank.lo
+        self.items = bank.hi - bank.lo
+        self.lists = settings.lists(bank.num_items // bank.world, bank.num_items, bank.world)
         t0 = time.perf_counter()
-        self.indexes = {t: build_index(v, settings) for t, v in held.unit.items()}
+        want = SAMPLE if settings.kind == "hnsw" else self.lists * IVF_TRAIN_PER_LIST
+        stride = max(1, -(-self.items // want))
+        sample: Dict[str, list] = {t: [] for t in bank.tables}
+        for chunk in bank.local_chunks(LOOKUP_CHUNK):
+            first = -(chunk.lo - bank.lo) % stride  # the range's every stride-th item, wherever chunks cut
+            for t, v in chunk.unit.items():
+                sample[t].append(v[first::stride])
+        self.indexes = {}
+        for t, parts in sample.items():
+            x = numpy_of(torch.cat(parts))
+            self.indexes[t] = new_index(x.shape[1], settings, self.lists)
+            self.indexes[t].train(x)
+        for chunk in bank.local_chunks(LOOKUP_CHUNK):
+            for t, v in chunk.unit.items():
+                self.indexes[t].add(numpy_of(v))
         self.seconds = time.perf_counter() - t0
+        # An item's 8-bit code (D bytes) and its list id (int64), or its level-0 links (2M int32).
+        links = 8 * (settings.hnsw_m or HNSW_M) if settings.kind == "hnsw" else 8
+        self.bytes = self.items * sum(index.d + links for index in self.indexes.values())
+
+    def describe(self, k: int, num_items: int) -> str:
+        return self.settings.describe(k, num_items, self.lists)
 
     def search(self, u: torch.Tensor, width: int) -> torch.Tensor:
-        """B x (tables * width) item indices: each table's `width` nearest by cosine (-1: none found)."""
+        """B x (tables * width) item indices: each table's `width` nearest of this process's items by
+        cosine (-1: none found)."""
         import faiss
 
-        q = np.ascontiguousarray(u.detach().float().cpu().numpy())
+        q = numpy_of(u)
         found = []
         for index in self.indexes.values():
             params = None
             if self.settings.kind == "hnsw":  # faiss searches max(efSearch, k) wide
                 params = faiss.SearchParametersHNSW(efSearch=max(self.settings.hnsw_ef or 0, width))
             found.append(torch.from_numpy(index.search(q, width, params=params)[1]))
-        return torch.cat(found, 1).to(device=u.device, dtype=torch.int64)
+        local = torch.cat(found, 1).to(device=u.device, dtype=torch.int64)
+        return torch.where(local >= 0, local + self.lo, local)
 
 
-def candidate_scores(held, u: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """B x S exact fused scores of each row's own candidates `cand` (B x S, valid indices) in a held
-    catalogue."""
-    out = torch.empty(cand.shape, device=u.device)
-    step = max(1, RESCORE_FLOATS // max(1, cand.shape[1] * u.shape[1]))
-    for lo in range(0, cand.shape[0], step):
-        rows, uu = cand[lo : lo + step], u[lo : lo + step]
-        # The one-modality model with IDs scores a summed vector: `fused` gathers it itself.
-        sims = {} if held.summed else {t: torch.bmm(v[rows], uu.unsqueeze(2)).squeeze(2) for t, v in held.unit.items()}
-        out[lo : lo + step] = held.fused(uu, sims, rows)
-    return out
+def candidate_scores(bank: Catalogue, u: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """B x S exact fused scores of each row's own candidates `cand` (B x S valid item ids, all of
+    this process's range): each distinct one looked up once (collective for a rank-local bank)."""
+    distinct, where = torch.unique(cand, return_inverse=True)
+    unit, adapted = bank.lookup(distinct)
+    # The one-modality model with IDs scores a summed vector: `fused` reads its parts instead.
+    sims = {} if bank.summed else {t: torch.bmm(v[where], u.unsqueeze(2)).squeeze(2) for t, v in unit.items()}
+    return bank.fused(u, sims, cand, {t: v[where] for t, v in adapted.items()} if bank.summed else None)
 
 
-def ann_topk(indexes: TableIndexes, held, u: torch.Tensor, k: int, per_table: int,
+def ann_topk(indexes: TableIndexes, bank: Catalogue, u: torch.Tensor, k: int, per_table: int,
              seen: Optional[Seen]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scores, items) B x k: the union of every table's ANN candidates, re-scored exactly (`held`:
-    the catalogue the indexes were built over). No collective."""
-    b = u.shape[0]
+    """(scores, items) B x k of this process's users `u` over the whole catalogue: every rank's
+    candidates for the block of every rank's users, re-scored exactly, the ranks' lists merged.
+    Collective for a rank-local bank: every rank passes its own users (maybe none)."""
+    block = gather_block(u, bank.pg, seen)
+    rows, device = block.u.shape[0], block.u.device
     extra = 0
-    if seen is not None and seen.rows.numel():
-        extra = min(per_table, int(torch.bincount(seen.rows, minlength=b).max()))
-    cand = indexes.search(u, min(held.num_items, per_table + extra)).sort(dim=1).values
-    usable = cand >= 0
-    usable[:, 1:] &= cand[:, 1:] != cand[:, :-1]  # an item several tables retrieved counts once
-    if seen is not None:
-        usable &= ~seen.contains(cand, held.num_items)
-    scores = candidate_scores(held, u, cand.clamp(min=0)).masked_fill(~usable, float("-inf"))
-    top = RunningTopK(b, k, u.device)
-    top.add(scores, cand)
-    return top.result()
+    if block.seen is not None and block.seen.rows.numel():
+        extra = min(per_table, int(torch.bincount(block.seen.rows, minlength=rows).max()))
+    width = max(1, min(indexes.items, per_table + extra))
+    tops = []
+    # The same groups on every rank (the block and width are), so their lookups meet.
+    for lo, hi in item_ranges(rows, max(1, RESCORE_IDS // (width * len(indexes.indexes)))):
+        cand = indexes.search(block.u[lo:hi], width).sort(dim=1).values
+        usable = cand >= 0
+        usable[:, 1:] &= cand[:, 1:] != cand[:, :-1]  # an item several tables retrieved counts once
+        if block.seen is not None:
+            usable &= ~block.window(lo, hi).contains(cand, bank.num_items)
+        safe = torch.where(usable, cand, bank.lo)  # a valid id of this range in every dropped slot
+        scores = candidate_scores(bank, block.u[lo:hi], safe).masked_fill(~usable, float("-inf"))
+        top = RunningTopK(hi - lo, k, device)
+        top.add(scores, cand)
+        tops.append(top)
+    scores, items, _ = stacked(tops, k, rows, device)
+    return merged(block, k, scores, items).result()

@@ -13,8 +13,8 @@ Memory per rank: one chunk's vectors (chunk x hidden x tables floats: unit vecto
 ones for a one-modality model with IDs), a batch's unique history rows, and what stays replicated:
 the head's per-item presence flags and interest assignments (bytes per item), which are open work.
 
-`HeldCatalogue` is the opposite: every item's vectors in memory, for what still needs them whole
-(the `--ann` indexes) and for tests; it offers the same scan, without collectives.
+`HeldCatalogue` is the opposite: every item's vectors in memory, for tests; it offers the same scan
+and lookups, without collectives.
 """
 
 from __future__ import annotations
@@ -96,15 +96,19 @@ class ItemChunk:
 
 
 class Catalogue:
-    """What the scans read of a catalogue: `tables`, `summed`, `pg` (None: no collectives),
-    `local_chunks(size)`, `fused(u, sims, idx, items)`, `vectors(ids)` and `repeat_bias` (the
-    model's learned repeat bias, None when off: user_blocks.py lowers the history items by it)."""
+    """What the scans read of a catalogue: `tables`, `summed`, `pg` (None: no collectives), this
+    process's item range [`lo`, `hi`), `local_chunks(size)`, `lookup(ids)`, `fused(u, sims, idx,
+    items)`, `vectors(ids)` and `repeat_bias` (the model's learned repeat bias, None when off:
+    user_blocks.py lowers the history items by it)."""
 
     num_items: int
+    lo: int
+    hi: int
     tables: List[str]
     modalities: List[str]
     summed: bool
     pg = None
+    world = 1
     repeat_bias: Optional[float] = None
 
     def chunk_scores(self, u: torch.Tensor, chunk: ItemChunk) -> torch.Tensor:
@@ -166,9 +170,12 @@ class ChunkedBank(Catalogue):
 
     def chunk(self, lo: int, hi: int) -> ItemChunk:
         """Items [lo, hi) (any range: a collective lookup like the others)."""
-        adapted = self.rows(torch.arange(lo, hi, device=self.device))
-        unit = {t: F.normalize(v, dim=-1) for t, v in adapted.items()}
-        return ItemChunk(lo, hi, unit, adapted if self.summed else {})
+        return ItemChunk(lo, hi, *self.lookup(torch.arange(lo, hi, device=self.device)))
+
+    def lookup(self, ids: torch.Tensor) -> Tuple[Vectors, Vectors]:
+        """(unit vectors per table, the adapted ones where the fusion needs them) of item ids (collective)."""
+        adapted = self.rows(ids)
+        return {t: F.normalize(v, dim=-1) for t, v in adapted.items()}, adapted if self.summed else {}
 
     # -- scores --------------------------------------------------------------------------------
 
@@ -244,6 +251,7 @@ class HeldCatalogue(Catalogue):
         self.fuse, self.modalities, self.summed = fuse, list(modalities), summed
         self.tables = list(unit)
         self.num_items = next(iter(unit.values())).shape[0]
+        self.lo, self.hi = 0, self.num_items  # one process holds the whole range
 
     @classmethod
     def of(cls, bank: ChunkedBank, size: int = LOOKUP_CHUNK) -> "HeldCatalogue":
@@ -262,6 +270,9 @@ class HeldCatalogue(Catalogue):
 
     def vectors(self, ids: torch.Tensor) -> Vectors:
         return {t: v[ids] for t, v in self.adapted.items()}
+
+    def lookup(self, ids: torch.Tensor) -> Tuple[Vectors, Vectors]:
+        return {t: v[ids] for t, v in self.unit.items()}, self.vectors(ids)
 
     def fused(self, u: torch.Tensor, sims: Vectors, idx: torch.Tensor, items: Optional[Vectors] = None) -> torch.Tensor:
         if self.summed and items is None:

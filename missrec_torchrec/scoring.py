@@ -7,8 +7,9 @@ collectively) and collects eval.block_users of them into a block; every rank the
 items, chunk by chunk, for the whole block (`user_blocks.py`), keeping a running top-K per user
 (`topk.py`: exact, or approximate with a certificate), and the ranks' lists are merged for each
 user. No rank holds more than one chunk of item vectors, and no users x items matrix is larger than
-a group of users x one chunk. `--ann` instead takes each table's candidates from a faiss index built
-once per run over the whole catalogue (`ann_index.py`) and re-scores their union exactly.
+a group of users x one chunk. `--ann` instead takes each table's candidates from faiss indexes that
+each rank builds once per run over its own items (`ann_index.py`), re-scores their union exactly
+and merges the ranks' lists the same way.
 
 Output and resuming (`score_parts.py`): each rank commits its results in segments listed by its
 manifest; a killed job restarted with `resume` keeps what the manifests list, and every rank
@@ -36,7 +37,7 @@ from datapipes.io import check_writable
 from datapipes.schema import DataError
 from missrec_torchrec import resources
 from missrec_torchrec.ann_index import AnnSettings, TableIndexes, ann_topk
-from missrec_torchrec.catalogue import ChunkedBank, HeldCatalogue
+from missrec_torchrec.catalogue import ChunkedBank
 from missrec_torchrec.config import ConfigError
 from missrec_torchrec.distributed import all_reduce_scalar
 from missrec_torchrec.score_parts import Keys, RankParts, merge_parts, rank_folder, score_table
@@ -135,17 +136,17 @@ class BlockScorer:
         # Every stride-th user (by user_index, so the sample does not depend on the world size).
         self.stride = max(1, num_users // opts.recall_sample) if opts.recall_sample else 0
         ann = opts.ann_settings()
-        self.held = self.indexes = self.ann_per_table = None
+        self.indexes = self.ann_per_table = None
         if ann is not None:
-            self.held = HeldCatalogue.of(bank)  # the indexes need every item (see ann_index.py)
-            self.indexes = TableIndexes(self.held, ann)
+            self.indexes = TableIndexes(bank, ann)  # each rank's over its own items (collective)
             self.ann_per_table = ann.per_table(self.k, bank.num_items)
-            log0(f"ann: {len(self.indexes.indexes)} {ann.kind} index(es) over {bank.num_items:,} items built in "
-                 f"{self.indexes.seconds:.1f} s (not counted in users/s)")
+            log0(f"ann: {len(self.indexes.indexes)} {ann.kind} index(es) per rank over its "
+                 f"{self.indexes.items:,} of {bank.num_items:,} items built in {self.indexes.seconds:.1f} s, "
+                 f"{self.indexes.bytes / 2**20:,.0f} MiB (not counted in users/s)")
 
     def mode(self) -> str:
         if self.indexes is not None:
-            return self.indexes.settings.describe(self.k, self.bank.num_items)
+            return self.indexes.describe(self.k, self.bank.num_items)
         return f"approx {self.opts.approx} per table" if self.opts.approx else "exact"
 
     @torch.no_grad()
@@ -185,9 +186,9 @@ class BlockScorer:
         sample = torch.nonzero(users % self.stride == 0).squeeze(1).to(u.device) if self.stride else None
         sample_seen = seen.subset(sample, u.shape[0]) if seen is not None and sample is not None else None
         if self.indexes is not None:
-            scores, items = ann_topk(self.indexes, self.held, u, self.k, self.ann_per_table, seen)
-            if sample is not None:  # the held catalogue scans without collectives
-                _, exact = exact_topk(self.held, u[sample], self.k, chunk, sample_seen)
+            scores, items = ann_topk(self.indexes, bank, u, self.k, self.ann_per_table, seen)
+            if sample is not None:  # one exact scan per block for the sample (every rank takes part)
+                _, exact = exact_topk(bank, u[sample], self.k, chunk, sample_seen)
                 stats["recall"] = sampled_recall(items, sample, exact)
         elif self.per_table is None:
             scores, items = exact_topk(bank, u, self.k, chunk, seen, history)
@@ -285,8 +286,10 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
         stream = session.stream(opts.split)
         plan = _plan(opts, step_dir, session.world, cfg.data.eval_batch_size, stream)
         rank_parts = RankParts(rank_folder(parts, session.rank), plan, opts.resume)
-        with resources.phase("score_setup"):  # the --ann indexes are built here
+        with resources.phase("score_setup") as phase:  # the --ann indexes are built here
             scorer = BlockScorer(session.item_bank(), opts, stream.num_users)
+            if scorer.indexes is not None:
+                phase["index_bytes"] = scorer.indexes.bytes
         keys = (Keys(session.info.users_path, "user_index", "user_key"),
                 Keys(session.info.items_path, None, "item_key"))
         t0 = time.perf_counter()
@@ -303,7 +306,7 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
     summary = merge_parts(parts, opts.out, session.world, len(stream), stream.num_users, {"plan": plan})
     summary.update(seconds=seconds, users_per_s=scored / max(seconds, 1e-9), mode=scorer.mode(), out=str(opts.out))
     if scorer.indexes is not None:
-        summary["index_seconds"] = scorer.indexes.seconds
+        summary.update(index_seconds=scorer.indexes.seconds, index_bytes=scorer.indexes.bytes)
     _log_summary(opts, summary, scored)
     return summary
 

@@ -2,21 +2,22 @@
 # Issue 15's scale run on one machine: a synthetic catalogue of ITEMS items (default 1e7) with two
 # 128-d float16 feature tables, 10 x ITEMS interactions, then on 2 ranks (torchrun, gloo) training
 # with configs/scale-1e7.yaml (sampled softmax, row-wise tables, an ID table, K = 65,536 interests
-# clustered by faiss, STEPS steps, evaluation of EVAL_USERS users) and `missrec score` of SCORE_USERS
-# users. Every rank logs each phase's seconds and peak RSS (log.resources); the last step prints them
-# as a table (bench/scale.py --logs). bench/scale.py runs this script at 1e5 and 1e6 items.
+# clustered by faiss, STEPS steps, evaluation of EVAL_USERS users), `missrec score` of EXACT_USERS
+# users exactly (each rank scans its own items) and of SCORE_USERS users with `--ann ivf` (each rank
+# searches an index of its own items), whose recall@100 against exact scoring is measured on
+# RECALL_USERS of them. Every rank logs each phase's seconds and peak RSS (log.resources); the last
+# step prints them as a table (bench/scale.py --logs). bench/scale.py runs this script at 1e5 and 1e6.
 #
 #   bash scripts/scale.sh [OUT]           # OUT defaults to data/scale-ITEMS
-#   ITEMS=1000000 ANN=1 bash scripts/scale.sh /tmp/scale-1e6
+#   ITEMS=1000000 bash scripts/scale.sh /tmp/scale-1e6
 #
 # OUT/dataset is made once (an existing complete one is reused), OUT/run is trained once (a run
 # without results.json is started over), scoring runs every time. Logs: OUT/logs/<step>.log, and
 # OUT/logs/<step>.time from /usr/bin/time -v where it exists (wall and CPU time; its maximum RSS is
 # only the last phase's, since log.resources resets the high-water mark as each phase starts: the
 # resources lines in the .log hold every phase's peak per rank).
-# Environment: ITEMS, INTERACTIONS (default 10 x ITEMS), STEPS (300), EVAL_USERS (4096), SCORE_USERS
-# (100000), ANN=1 to also score with --ann ivf and measure its recall on RECALL_USERS (1000) users
-# (every rank then holds every item's vectors: not at 1e7), TRAIN_ARGS (more train overrides), PY.
+# Environment: ITEMS, INTERACTIONS (default 10 x ITEMS), STEPS (300), EVAL_USERS (4096), EXACT_USERS
+# (2000), SCORE_USERS (100000), RECALL_USERS (1000), TRAIN_ARGS (more train overrides), PY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,8 +25,8 @@ ITEMS=${ITEMS:-10000000}
 INTERACTIONS=${INTERACTIONS:-$((10 * ITEMS))}
 STEPS=${STEPS:-300}
 EVAL_USERS=${EVAL_USERS:-4096}
+EXACT_USERS=${EXACT_USERS:-2000}
 SCORE_USERS=${SCORE_USERS:-100000}
-ANN=${ANN:-0}
 RECALL_USERS=${RECALL_USERS:-1000}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 PY=${PY:-.venv/bin/python}
@@ -65,10 +66,8 @@ if [ ! -f "$RUN/results.json" ]; then
     step train "${TORCHRUN[@]}" train --config scale-1e7 data.dataset="$DATA" checkpoint.run_dir="$RUN" \
         train.max_steps_per_epoch="$STEPS" eval.max_users="$EVAL_USERS" $TRAIN_ARGS
 fi
-step score "${TORCHRUN[@]}" score --checkpoint "$RUN" --out "$OUT/scores.parquet" --overwrite \
-    eval.max_users="$SCORE_USERS"
-if [ "$ANN" = 1 ]; then
-    step score-ann "${TORCHRUN[@]}" score --checkpoint "$RUN" --out "$OUT/scores-ann.parquet" --overwrite \
-        --ann ivf --recall-sample "$RECALL_USERS" eval.max_users="$SCORE_USERS"
-fi
+step score "${TORCHRUN[@]}" score --checkpoint "$RUN" --out "$OUT/scores-exact.parquet" --overwrite \
+    eval.max_users="$EXACT_USERS"
+step score-ann "${TORCHRUN[@]}" score --checkpoint "$RUN" --out "$OUT/scores.parquet" --overwrite \
+    --ann ivf --recall-sample "$RECALL_USERS" eval.max_users="$SCORE_USERS"
 "$PY" bench/scale.py --logs "$LOGS"

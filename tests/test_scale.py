@@ -91,7 +91,7 @@ def test_the_scale_script_runs_the_preset_on_two_ranks(tmp_path):
     """scripts/scale.sh end to end on 300 items (the scale-1e7 preset, shrunk by TRAIN_ARGS): prepare,
     2-rank training, exact and ANN scoring, the table. Run again, it reuses the dataset and the run."""
     out = tmp_path / "out"
-    env = dict(os.environ, ITEMS="300", STEPS="4", EVAL_USERS="64", SCORE_USERS="64", ANN="1", RECALL_USERS="16",
+    env = dict(os.environ, ITEMS="300", STEPS="4", EVAL_USERS="64", EXACT_USERS="48", SCORE_USERS="64", RECALL_USERS="16",
                PY=sys.executable, OMP_NUM_THREADS="1",
                TRAIN_ARGS="model.interest_cap=32 model.kmeans_points_per_centroid=4 data.batch_size=32 "
                           "data.eval_batch_size=32 data.shuffle_buffer=256")
@@ -101,15 +101,17 @@ def test_the_scale_script_runs_the_preset_on_two_ranks(tmp_path):
     assert "== prepare" in done.stdout and "== train" in done.stdout and "| items |" in done.stdout
     row = load_bench().summarise(out / "logs")
     assert row["step"] > 0 and row["recluster"] > 0 and row["startup"] > 0, row
-    assert row["eval_users"] == 64 and row["score_users"] == 64 and row["ann_users"] == 64, row
+    assert row["eval_users"] == 64 and row["score_users"] == 48 and row["ann_users"] == 64, row
+    assert row["ann_index"] > 0, row
     assert 0.0 <= row["recall"] <= 1.0 and row["recall_users"] >= 1, row
     for key in ("train_memory", "score_memory", "ann_memory"):
         assert 1.0 < row[key]["ratio"] < 3.0, (key, row[key])  # tiny tables: the runtime is most of the bound
     phases = {r["phase"] for r in row["phases"]}
     assert {"startup", "recluster", "train", "evaluate", "checkpoint"} <= phases
     assert pq.read_table(out / "scores.parquet").num_rows == 64
+    assert pq.read_table(out / "scores-exact.parquet").num_rows == 48
 
-    again = subprocess.run(["bash", "scripts/scale.sh", str(out)], cwd=REPO, env=dict(env, ANN="0"),
+    again = subprocess.run(["bash", "scripts/scale.sh", str(out)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "== prepare" not in again.stdout and "== train" not in again.stdout and "== score" in again.stdout
