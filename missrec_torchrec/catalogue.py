@@ -5,8 +5,8 @@ holds at most one chunk of their vectors at a time.
 the batch's unique history ids, adapted under the training forward's autocast (the adapters are
 linear, so this equals adapting every history row), in sub-batches sorted by history length plus
 interest tokens, each padded only to its own longest history and token list (padding is key-masked,
-so the vectors do not change). Items are scored by scanning this rank's own range in chunks
-(`local_chunks`: one collective lookup and one adapter pass per chunk) against the users of a
+so the vectors do not change: `UserEncoder`). Items are scored by scanning this rank's own range in
+chunks (`local_chunks`: one collective lookup and one adapter pass per chunk) against the users of a
 block gathered from every rank (`user_blocks.py`), with the model's fusion.
 
 Memory per rank: one chunk's vectors (chunk x hidden x tables floats: unit vectors, and the adapted
@@ -95,6 +95,39 @@ class ItemChunk:
         return {t: u @ v.T for t, v in self.unit.items()}
 
 
+class UserEncoder:
+    """The model's unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded) from
+    their rows given per table, in sub-batches sorted by cost (see module doc)."""
+
+    def __init__(self, head, precision_: str):
+        self.head, self.precision = head, precision_
+        self.modalities, self.use_id = list(head.modalities), head.config.use_id
+
+    def __call__(self, history: torch.Tensor, local: torch.Tensor, rows: Vectors, slots: int) -> torch.Tensor:
+        """Each history id's row is `rows[t][local]` (local: B x L)."""
+        lengths = (history != PAD).sum(1)
+        tokens, first = self.head.interests(history)
+        # A token-0 slot (the reference's kept pad id) may precede the real ones: one spare column.
+        widths = torch.clamp((tokens != 0).sum(1) + 1, max=tokens.shape[1])
+        # Decoder slots (history) plus encoder slots (interest tokens): what a user costs.
+        costs = lengths + widths
+        order = torch.argsort(costs, stable=True)
+        out = torch.empty(history.shape[0], self.head.core.config.hidden, device=history.device)
+        # History tokens in the compute dtype: half the gather traffic under bf16, no casts later.
+        table = {t: v.to(precision.dtype_of(self.precision)) for t, v in rows.items()}
+        # One autocast region for all sub-batches: the weights are cast once, not once per sub-batch.
+        with precision.autocast(self.precision, history.device):
+            for lo, hi in cost_groups(costs[order].tolist(), slots):
+                r = order[lo:hi]
+                width, interests = max(1, int(lengths[r].max())), int(widths[r].max())
+                at = local[r, :width]
+                adapted = {m: F.embedding(at, table[m]) for m in self.modalities}
+                hist_id = F.embedding(at, table[ID_TABLE]) if self.use_id else None
+                out[r], _, _ = self.head.encode(history[r, :width], adapted, hist_id,
+                                                interests=(tokens[r, :interests], first[r, :interests]))
+        return out
+
+
 class Catalogue:
     """What the scans read of a catalogue: `tables`, `summed`, `pg` (None: no collectives),
     `local_chunks(size)`, `fused(u, sims, idx, items)`, `vectors(ids)` and `repeat_bias` (the
@@ -121,11 +154,11 @@ class ChunkedBank(Catalogue):
         self.core = session.head.core
         self.num_items = session.num_items
         self.precision = precision_
+        self.encoder = UserEncoder(self.head, precision_)
         self.modalities = list(self.head.modalities)
-        self.use_id = self.head.config.use_id
         self.tables = item_tables(session)
         # One modality with IDs scores normalize(v + id), which no function of cosines gives.
-        self.summed = len(self.modalities) == 1 and self.use_id
+        self.summed = len(self.modalities) == 1 and self.head.config.use_id
         self.present = {m: p.to(session.device) for m, p in self.head.presence().items()}
         self.collections = {t: session.collection(t) for t in self.tables}
         self.pg, self.device, self.world = session.pg, session.device, session.world
@@ -196,7 +229,7 @@ class ChunkedBank(Catalogue):
         """Unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded)."""
         safe = history.clamp(min=0)
         distinct, where = torch.unique(safe, return_inverse=True)
-        return self._users(history, where, self.rows(distinct), slots)
+        return self.encoder(history, where, self.rows(distinct), slots)
 
     @torch.no_grad()
     def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor,
@@ -205,33 +238,9 @@ class ChunkedBank(Catalogue):
         safe = history.clamp(min=0)
         distinct, where = torch.unique(torch.cat([safe.reshape(-1), target.to(safe)]), return_inverse=True)
         rows = self.rows(distinct)
-        u = self._users(history, where[: safe.numel()].view_as(safe), rows, slots)
+        u = self.encoder(history, where[: safe.numel()].view_as(safe), rows, slots)
         at_target = where[safe.numel():]
         return u, self.pair_scores(u, target, {t: v[at_target] for t, v in rows.items()})
-
-    def _users(self, history: torch.Tensor, local: torch.Tensor, rows: Vectors, slots: int) -> torch.Tensor:
-        """`encode` with each history id's row in `rows` at `local` (B x L)."""
-        lengths = (history != PAD).sum(1)
-        tokens, first = self.head.interests(history)
-        # A token-0 slot (the reference's kept pad id) may precede the real ones: one spare column.
-        widths = torch.clamp((tokens != 0).sum(1) + 1, max=tokens.shape[1])
-        # Decoder slots (history) plus encoder slots (interest tokens): what a user costs.
-        costs = lengths + widths
-        order = torch.argsort(costs, stable=True)
-        out = torch.empty(history.shape[0], self.core.config.hidden, device=history.device)
-        # History tokens in the compute dtype: half the gather traffic under bf16, no casts later.
-        table = {t: v.to(precision.dtype_of(self.precision)) for t, v in rows.items()}
-        # One autocast region for all sub-batches: the weights are cast once, not once per sub-batch.
-        with precision.autocast(self.precision, history.device):
-            for lo, hi in cost_groups(costs[order].tolist(), slots):
-                r = order[lo:hi]
-                width, interests = max(1, int(lengths[r].max())), int(widths[r].max())
-                at = local[r, :width]
-                adapted = {m: F.embedding(at, table[m]) for m in self.modalities}
-                hist_id = F.embedding(at, table[ID_TABLE]) if self.use_id else None
-                out[r], _, _ = self.head.encode(history[r, :width], adapted, hist_id,
-                                                interests=(tokens[r, :interests], first[r, :interests]))
-        return out
 
 
 class HeldCatalogue(Catalogue):
