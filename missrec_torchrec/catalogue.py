@@ -1,20 +1,23 @@
-"""The catalogue at inference, rank-local: each rank owns the items `item_slice(rank, world, N)` and
-holds at most one chunk of their vectors at a time.
+"""The catalogue at inference: rank-local (`ChunkedBank`) for large catalogues, held whole
+(`HeldCatalogue`) for small ones; both encode users and offer the same scan (user_blocks.py).
 
-`ChunkedBank` never holds the catalogue. A batch's users are encoded from a collective lookup of
-the batch's unique history ids, adapted under the training forward's autocast (the adapters are
-linear, so this equals adapting every history row), in sub-batches sorted by history length plus
-interest tokens, each padded only to its own longest history and token list (padding is key-masked,
-so the vectors do not change). Items are scored by scanning this rank's own range in chunks
-(`local_chunks`: one collective lookup and one adapter pass per chunk) against the users of a
-block gathered from every rank (`user_blocks.py`), with the model's fusion.
+`ChunkedBank`: each rank owns the items `item_slice(rank, world, N)` and holds at most one chunk of
+their vectors at a time. A batch's users are encoded from a collective lookup of the batch's unique
+history ids, adapted under the training forward's autocast (the adapters are linear, so this equals
+adapting every history row), in sub-batches sorted by history length plus interest tokens, each
+padded only to its own longest history and token list (padding is key-masked, so the vectors do not
+change: `UserEncoder`). Items are scored by scanning this rank's own range in chunks (`local_chunks`:
+one collective lookup and one adapter pass per chunk) against the users of a block gathered from
+every rank (`user_blocks.py`), with the model's fusion. Memory per rank: one chunk's vectors (chunk x
+hidden x tables floats: unit vectors, and the adapted ones for a one-modality model with IDs), a
+batch's unique history rows, and what stays replicated: the head's per-item presence flags and
+interest assignments (bytes per item), which are open work.
 
-Memory per rank: one chunk's vectors (chunk x hidden x tables floats: unit vectors, and the adapted
-ones for a one-modality model with IDs), a batch's unique history rows, and what stays replicated:
-the head's per-item presence flags and interest assignments (bytes per item), which are open work.
-
-`HeldCatalogue` is the opposite: every item's vectors in memory, for tests; it offers the same scan
-and lookups, without collectives.
+`HeldCatalogue`: every item's vectors in memory, looked up and adapted once (collectively), then
+scanned without collectives. `inference_catalogue` picks it for evaluation and exact scoring when the
+adapted catalogue fits HOLD_BYTES (eval.catalogue): users are then encoded from its rows with no
+lookup, and each rank scores only its own users against every item, so per-batch lookups, adapter
+passes and cross-rank gathers are gone; the ranks are the same.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ from missrec_torchrec.recommender import ID_TABLE
 
 LOOKUP_CHUNK = 65536  # catalogue rows fetched from the sharded tables per collective lookup
 SUB_BATCH_SLOTS = 9216  # users x (longest history + most interest tokens) encoded at once
+# Adapted catalogue bytes (items x hidden x tables x 4) up to which inference holds the whole catalogue
+# on every rank under eval.catalogue=auto (twice: adapted and unit vectors; under bf16 also a half-size
+# copy of the history tokens). 32 MiB is about what one rank-local chunk already holds in the paper's
+# shape (eval.chunk_items 8,192 x hidden 300 x text, image and IDs x 4 B = 28 MiB, adapted and unit
+# too), so holding costs about the memory scanning does, and saves every per-batch history lookup and
+# adapter pass (5,000 such items: 17 MiB; at hidden 64, up to ~44,000 items).
+HOLD_BYTES = 32 << 20
 
 Vectors = Dict[str, torch.Tensor]
 
@@ -78,7 +88,8 @@ def item_ranges(n: int, size: int) -> Iterator[Tuple[int, int]]:
 @dataclass
 class ItemChunk:
     """Items [lo, hi): unit vectors per table, and the adapted ones (raw for IDs) where the fusion
-    needs vectors rather than cosines (a one-modality model with IDs; empty otherwise)."""
+    needs vectors rather than cosines (a one-modality model with IDs) or a holder asked for them
+    (`ChunkedBank.chunk`); empty otherwise."""
 
     lo: int
     hi: int
@@ -95,11 +106,46 @@ class ItemChunk:
         return {t: u @ v.T for t, v in self.unit.items()}
 
 
+class UserEncoder:
+    """The model's unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded) from
+    their rows given per table, in sub-batches sorted by cost (see module doc)."""
+
+    def __init__(self, head, precision_: str):
+        self.head, self.precision = head, precision_
+        self.modalities, self.use_id = list(head.modalities), head.config.use_id
+
+    def __call__(self, history: torch.Tensor, local: torch.Tensor, rows: Vectors, slots: int) -> torch.Tensor:
+        """Each history id's row is `rows[t][local]` (local: B x L)."""
+        lengths = (history != PAD).sum(1)
+        tokens, first = self.head.interests(history)
+        # A token-0 slot (the reference's kept pad id) may precede the real ones: one spare column.
+        widths = torch.clamp((tokens != 0).sum(1) + 1, max=tokens.shape[1])
+        # Decoder slots (history) plus encoder slots (interest tokens): what a user costs.
+        costs = lengths + widths
+        order = torch.argsort(costs, stable=True)
+        out = torch.empty(history.shape[0], self.head.core.config.hidden, device=history.device)
+        # History tokens in the compute dtype: half the gather traffic under bf16, no casts later.
+        table = {t: v.to(precision.dtype_of(self.precision)) for t, v in rows.items()}
+        # One autocast region for all sub-batches: the weights are cast once, not once per sub-batch.
+        with precision.autocast(self.precision, history.device):
+            for lo, hi in cost_groups(costs[order].tolist(), slots):
+                r = order[lo:hi]
+                width, interests = max(1, int(lengths[r].max())), int(widths[r].max())
+                at = local[r, :width]
+                adapted = {m: F.embedding(at, table[m]) for m in self.modalities}
+                hist_id = F.embedding(at, table[ID_TABLE]) if self.use_id else None
+                out[r], _, _ = self.head.encode(history[r, :width], adapted, hist_id,
+                                                interests=(tokens[r, :interests], first[r, :interests]))
+        return out
+
+
 class Catalogue:
     """What the scans read of a catalogue: `tables`, `summed`, `pg` (None: no collectives), this
     process's item range [`lo`, `hi`), `local_chunks(size)`, `lookup(ids)`, `fused(u, sims, idx,
     items)`, `vectors(ids)` and `repeat_bias` (the model's learned repeat bias, None when off:
-    user_blocks.py lowers the history items by it)."""
+    user_blocks.py lowers the history items by it). Evaluation and scoring also call
+    `encode(history)` and `encode_with_targets(history, target)`, which both catalogues offer through
+    their `encoder` (a held one when built for users)."""
 
     num_items: int
     lo: int
@@ -110,10 +156,18 @@ class Catalogue:
     pg = None
     world = 1
     repeat_bias: Optional[float] = None
+    encoder: Optional[UserEncoder] = None
 
     def chunk_scores(self, u: torch.Tensor, chunk: ItemChunk) -> torch.Tensor:
         """B x (hi - lo) exact scores of the chunk's items."""
         return self.fused(u, {} if self.summed else chunk.cosines(u), chunk.idx, chunk.adapted)
+
+    def pair_scores(self, u: torch.Tensor, items: torch.Tensor, vectors: Vectors) -> torch.Tensor:
+        """B scores of each user against its own item (items: B; vectors[t]: B x D, their rows)."""
+        idx = items.to(torch.int64).unsqueeze(1)
+        rows = {t: v.unsqueeze(1) for t, v in vectors.items()}
+        sims = {} if self.summed else {t: (u * F.normalize(v, dim=-1)).sum(-1, keepdim=True) for t, v in vectors.items()}
+        return self.fused(u, sims, idx, rows).squeeze(1)
 
 
 class ChunkedBank(Catalogue):
@@ -125,11 +179,11 @@ class ChunkedBank(Catalogue):
         self.core = session.head.core
         self.num_items = session.num_items
         self.precision = precision_
+        self.encoder = UserEncoder(self.head, precision_)
         self.modalities = list(self.head.modalities)
-        self.use_id = self.head.config.use_id
         self.tables = item_tables(session)
         # One modality with IDs scores normalize(v + id), which no function of cosines gives.
-        self.summed = len(self.modalities) == 1 and self.use_id
+        self.summed = len(self.modalities) == 1 and self.head.config.use_id
         self.present = {m: p.to(session.device) for m, p in self.head.presence().items()}
         self.collections = {t: session.collection(t) for t in self.tables}
         self.pg, self.device, self.world = session.pg, session.device, session.world
@@ -168,14 +222,20 @@ class ChunkedBank(Catalogue):
             else:
                 self.chunk(lo, hi)
 
-    def chunk(self, lo: int, hi: int) -> ItemChunk:
-        """Items [lo, hi) (any range: a collective lookup like the others)."""
-        return ItemChunk(lo, hi, *self.lookup(torch.arange(lo, hi, device=self.device)))
+    def chunk(self, lo: int, hi: int, adapted: bool = False) -> ItemChunk:
+        """Items [lo, hi) (any range: a collective lookup like the others); `adapted`: keep every
+        table's adapted vectors, not only those the fusion reads."""
+        return ItemChunk(lo, hi, *self.lookup(torch.arange(lo, hi, device=self.device), adapted))
 
-    def lookup(self, ids: torch.Tensor) -> Tuple[Vectors, Vectors]:
-        """(unit vectors per table, the adapted ones where the fusion needs them) of item ids (collective)."""
-        adapted = self.rows(ids)
-        return {t: F.normalize(v, dim=-1) for t, v in adapted.items()}, adapted if self.summed else {}
+    def lookup(self, ids: torch.Tensor, adapted: bool = False) -> Tuple[Vectors, Vectors]:
+        """(unit vectors per table, the adapted ones where the fusion needs them or `adapted` asks)
+        of item ids (collective)."""
+        rows = self.rows(ids)
+        return {t: F.normalize(v, dim=-1) for t, v in rows.items()}, rows if adapted or self.summed else {}
+
+    def held_bytes(self) -> int:
+        """The whole catalogue's adapted vectors in fp32 (what a `HeldCatalogue` holds, twice)."""
+        return self.num_items * self.core.config.hidden * len(self.tables) * 4
 
     # -- scores --------------------------------------------------------------------------------
 
@@ -189,13 +249,6 @@ class ChunkedBank(Catalogue):
         modal = {m: sims[m] for m in self.modalities}
         return self.core.fuse(modal, sims.get(ID_TABLE), present, item_index=idx)
 
-    def pair_scores(self, u: torch.Tensor, items: torch.Tensor, vectors: Vectors) -> torch.Tensor:
-        """B scores of each user against its own item (items: B; vectors[t]: B x D, their rows)."""
-        idx = items.to(torch.int64).unsqueeze(1)
-        rows = {t: v.unsqueeze(1) for t, v in vectors.items()}
-        sims = {} if self.summed else {t: (u * F.normalize(v, dim=-1)).sum(-1, keepdim=True) for t, v in vectors.items()}
-        return self.fused(u, sims, idx, rows).squeeze(1)
-
     # -- users ---------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -203,7 +256,7 @@ class ChunkedBank(Catalogue):
         """Unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded)."""
         safe = history.clamp(min=0)
         distinct, where = torch.unique(safe, return_inverse=True)
-        return self._users(history, where, self.rows(distinct), slots)
+        return self.encoder(history, where, self.rows(distinct), slots)
 
     @torch.no_grad()
     def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor,
@@ -212,38 +265,14 @@ class ChunkedBank(Catalogue):
         safe = history.clamp(min=0)
         distinct, where = torch.unique(torch.cat([safe.reshape(-1), target.to(safe)]), return_inverse=True)
         rows = self.rows(distinct)
-        u = self._users(history, where[: safe.numel()].view_as(safe), rows, slots)
+        u = self.encoder(history, where[: safe.numel()].view_as(safe), rows, slots)
         at_target = where[safe.numel():]
         return u, self.pair_scores(u, target, {t: v[at_target] for t, v in rows.items()})
 
-    def _users(self, history: torch.Tensor, local: torch.Tensor, rows: Vectors, slots: int) -> torch.Tensor:
-        """`encode` with each history id's row in `rows` at `local` (B x L)."""
-        lengths = (history != PAD).sum(1)
-        tokens, first = self.head.interests(history)
-        # A token-0 slot (the reference's kept pad id) may precede the real ones: one spare column.
-        widths = torch.clamp((tokens != 0).sum(1) + 1, max=tokens.shape[1])
-        # Decoder slots (history) plus encoder slots (interest tokens): what a user costs.
-        costs = lengths + widths
-        order = torch.argsort(costs, stable=True)
-        out = torch.empty(history.shape[0], self.core.config.hidden, device=history.device)
-        # History tokens in the compute dtype: half the gather traffic under bf16, no casts later.
-        table = {t: v.to(precision.dtype_of(self.precision)) for t, v in rows.items()}
-        # One autocast region for all sub-batches: the weights are cast once, not once per sub-batch.
-        with precision.autocast(self.precision, history.device):
-            for lo, hi in cost_groups(costs[order].tolist(), slots):
-                r = order[lo:hi]
-                width, interests = max(1, int(lengths[r].max())), int(widths[r].max())
-                at = local[r, :width]
-                adapted = {m: F.embedding(at, table[m]) for m in self.modalities}
-                hist_id = F.embedding(at, table[ID_TABLE]) if self.use_id else None
-                out[r], _, _ = self.head.encode(history[r, :width], adapted, hist_id,
-                                                interests=(tokens[r, :interests], first[r, :interests]))
-        return out
-
 
 class HeldCatalogue(Catalogue):
-    """Every item's vectors in memory (unit ones per table, adapted ones for a summed model), scored
-    with `fuse(u, sims, idx, items)`; its scan needs no collective."""
+    """Every item's vectors in memory (unit ones per table, adapted ones for a summed model or for
+    encoding users), scored with `fuse(u, sims, idx, items)`; nothing it does is collective."""
 
     def __init__(self, unit: Vectors, fuse: Callable, modalities: List[str], summed: bool = False,
                  adapted: Optional[Vectors] = None):
@@ -252,29 +281,54 @@ class HeldCatalogue(Catalogue):
         self.tables = list(unit)
         self.num_items = next(iter(unit.values())).shape[0]
         self.lo, self.hi = 0, self.num_items  # one process holds the whole range
+        self.device = next(iter(unit.values())).device
 
     @classmethod
-    def of(cls, bank: ChunkedBank, size: int = LOOKUP_CHUNK) -> "HeldCatalogue":
-        """The whole catalogue of a bank, looked up `size` items at a time (collective)."""
-        parts = [bank.chunk(lo, hi) for lo, hi in item_ranges(bank.num_items, size)]
+    def of(cls, bank: ChunkedBank, size: int = LOOKUP_CHUNK, users: bool = False) -> "HeldCatalogue":
+        """The whole catalogue of a bank, looked up and adapted `size` items at a time (collective);
+        with `users` it keeps every table's adapted rows and encodes users from them as the bank does."""
+        parts = [bank.chunk(lo, hi, adapted=users) for lo, hi in item_ranges(bank.num_items, size)]
         unit = {t: torch.cat([p.unit[t] for p in parts]) for t in bank.tables}
-        adapted = {t: torch.cat([p.adapted[t] for p in parts]) for t in bank.tables} if bank.summed else None
+        adapted = {t: torch.cat([p.adapted[t] for p in parts]) for t in parts[0].adapted}
         held = cls(unit, bank.fused, bank.modalities, bank.summed, adapted)
         held.repeat_bias = bank.repeat_bias
+        if users:
+            held.encoder = bank.encoder
+            # History tokens in the compute dtype once, not every batch's (the same tensors under fp32).
+            held.tokens = {t: v.to(precision.dtype_of(bank.precision)) for t, v in adapted.items()}
         return held
 
     def local_chunks(self, size: int) -> Iterator[ItemChunk]:
         for lo, hi in item_ranges(self.num_items, size):
-            yield ItemChunk(lo, hi, {t: v[lo:hi] for t, v in self.unit.items()},
-                            {t: v[lo:hi] for t, v in self.adapted.items()})
+            adapted = {t: v[lo:hi] for t, v in self.adapted.items()} if self.summed else {}
+            yield ItemChunk(lo, hi, {t: v[lo:hi] for t, v in self.unit.items()}, adapted)
 
     def vectors(self, ids: torch.Tensor) -> Vectors:
         return {t: v[ids] for t, v in self.adapted.items()}
 
     def lookup(self, ids: torch.Tensor) -> Tuple[Vectors, Vectors]:
-        return {t: v[ids] for t, v in self.unit.items()}, self.vectors(ids)
+        return {t: v[ids] for t, v in self.unit.items()}, self.vectors(ids) if self.summed else {}
+
+    @torch.no_grad()
+    def encode(self, history: torch.Tensor, slots: int = SUB_BATCH_SLOTS) -> torch.Tensor:
+        """As `ChunkedBank.encode`, the history ids indexing the held tokens: no lookup, no gather."""
+        return self.encoder(history, history.clamp(min=0), self.tokens, slots)
+
+    @torch.no_grad()
+    def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor,
+                            slots: int = SUB_BATCH_SLOTS) -> Tuple[torch.Tensor, torch.Tensor]:
+        u = self.encode(history, slots)
+        return u, self.pair_scores(u, target, self.vectors(target.to(torch.int64)))
 
     def fused(self, u: torch.Tensor, sims: Vectors, idx: torch.Tensor, items: Optional[Vectors] = None) -> torch.Tensor:
         if self.summed and items is None:
             items = self.vectors(idx)
         return self.fuse(u, sims, idx, items)
+
+
+def inference_catalogue(bank: ChunkedBank, choice: str, chunk: int) -> Catalogue:
+    """What evaluation and exact scoring scan (eval.catalogue): the rank-local bank, or the held
+    catalogue (`auto`: when `bank.held_bytes()` fits HOLD_BYTES), looked up `chunk` items at a time
+    like the bank's own scan. Collective: every rank makes the same choice from the same numbers."""
+    held = choice == "held" or (choice == "auto" and bank.held_bytes() <= HOLD_BYTES)
+    return HeldCatalogue.of(bank, chunk, users=True) if held else bank

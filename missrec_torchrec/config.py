@@ -86,6 +86,7 @@ class EvalConfig:
     mask_history: bool
     every: int
     engine: str
+    catalogue: str
     chunk_items: int
     block_users: int
     cold_start: bool

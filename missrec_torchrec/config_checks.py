@@ -140,6 +140,7 @@ RULES: Dict[str, Check] = {
     "train.sharding": _SHARDING_CHECK,
     "train.precision": _choice("auto", "fp32", "bf16"),  # as missrec_torchrec.precision.PRECISIONS
     "eval.engine": _choice("catalogue", "dmp"),
+    "eval.catalogue": _choice("auto", "held", "rank_local"),
     "eval.chunk_items": _integer(1),
     "eval.block_users": _integer(1),
     "eval.ks": _list_of(_integer(1), non_empty=True),

@@ -1,10 +1,15 @@
 """Full-ranking evaluation of a session's model, and `missrec evaluate` on a saved checkpoint.
 
 Two engines give the same ranks: eval.engine=catalogue encodes each rank's users in cost-sorted
-sub-batches from looked-up history rows, gathers eval.block_users of every rank's users into a block
-and has each rank scan only its own items for it, chunk by chunk, the counts summed over the ranks
-(catalogue.py, user_blocks.py); dmp sends each batch through the sharded model's forward with the
-whole catalogue as candidates (the slow reference).
+sub-batches, collects eval.block_users of them into a block and counts, chunk by chunk, the items
+that beat each target (catalogue.py, user_blocks.py); dmp sends each batch through the sharded
+model's forward with the whole catalogue as candidates (the slow reference).
+
+The catalogue engine holds the items one of two ways (eval.catalogue, `inference_catalogue`): a small
+catalogue is looked up and adapted once per pass and held on every rank, so users are encoded from
+its rows and each rank's block is its own users alone (no collective until the metrics are summed);
+a large one stays rank-local: history rows are looked up per batch, every rank's users are gathered
+into each block, each rank scans only its own items and the counts are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from datapipes.batch import SeqBatch
 from missrec_torchrec import resources
-from missrec_torchrec.catalogue import ChunkedBank
+from missrec_torchrec.catalogue import Catalogue, inference_catalogue
 from missrec_torchrec.config import EvalConfig
 from missrec_torchrec.metrics import RankingMetrics, target_ranks
 from missrec_torchrec.session import Session, load_run, log0, open_session, resolve
@@ -26,7 +31,7 @@ from missrec_torchrec.user_blocks import Seen, batches_per_block, block_ranks, g
 def ranked(session: Session, split: str, ev: EvalConfig) -> Iterator:
     """(batch, target ranks) over a split's users (see module doc for the engines)."""
     if ev.engine == "catalogue":
-        bank = session.item_bank()
+        bank = inference_catalogue(session.item_bank(), ev.catalogue, ev.chunk_items)
         per_block = batches_per_block(ev.block_users, session.cfg.data.eval_batch_size)
         for batches in in_blocks(session.stream(split), per_block):
             yield from block_of_ranks(bank, [b.to(session.device) for b in batches], ev)
@@ -38,9 +43,9 @@ def ranked(session: Session, split: str, ev: EvalConfig) -> Iterator:
         yield batch, target_ranks(session.dmp(batch)[1]["scores"], batch.target, *exclude)
 
 
-def block_of_ranks(bank: ChunkedBank, batches: List[SeqBatch], ev: EvalConfig) -> Iterator:
-    """(batch, target ranks) of one block of this rank's batches (collective: every rank scans its
-    own items for the whole block)."""
+def block_of_ranks(bank: Catalogue, batches: List[SeqBatch], ev: EvalConfig) -> Iterator:
+    """(batch, target ranks) of one block of this rank's batches (collective for a rank-local bank:
+    every rank scans its own items for the whole block; a held one has no `pg`)."""
     users, scores = zip(*(bank.encode_with_targets(b.history, b.target) for b in batches))
     rows = [b.batch_size for b in batches]
     seen = Seen.cat([Seen.of(b) for b in batches], rows) if ev.mask_history else None

@@ -7,7 +7,9 @@ collectively) and collects eval.block_users of them into a block; every rank the
 items, chunk by chunk, for the whole block (`user_blocks.py`), keeping a running top-K per user
 (`topk.py`: exact, or approximate with a certificate), and the ranks' lists are merged for each
 user. No rank holds more than one chunk of item vectors, and no users x items matrix is larger than
-a group of users x one chunk. `--ann` instead takes each table's candidates from faiss indexes that
+a group of users x one chunk. Exact scoring of a small catalogue holds it instead, as evaluation
+does (eval.catalogue, `catalogue.inference_catalogue`): each rank scores its own users against every
+item, with no lookups per batch. `--ann` instead takes each table's candidates from faiss indexes that
 each rank builds once per run over its own items (`ann_index.py`), re-scores their union exactly
 and merges the ranks' lists the same way.
 
@@ -37,7 +39,7 @@ from datapipes.io import check_writable
 from datapipes.schema import DataError
 from missrec_torchrec import resources
 from missrec_torchrec.ann_index import AnnSettings, TableIndexes, ann_topk
-from missrec_torchrec.catalogue import ChunkedBank
+from missrec_torchrec.catalogue import Catalogue, ChunkedBank, inference_catalogue
 from missrec_torchrec.config import ConfigError
 from missrec_torchrec.distributed import all_reduce_scalar
 from missrec_torchrec.score_parts import Keys, RankParts, merge_parts, rank_folder, score_table
@@ -127,15 +129,19 @@ def _maybe_fail(session, end: int) -> None:
 class BlockScorer:
     """Top-K rows for a block of users: exact, approximate with certificate, or from ANN candidates;
     the approximate modes can measure recall on a sample. Collective: every rank scores each block
-    (exact and --approx scan their own items for every rank's users). The ANN indexes are built here."""
+    (exact and --approx scan their own items for every rank's users; exact over a held catalogue
+    scores this rank's users alone). The held catalogue and the ANN indexes are built here."""
 
-    def __init__(self, bank: ChunkedBank, opts: ScoreOptions, num_users: int):
-        self.bank, self.opts = bank, opts
+    def __init__(self, bank: ChunkedBank, opts: ScoreOptions, num_users: int, catalogue: str):
+        ann = opts.ann_settings()
+        exact = ann is None and opts.approx is None
+        # Exact scoring scans what evaluation does (`catalogue`: eval.catalogue); the other modes read the bank.
+        self.bank: Catalogue = inference_catalogue(bank, catalogue, opts.chunk_items) if exact else bank
+        self.opts = opts
         self.k = min(opts.topk, bank.num_items)
         self.per_table = min(opts.approx, bank.num_items) if opts.approx else None
         # Every stride-th user (by user_index, so the sample does not depend on the world size).
         self.stride = max(1, num_users // opts.recall_sample) if opts.recall_sample else 0
-        ann = opts.ann_settings()
         self.indexes = self.ann_per_table = None
         if ann is not None:
             self.indexes = TableIndexes(bank, ann)  # each rank's over its own items (collective)
@@ -286,8 +292,8 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
         stream = session.stream(opts.split)
         plan = _plan(opts, step_dir, session.world, cfg.data.eval_batch_size, stream)
         rank_parts = RankParts(rank_folder(parts, session.rank), plan, opts.resume)
-        with resources.phase("score_setup") as phase:  # the --ann indexes are built here
-            scorer = BlockScorer(session.item_bank(), opts, stream.num_users)
+        with resources.phase("score_setup") as phase:  # a held catalogue, or the --ann indexes, are built here
+            scorer = BlockScorer(session.item_bank(), opts, stream.num_users, cfg.eval.catalogue)
             if scorer.indexes is not None:
                 phase["index_bytes"] = scorer.indexes.bytes
         keys = (Keys(session.info.users_path, "user_index", "user_key"),

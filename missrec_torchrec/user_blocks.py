@@ -8,6 +8,10 @@ exceeds SCORE_FLOATS. What a rank found about each user then goes back to that u
 counts are summed (`RankPass`), top-K lists travel in one all-to-all (`Block.exchange`) and are
 merged there (topk.py). Every item is scored once, by its owner, against every user: exact.
 
+A held catalogue (`catalogue.HeldCatalogue`: every item on every rank) uses the same passes with no
+collective: its `pg` is None, so `gather_block` makes a block of this rank's users alone, its scan
+covers every item, and the counts and lists stay where they are.
+
 With the model's learned repeat bias (model.repeat_bias) every block user's history window travels
 with it as (row, item) pairs like the exclusions (`Seen.of_window`), and each pass lowers those
 items' scores by the bias (`lowered_scores`; a target in the history too), as the forward does.

@@ -1,7 +1,9 @@
 """The rank-local, chunked catalogue (catalogue.py, user_blocks.py) against first principles: every
 user's target rank and top-K from one B x N matrix of the model's own forward, on 1 and 2 ranks, with
 chunks smaller than a rank's items, several blocks and several user groups per chunk. And that no
-rank ever adapts the catalogue whole or holds more than one chunk of it."""
+rank ever adapts the catalogue whole or holds more than one chunk of it. The held catalogue (what
+eval.catalogue=auto picks for small catalogues) ranks and scores exactly as the rank-local one, on 1
+and 2 ranks, looking every item up once per pass and gathering nothing across ranks."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from missrec_torchrec import scoring, user_blocks
-from missrec_torchrec.catalogue import ChunkedBank, item_tables, item_vector_chunks
+from missrec_torchrec import catalogue, scoring, user_blocks
+from missrec_torchrec.catalogue import ChunkedBank, HeldCatalogue, item_tables, item_vector_chunks
 from missrec_torchrec.cli import main
 from missrec_torchrec.evaluate import evaluate, ranked
 from missrec_torchrec.interest_state import item_slice
@@ -98,9 +100,11 @@ def metrics_of(ranks: dict, ks=(10, 50)) -> dict:
     return out
 
 
-def chunked_ranks(session, split: str, mask: bool, chunk: int, block: int, engine: str = "catalogue") -> dict:
+def chunked_ranks(session, split: str, mask: bool, chunk: int, block: int, engine: str = "catalogue",
+                  held: str = "rank_local") -> dict:
+    """{user: rank} by an engine; `held`: eval.catalogue (these catalogues are small enough that auto holds them)."""
     ev = session.cfg.eval
-    ev.engine, ev.mask_history, ev.chunk_items, ev.block_users = engine, mask, chunk, block
+    ev.engine, ev.mask_history, ev.chunk_items, ev.block_users, ev.catalogue = engine, mask, chunk, block, held
     with torch.no_grad():
         return {u: r for batch, ranks in ranked(session, split, ev)
                 for u, r in zip(batch.user.tolist(), ranks.tolist()) if u >= 0}
@@ -122,6 +126,7 @@ def test_one_rank_ranks_and_metrics_equal_first_principles(runs, model, mask, mo
     want = metrics_of(brute)
     for engine in ("catalogue", "dmp"):
         session.cfg.eval.engine, session.cfg.eval.chunk_items, session.cfg.eval.block_users = engine, CHUNK, BLOCK
+        session.cfg.eval.catalogue = "rank_local"
         got = evaluate(session, "test")
         assert got.keys() == want.keys()
         for key, value in want.items():
@@ -159,6 +164,54 @@ def test_no_rank_adapts_the_catalogue_whole_or_holds_two_chunks(runs, monkeypatc
     assert max(widths) == 16 and sum(widths) == ITEMS  # one block: every item scanned once
 
 
+# ---- the held catalogue -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("mask", [False, True])
+def test_held_catalogue_ranks_and_metrics_equal_the_rank_local_ones(runs, model, mask, monkeypatch):
+    monkeypatch.setattr(user_blocks, "SCORE_FLOATS", GROUP_FLOATS)
+    session = open_run(runs[model])
+    local = chunked_ranks(session, "test", mask, CHUNK, BLOCK)
+    assert len(local) == 200 and len(set(local.values())) > 20
+    for chunk, block in ((CHUNK, BLOCK), (7, 32), (ITEMS, 65536)):
+        assert chunked_ranks(session, "test", mask, chunk, block, held="held") == local, (chunk, block)
+    assert chunked_ranks(session, "test", mask, CHUNK, BLOCK, held="auto") == local
+    metrics = {}
+    for held in ("rank_local", "held"):  # the other eval.* as chunked_ranks left them
+        session.cfg.eval.catalogue = held
+        metrics[held] = evaluate(session, "test")
+    assert metrics["held"] == metrics["rank_local"]
+
+
+def test_auto_holds_the_catalogue_up_to_hold_bytes(runs, monkeypatch):
+    session = open_run(runs["fused"])
+    bank = session.item_bank()
+    assert bank.held_bytes() == ITEMS * session.head.config.hidden * 3 * 4  # text, image, IDs in fp32
+    monkeypatch.setattr(catalogue, "HOLD_BYTES", bank.held_bytes())
+    assert isinstance(catalogue.inference_catalogue(bank, "auto", CHUNK), HeldCatalogue)
+    assert catalogue.inference_catalogue(bank, "rank_local", CHUNK) is bank
+    monkeypatch.setattr(catalogue, "HOLD_BYTES", bank.held_bytes() - 1)
+    assert catalogue.inference_catalogue(bank, "auto", CHUNK) is bank
+    assert isinstance(catalogue.inference_catalogue(bank, "held", CHUNK), HeldCatalogue)
+
+
+def test_held_catalogue_looks_each_item_up_once_per_pass(runs, monkeypatch):
+    """One collective lookup per chunk of the catalogue, then none: no per-batch history lookups
+    (here 7 batches of 32 users), no per-block chunks."""
+    session = open_run(runs["fused"])
+    looked_up = []
+    rows = ChunkedBank.rows
+
+    def counted(bank, ids):
+        looked_up.append(ids.tolist())
+        return rows(bank, ids)
+
+    monkeypatch.setattr(ChunkedBank, "rows", counted)
+    assert len(chunked_ranks(session, "test", True, 50, 32, held="held")) == 200
+    assert looked_up == [list(range(lo, min(ITEMS, lo + 50))) for lo in range(0, ITEMS, 50)]
+
+
 # ---- two ranks --------------------------------------------------------------------------------------
 
 
@@ -168,24 +221,38 @@ def _two_rank_worker(runs: dict, out: str) -> dict:
     scanned = []
     chunk = ChunkedBank.chunk
 
-    def recorded(bank, lo, hi):
+    def recorded(bank, lo, hi, **kw):
         scanned.append((lo, hi))
-        return chunk(bank, lo, hi)
+        return chunk(bank, lo, hi, **kw)
 
     ChunkedBank.chunk = recorded
+    gathered = []
+    gather = user_blocks.all_gather_rows
+
+    def counted(t, sizes, pg):
+        gathered.append(sizes)
+        return gather(t, sizes, pg)
+
+    user_blocks.all_gather_rows = counted
     results = {}
     for model, run_dir in runs.items():
         session = open_run(run_dir)
         for mask in (False, True):
             for chunk_items, block in ((CHUNK, BLOCK), (50, 65536)):
-                scanned.clear()
+                scanned.clear(), gathered.clear()
                 results[model, mask, chunk_items] = chunked_ranks(session, "test", mask, chunk_items, block)
                 results[model, mask, chunk_items, "scanned"] = list(scanned)
+                results[model, mask, chunk_items, "gathered"] = list(gathered)
             results[model, mask, "dmp"] = chunked_ranks(session, "test", mask, 0, 0, engine="dmp")
-        for name, flags in (("exact", {}), ("approx", {"approx": APPROX, "recall_sample": 50})):
+            gathered.clear()
+            results[model, mask, "held"] = chunked_ranks(session, "test", mask, CHUNK, BLOCK, held="held")
+            results[model, mask, "held", "gathered"] = list(gathered)
+        for name, flags, held in (("exact", {}, "rank_local"), ("held", {}, "held"),
+                                  ("approx", {"approx": APPROX, "recall_sample": 50}, "auto")):
             results[model, name] = scoring.score(scoring.ScoreOptions(
                 checkpoint=Path(run_dir), out=Path(out) / f"{model}-{name}.parquet", topk=10, mask_history=True,
-                chunk_items=CHUNK, batch_size=32, overrides=[*QUIET, f"eval.block_users={BLOCK}"], **flags))
+                chunk_items=CHUNK, batch_size=32, overrides=[*QUIET, f"eval.block_users={BLOCK}",
+                                                             f"eval.catalogue={held}"], **flags))
     return {"rank": session.rank, **results}
 
 
@@ -195,9 +262,12 @@ def test_two_ranks_rank_and_score_as_one_process_and_first_principles(runs, tmp_
         session = open_run(run_dir)
         for mask in (False, True):
             brute = brute_ranks(session, "test", mask)
-            for key in (CHUNK, 50, "dmp"):
+            for key in (CHUNK, 50, "dmp", "held"):
                 merged = {**results[0][model, mask, key], **results[1][model, mask, key]}
                 assert merged == brute, (model, mask, key)
+            for rank in (0, 1):  # the rank-local blocks gather every rank's users; the held ones nothing
+                assert results[rank][model, mask, CHUNK, "gathered"], (model, mask, rank)
+                assert not results[rank][model, mask, "held", "gathered"], (model, mask, rank)
             for rank in (0, 1):
                 lo, hi = item_slice(rank, 2, ITEMS)
                 blocks = math.ceil(math.ceil(100 / 32) / (BLOCK // 32))  # 100 users a rank, batches of 32
@@ -208,15 +278,17 @@ def test_two_ranks_rank_and_score_as_one_process_and_first_principles(runs, tmp_
 
 
 def check_scores(model: str, run_dir: str, folder: Path, session, two_rank_approx: dict) -> None:
-    """2-rank exact top-K equals the forward's; 2-rank --approx, like the 1-rank run, is what the
-    method promises (items tied at a table's K'-th cosine may go either way, so the two may differ)."""
+    """2-rank exact top-K (rank-local and held) equals the forward's; 2-rank --approx, like the 1-rank
+    run, is what the method promises (items tied at a table's K'-th cosine may go either way, so the
+    two may differ)."""
     ref = {}
     for user, _, seen, scores in forward_scores(session, "test"):
         scores = scores.clone()
         scores[seen] = float("-inf")
         top, idx = scores.topk(10)
         ref[user] = (idx.tolist(), top.tolist())
-    assert_same_topk(rows(folder / f"{model}-exact.parquet"), ref)
+    for name in ("exact", "held"):
+        assert_same_topk(rows(folder / f"{model}-{name}.parquet"), ref)
     single = folder / f"{model}-approx-1.parquet"
     summary = scoring.score(scoring.ScoreOptions(
         checkpoint=Path(run_dir), out=single, topk=10, mask_history=True, chunk_items=CHUNK, batch_size=32,

@@ -1,7 +1,7 @@
 """model.repeat_bias: one learned scalar lowering the scores of the items in a user's history window.
 
 Every exact path (the forward's B x N scores, the catalogue engine's rank counts, `missrec score`'s
-top-K, on 1 and 2 ranks) against ranks and top-K lists computed by hand from the forward's scores
+top-K, on 1 and 2 ranks, rank-local and held) against ranks and top-K lists computed by hand from the forward's scores
 without the bias; what it learns on data that never repeats and on data that mostly does; checkpoints;
 PEFT; and what is refused."""
 
@@ -111,20 +111,23 @@ def test_engines_rank_as_the_hand_lowered_scores(run, mask, monkeypatch):
     session = open_run(run)
     want = hand_ranks(session, mask)
     assert chunked_ranks(session, "test", mask, CHUNK, BLOCK) == want
+    assert chunked_ranks(session, "test", mask, CHUNK, BLOCK, held="held") == want
     assert chunked_ranks(session, "test", mask, 0, 0, engine="dmp") == want
     # The bias matters here (so the equalities above test it), and targets seen before exist.
     with torch.no_grad():
         session.head.repeat_bias.zero_()
     assert chunked_ranks(session, "test", mask, CHUNK, BLOCK) != want
+    assert chunked_ranks(session, "test", mask, CHUNK, BLOCK, held="held") != want
     assert any(target in window for _, target, _, window, _ in by_hand(session))
 
 
-def test_score_topk_is_the_hand_lowered_topk(run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("held", ["rank_local", "held"])
+def test_score_topk_is_the_hand_lowered_topk(run, tmp_path, monkeypatch, held):
     monkeypatch.setattr(user_blocks, "SCORE_FLOATS", GROUP_FLOATS)
     out = tmp_path / "top.parquet"
     # The checkpoint's own (learned) bias: `score` opens the run itself.
     scoring.score(scoring.ScoreOptions(checkpoint=Path(run), out=out, topk=10, chunk_items=CHUNK, batch_size=32,
-                                       overrides=[*QUIET, f"eval.block_users={BLOCK}"]))
+                                       overrides=[*QUIET, f"eval.block_users={BLOCK}", f"eval.catalogue={held}"]))
     step_dir, cfg = load_run(run, QUIET)
     cfg.eval.mask_history = True
     session = open_session(cfg.for_inference(), step_dir)
@@ -132,24 +135,30 @@ def test_score_topk_is_the_hand_lowered_topk(run, tmp_path, monkeypatch):
     assert_same_topk(rows(out), hand_topk(session))
 
 
+HELD = ("rank_local", "held")  # eval.catalogue
+
+
 def _two_rank_worker(run_dir: str, out: str) -> dict:
     torch.set_num_threads(1)
     user_blocks.SCORE_FLOATS = GROUP_FLOATS
     session = open_run(run_dir)
-    ranks = chunked_ranks(session, "test", False, CHUNK, BLOCK)
-    scoring.score(scoring.ScoreOptions(checkpoint=Path(run_dir), out=Path(out), topk=10, chunk_items=CHUNK,
-                                       batch_size=32, overrides=[*QUIET, f"eval.block_users={BLOCK}"]))
+    ranks = {held: chunked_ranks(session, "test", False, CHUNK, BLOCK, held=held) for held in HELD}
+    for held in HELD:
+        scoring.score(scoring.ScoreOptions(checkpoint=Path(run_dir), out=Path(out) / f"{held}.parquet", topk=10,
+                                           chunk_items=CHUNK, batch_size=32,
+                                           overrides=[*QUIET, f"eval.block_users={BLOCK}", f"eval.catalogue={held}"]))
     return ranks
 
 
 def test_two_ranks_rank_and_score_as_the_hand_lowered_scores(run, tmp_path):
-    out = tmp_path / "top2.parquet"
-    results = launch(_two_rank_worker, 2, run, str(out))
+    results = launch(_two_rank_worker, 2, run, str(tmp_path))
     session = open_run(run)
-    assert {**results[0], **results[1]} == hand_ranks(session, False)
+    want = hand_ranks(session, False)
     step_dir, cfg = load_run(run, QUIET)
-    learned = open_session(cfg.for_inference(), step_dir)
-    assert_same_topk(rows(out), hand_topk(learned))
+    learned = hand_topk(open_session(cfg.for_inference(), step_dir))
+    for held in HELD:
+        assert {**results[0][held], **results[1][held]} == want, held
+        assert_same_topk(rows(tmp_path / f"{held}.parquet"), learned)
 
 
 def test_masks_mark_each_rows_window_and_each_positions_prefix():

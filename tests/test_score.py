@@ -98,11 +98,12 @@ def assert_same_topk(got: dict, ref: dict) -> None:
         assert above(items, scores) == above(ref_items, ref_scores), u
 
 
+@pytest.mark.parametrize("held", ["held", "rank_local"])  # eval.catalogue
 @pytest.mark.parametrize("split,mask", [("test", False), ("all", True)])
-def test_exact_matches_brute_force(run_dir, tmp_path, split, mask):
+def test_exact_matches_brute_force(run_dir, tmp_path, split, mask, held):
     out = tmp_path / "scores.parquet"
     flags = ["--split", split] + (["--mask-history"] if mask else [])
-    summary = run_score(run_dir, out, *flags)
+    summary = run_score(run_dir, out, *flags, overrides=[f"eval.catalogue={held}"])
     assert summary["users"] == 240
     got = rows(out)
     assert_same_topk(got, brute_force(run_dir, split, mask))
@@ -115,7 +116,8 @@ def test_exact_matches_brute_force(run_dir, tmp_path, split, mask):
         assert all(not set(items) & set(seq[u]) for u, items in zip(got["user_index"], got["items"]))
 
 
-@pytest.mark.parametrize("blocks", [[], ["eval.block_users=64"]])  # one block; blocks of 2 batches
+# Held (auto: 120 items); rank-local in blocks of 2 batches, which every rank restarts together.
+@pytest.mark.parametrize("blocks", [[], ["eval.catalogue=rank_local", "eval.block_users=64"]])
 def test_kill_and_resume(run_dir, tmp_path, monkeypatch, blocks):
     straight = tmp_path / "straight.parquet"
     run_score(run_dir, straight)
@@ -139,7 +141,8 @@ def test_kill_and_resume(run_dir, tmp_path, monkeypatch, blocks):
     assert not scoring.parts_folder(out).exists()
 
 
-@pytest.mark.parametrize("blocks", [[], ["eval.block_users=32"]])  # one block; one batch per block
+# Held (auto: 120 items); rank-local with one batch per block, every rank's users in each.
+@pytest.mark.parametrize("blocks", [[], ["eval.catalogue=rank_local", "eval.block_users=32"]])
 def test_one_vs_two_processes_uneven_with_crash(run_dir, uneven_data, tmp_path, blocks):
     data = [f"data.dataset={uneven_data}", *blocks]
     single = tmp_path / "single.parquet"

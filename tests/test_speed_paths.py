@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from datapipes.candidates import Candidates
 from datapipes.stream import SequenceStream
 from missrec_torchrec import precision
-from missrec_torchrec.catalogue import ChunkedBank
+from missrec_torchrec.catalogue import ChunkedBank, HeldCatalogue
 from missrec_torchrec.evaluate import evaluate
 from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.model.attention import Attention
@@ -235,14 +235,16 @@ def test_catalogue_engine_metrics_equal_the_forward_engine_and_do_not_depend_on_
     ev = session.cfg.eval
     ev.mask_history = masked
     results = {}
-    for engine, chunk in [("dmp", 8192), ("catalogue", 8192), ("catalogue", 7)]:
-        ev.engine, ev.chunk_items = engine, chunk
-        results[engine, chunk] = evaluate(session, "valid")
-    ev.engine, ev.chunk_items, ev.mask_history = "catalogue", 8192, False
-    assert results["catalogue", 7] == results["catalogue", 8192]  # chunking changes nothing
-    ref = results["dmp", 8192]
+    for engine, chunk, held in [("dmp", 8192, "auto"), ("catalogue", 8192, "held"), ("catalogue", 7, "held"),
+                                ("catalogue", 8192, "rank_local"), ("catalogue", 7, "rank_local")]:
+        ev.engine, ev.chunk_items, ev.catalogue = engine, chunk, held
+        results[engine, chunk, held] = evaluate(session, "valid")
+    ev.engine, ev.chunk_items, ev.mask_history, ev.catalogue = "catalogue", 8192, False, "auto"
+    for held in ("held", "rank_local"):  # chunking changes nothing, nor holding the catalogue
+        assert results["catalogue", 7, held] == results["catalogue", 8192, held] == results["catalogue", 8192, "held"]
+    ref = results["dmp", 8192, "auto"]
     assert ref["count"] == 240
-    for key, value in results["catalogue", 8192].items():
+    for key, value in results["catalogue", 8192, "held"].items():
         assert value == pytest.approx(ref[key], abs=1e-9), key
 
 
@@ -263,6 +265,19 @@ def test_bf16_stays_within_the_stated_tolerance_of_fp32(session):
     n = session.num_items
     s32, s16 = fp32.chunk_scores(u32, fp32.chunk(0, n)), bf16.chunk_scores(u16, bf16.chunk(0, n))
     torch.testing.assert_close(s16, s32, rtol=0, atol=BF16_ATOL)
+
+
+@pytest.mark.parametrize("precision_", ["fp32", "bf16"])
+def test_held_catalogue_encodes_and_scores_targets_as_the_looked_up_rows(session, precision_):
+    batch = _padded_batch(session)
+    bank = ChunkedBank(session, precision_)
+    held = HeldCatalogue.of(bank, 7, users=True)  # adapted 7 items at a time, not a batch's distinct ids
+    u, target_scores = bank.encode_with_targets(batch.history, batch.target)
+    held_u, held_scores = held.encode_with_targets(batch.history, batch.target)
+    # The same rows up to the adapter matmul's rounding, which in fp32 depends on its row count (~1e-7).
+    torch.testing.assert_close(held_u, u, rtol=0, atol=1e-6)
+    torch.testing.assert_close(held_scores, target_scores, rtol=0, atol=1e-6)
+    assert torch.equal(held.encode(batch.history), held_u)
 
 
 def test_precision_auto_follows_the_cpu_flags(monkeypatch):
