@@ -135,8 +135,8 @@ class TableIndexes:
         sample: Dict[str, list] = {t: [] for t in bank.tables}
         for chunk in bank.local_chunks(LOOKUP_CHUNK):
             first = -(chunk.lo - bank.lo) % stride  # the range's every stride-th item, wherever chunks cut
-            for t, v in chunk.unit.items():
-                sample[t].append(v[first::stride])
+            for t, v in chunk.unit.items():  # a copy: a strided view would keep the whole chunk alive
+                sample[t].append(v[first::stride].clone())
         self.indexes = {}
         for t, parts in sample.items():
             x = numpy_of(torch.cat(parts))
