@@ -191,7 +191,7 @@ def ann_topk(indexes: TableIndexes, bank: Catalogue, u: torch.Tensor, k: int, pe
         extra = min(per_table, int(torch.bincount(block.seen.rows, minlength=rows).max()))
     width = max(1, min(indexes.items, per_table + extra))
     # The block's lists, filled group by group: one allocation, not one per group interleaved with
-    # each group's large transients (which kept the freed heap resident: +2.7 GiB per rank at 1e7).
+    # each group's large transients (which kept the freed heap resident: +2.6 GiB per rank at 1e7).
     scores = torch.full((rows, k), float("-inf"), device=device)
     items = torch.full((rows, k), -1, dtype=torch.int64, device=device)
     # The same groups on every rank (the block and width are), so their lookups meet.
