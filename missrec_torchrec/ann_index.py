@@ -44,8 +44,8 @@ HNSW_M = 32  # graph links per node: faiss's usual choice for 64-300-d vectors
 IVF_PROBE = 16  # lists scanned per query
 # IVF k-means trains on at most this many points per list: more barely moves the centroids.
 IVF_TRAIN_PER_LIST = 64
-# Candidate slots (users x tables x width) re-scored at once: each table's gathered rows are this
-# many x D floats, 32 MiB at D = 64.
+# Candidate slots (users x tables x width) re-scored at once: their distinct rows (at most this many
+# x D floats per table, 32 MiB at D = 64) and each table's distinct x users cosines.
 RESCORE_IDS = 1 << 17
 SAMPLE = 65536  # points an HNSW index's scalar quantizer trains its ranges on
 
@@ -127,6 +127,7 @@ class TableIndexes:
     def __init__(self, bank: Catalogue, settings: AnnSettings):
         settings.check()
         self.settings, self.lo = settings, bank.lo
+        self.own = bank.own_tables()  # candidates re-scored from the rank's own shards, no lookups
         self.items = bank.hi - bank.lo
         self.lists = settings.lists(bank.num_items // bank.world, bank.num_items, bank.world)
         t0 = time.perf_counter()
@@ -169,14 +170,18 @@ class TableIndexes:
         return torch.where(local >= 0, local + self.lo, local)
 
 
-def candidate_scores(bank: Catalogue, u: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+def candidate_scores(bank: Catalogue, u: torch.Tensor, cand: torch.Tensor, own=None) -> torch.Tensor:
     """B x S exact fused scores of each row's own candidates `cand` (B x S valid item ids, all of
-    this process's range): each distinct one looked up once (collective for a rank-local bank)."""
+    this process's range): each distinct one read from `own` (`Catalogue.own_tables`) or looked up
+    (collective for a rank-local bank) and adapted once."""
     distinct, where = torch.unique(cand, return_inverse=True)
-    unit, adapted = bank.lookup(distinct)
-    # The one-modality model with IDs scores a summed vector: `fused` reads its parts instead.
-    sims = {} if bank.summed else {t: torch.bmm(v[where], u.unsqueeze(2)).squeeze(2) for t, v in unit.items()}
-    return bank.fused(u, sims, cand, {t: v[where] for t, v in adapted.items()} if bank.summed else None)
+    unit, adapted = bank.lookup(distinct, own=own)
+    if bank.summed:  # the one-modality model with IDs scores a summed vector: `fused` reads its parts
+        return bank.fused(u, {}, cand, {t: v[where] for t, v in adapted.items()})
+    # Every distinct candidate against every row, then each row's own: a matmul and a gather of
+    # cosines instead of gathering B x S x D vectors.
+    rows = torch.arange(cand.shape[0], device=cand.device).unsqueeze(1)
+    return bank.fused(u, {t: (v @ u.T)[where, rows] for t, v in unit.items()}, cand)
 
 
 def ann_topk(indexes: TableIndexes, bank: Catalogue, u: torch.Tensor, k: int, per_table: int,
@@ -203,7 +208,7 @@ def ann_topk(indexes: TableIndexes, bank: Catalogue, u: torch.Tensor, k: int, pe
             usable &= ~block.window(lo, hi).contains(cand, bank.num_items)
         safe = torch.where(usable, cand, bank.lo)  # a valid id of this range in every dropped slot
         top = RunningTopK(hi - lo, k, device)
-        top.add(candidate_scores(bank, block.u[lo:hi], safe).masked_fill(~usable, float("-inf")), cand)
+        top.add(candidate_scores(bank, block.u[lo:hi], safe, indexes.own).masked_fill(~usable, float("-inf")), cand)
         found = top.scores.shape[1]
         scores[lo:hi, :found], items[lo:hi, :found] = top.scores, top.items
     return merged(block, k, scores, items).result()

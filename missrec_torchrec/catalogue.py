@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from datapipes.batch import PAD, candidates_key
 from missrec_torchrec import precision
-from missrec_torchrec.distributed import lookup_rows
+from missrec_torchrec.distributed import all_reduce_scalar, lookup_rows, own_rows
 from missrec_torchrec.interest_state import item_slice
 from missrec_torchrec.recommender import ID_TABLE
 
@@ -106,6 +106,18 @@ class ItemChunk:
         return {t: u @ v.T for t, v in self.unit.items()}
 
 
+@dataclass
+class OwnRows:
+    """A rank's rows [lo, lo + len) of one table, read without a lookup (`ChunkedBank.own_tables`)."""
+
+    rows: torch.Tensor
+    lo: int
+    dtype: torch.dtype
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows[ids - self.lo].to(self.dtype)
+
+
 class UserEncoder:
     """The model's unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded) from
     their rows given per table, in sub-batches sorted by cost (see module doc)."""
@@ -158,6 +170,10 @@ class Catalogue:
     repeat_bias: Optional[float] = None
     encoder: Optional[UserEncoder] = None
 
+    def own_tables(self) -> Optional[Dict[str, "OwnRows"]]:
+        """This process's rows readable without a lookup (`ChunkedBank`); None: look them up."""
+        return None
+
     def chunk_scores(self, u: torch.Tensor, chunk: ItemChunk) -> torch.Tensor:
         """B x (hi - lo) exact scores of the chunk's items."""
         return self.fused(u, {} if self.summed else chunk.cosines(u), chunk.idx, chunk.adapted)
@@ -187,6 +203,7 @@ class ChunkedBank(Catalogue):
         self.present = {m: p.to(session.device) for m, p in self.head.presence().items()}
         self.collections = {t: session.collection(t) for t in self.tables}
         self.pg, self.device, self.world = session.pg, session.device, session.world
+        self.dmp = session.dmp
         self.lo, self.hi = item_slice(session.rank, session.world, self.num_items)
         bias = self.head.repeat_bias
         self.repeat_bias = None if bias is None else float(bias.detach())
@@ -197,12 +214,26 @@ class ChunkedBank(Catalogue):
     def rows(self, ids: torch.Tensor) -> Vectors:
         """fp32 adapted vectors (raw for IDs) of `ids` per table; adapted under the training
         forward's autocast, so both paths see the same item vectors."""
-        out = {}
+        return self.adapt({t: lookup_rows(ec, candidates_key(t), ids, chunk_size=LOOKUP_CHUNK, pg=self.pg)
+                           for t, ec in self.collections.items()})
+
+    def adapt(self, raw: Vectors) -> Vectors:
+        """fp32 adapted vectors (raw for IDs) of raw table rows, under the training forward's autocast."""
         with precision.autocast(self.precision, self.device):
-            for t, ec in self.collections.items():
-                v = lookup_rows(ec, candidates_key(t), ids, chunk_size=LOOKUP_CHUNK, pg=self.pg)
-                out[t] = v if t == ID_TABLE else self.core.adapt({t: v})[t]
+            out = {t: v if t == ID_TABLE else self.core.adapt({t: v})[t] for t, v in raw.items()}
         return {t: v.float() for t, v in out.items()}
+
+    @torch.no_grad()
+    def own_tables(self) -> Optional[Vectors]:
+        """Per table, a view of this rank's rows [lo, hi) in its own shard, in the dtype a lookup
+        returns, or None on every rank unless every rank holds its whole range so (collective)."""
+        own = {t: own_rows(self.dmp, t, self.lo, self.hi) for t in self.tables}
+        whole = int(all(v is not None for v in own.values()))
+        if not all_reduce_scalar(whole, "min", self.pg, self.device, torch.int64):
+            return None
+        probe = torch.tensor([self.lo], device=self.device)  # what dtype a lookup hands the adapters
+        dtypes = {t: lookup_rows(ec, candidates_key(t), probe, pg=self.pg).dtype for t, ec in self.collections.items()}
+        return {t: OwnRows(v, self.lo, dtypes[t]) for t, v in own.items()}
 
     def vectors(self, ids: torch.Tensor) -> Vectors:
         """`rows` of ids of any shape (ids.shape x D), each distinct id looked up once."""
@@ -227,10 +258,11 @@ class ChunkedBank(Catalogue):
         table's adapted vectors, not only those the fusion reads."""
         return ItemChunk(lo, hi, *self.lookup(torch.arange(lo, hi, device=self.device), adapted))
 
-    def lookup(self, ids: torch.Tensor, adapted: bool = False) -> Tuple[Vectors, Vectors]:
+    def lookup(self, ids: torch.Tensor, adapted: bool = False, own: Optional[Dict[str, "OwnRows"]] = None
+               ) -> Tuple[Vectors, Vectors]:
         """(unit vectors per table, the adapted ones where the fusion needs them or `adapted` asks)
-        of item ids (collective)."""
-        rows = self.rows(ids)
+        of item ids: collective, or read from this rank's `own_tables` (ids of its range only)."""
+        rows = self.rows(ids) if own is None else self.adapt({t: o[ids] for t, o in own.items()})
         return {t: F.normalize(v, dim=-1) for t, v in rows.items()}, rows if adapted or self.summed else {}
 
     def held_bytes(self) -> int:
@@ -306,8 +338,8 @@ class HeldCatalogue(Catalogue):
     def vectors(self, ids: torch.Tensor) -> Vectors:
         return {t: v[ids] for t, v in self.adapted.items()}
 
-    def lookup(self, ids: torch.Tensor) -> Tuple[Vectors, Vectors]:
-        return {t: v[ids] for t, v in self.unit.items()}, self.vectors(ids) if self.summed else {}
+    def lookup(self, ids: torch.Tensor, adapted: bool = False, own=None) -> Tuple[Vectors, Vectors]:
+        return {t: v[ids] for t, v in self.unit.items()}, self.vectors(ids) if adapted or self.summed else {}
 
     @torch.no_grad()
     def encode(self, history: torch.Tensor, slots: int = SUB_BATCH_SLOTS) -> torch.Tensor:

@@ -261,6 +261,17 @@ def local_shards(weight: Any) -> List[Tuple[torch.Tensor, Sequence[int]]]:
     return [(weight, (0, 0))]
 
 
+def own_rows(dmp: nn.Module, table: str, lo: int, hi: int) -> Optional[torch.Tensor]:
+    """Rows [lo, hi) of table `table` as a view of this rank's local shard, when one local shard holds
+    them with every column (row-wise or replicated); None otherwise (table-wise, column-wise, or a
+    range that crosses shards)."""
+    weight = table_weight(dmp, table)
+    for shard, (r0, c0) in local_shards(weight):
+        if c0 == 0 and shard.shape[1] == weight.shape[1] and r0 <= lo and hi <= r0 + shard.shape[0]:
+            return shard[lo - r0 : hi - r0]
+    return None
+
+
 @torch.no_grad()
 def load_table_rows(dmp: nn.Module, table: str, rows: Any) -> None:
     """Copy a full N x dim matrix into table `table`'s local shards (TW, RW, CW; ShardedTensor or DTensor).

@@ -221,10 +221,13 @@ def assert_ann_lists(run_dir: Path, out: Path, exact: Path, users: int, least_re
     assert common >= least_recall * users * TOPK
 
 
-def test_ann_on_two_ranks_each_indexing_its_own_items(run_dir, uneven_data, tmp_path):
+@pytest.mark.parametrize("sharding,rescore", [("row_wise", "each rank's own shards"),
+                                              ("table_wise", "collective lookups")])
+def test_ann_on_two_ranks_each_indexing_its_own_items(run_dir, uneven_data, tmp_path, sharding, rescore):
     """2 ranks of 60 items each, 4 IVF lists per rank index, 2 scanned: the merged lists recall the
-    exact top-K of a one-process exact run and carry its scores."""
-    data = [f"data.dataset={uneven_data}"]
+    exact top-K of a one-process exact run and carry its scores, whether a rank reads its candidates
+    from its own row-wise shards or (tables whole on one rank) looks them up."""
+    data = [f"data.dataset={uneven_data}", f"train.sharding={sharding}"]
     exact, out = tmp_path / "exact.parquet", tmp_path / "ann.parquet"
     run_score(run_dir, exact, "--mask-history", overrides=data)
     argv = ["score", "--checkpoint", str(run_dir), "--out", str(out), "--topk", str(TOPK), "--chunk-items", "50",
@@ -232,7 +235,7 @@ def test_ann_on_two_ranks_each_indexing_its_own_items(run_dir, uneven_data, tmp_
             "--ivf-probe", "2", *QUIET, *data]
     done = run_cli(argv, torchrun=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "4 lists, nprobe 2" in done.stdout + done.stderr
+    assert "4 lists, nprobe 2" in done.stdout + done.stderr and rescore in done.stdout + done.stderr
     assert_ann_lists(run_dir, out, exact, users=239, least_recall=0.9)
 
 
