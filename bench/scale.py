@@ -18,8 +18,9 @@ the dense model (+ gradients and Adam state), the head's buffers (per-item prese
 ids, the centroids) and the runtime (interpreter, torch, TorchRec, measured before the dataset is
 opened); ratio = peak / bound. start-up: process start to the first training step (imports, feature
 check, tables filled, target counts). step: training seconds / steps. re-cluster: one interest
-discovery. users/s: users evaluated or scored by both ranks / the slower rank's seconds. All
-timings are on whatever else the machine runs: the load average is printed with each size.
+discovery. users/s: users evaluated or scored by both ranks / the slower rank's seconds, less
+--ann's exact scan of its recall sample (recorded apart). All timings are on whatever else the
+machine runs: the load average is printed with each size.
 """
 
 from __future__ import annotations

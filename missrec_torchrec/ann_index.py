@@ -7,8 +7,9 @@ scalar-quantized codes (a quarter of fp32, trained on a seeded, strided sample o
 The build is two collective scans of the rank's range: the sample, then every chunk added.
 
 For a block of every rank's users (user_blocks.py) each rank retrieves each table's C nearest of its
-items per user, C = `candidates` x K, looks the union's rows up in its own shards, re-scores them
-exactly with the model's fusion and keeps a top-K; the ranks' lists are merged for each user as in
+items per user, C = `candidates` x K, reads the union's rows from its own row-wise shards (or looks
+them up, collectively, where a table is not row-wise), re-scores them exactly with the model's
+fusion and keeps a top-K; the ranks' lists are merged for each user as in
 the exact scan. So every returned score is the exact one; only the choice of items is approximate
 (no certificate: an ANN list bounds nothing outside it). The codes only choose candidates. Seen
 items are dropped after retrieval, so with --mask-history each table retrieves up to C more, as many

@@ -198,6 +198,7 @@ def test_ann_mode_recall_exact_scores_no_seen_items(run_dir, tmp_path, kind, kno
                         "--recall-sample", "60")
     assert summary["recall_users"] == 60 and summary["recall"] >= 0.95 and "certified" not in summary
     assert summary["index_seconds"] > 0 and summary["index_bytes"] > 0
+    assert summary["recall_seconds"] > 0  # the sample's exact scan, kept out of users/s
     assert summary["mode"].startswith(f"ann {kind}")
     assert_ann_lists(run_dir, out, exact, users=240, least_recall=0.95)
 
