@@ -37,3 +37,9 @@ def synthetic_mm(tmp_path_factory):
 def synthetic_other(tmp_path_factory):
     """Another catalogue (different items and IDs, same modalities): the fine-tuning target of transfer tests."""
     return _synthetic(tmp_path_factory, "synthetic-other", users=160, items=90, mean_len=10, topics=6, seed=11)
+
+
+@pytest.fixture(scope="session")
+def synthetic_odd(tmp_path_factory):
+    """121 items: two ranks own 60 and 61, so chunked scans and blocks meet uneven ranges."""
+    return _synthetic(tmp_path_factory, "synthetic-odd", users=200, items=121, mean_len=12, topics=8, seed=5)

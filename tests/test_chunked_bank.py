@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from missrec_torchrec import catalogue, scoring, user_blocks
 from missrec_torchrec.catalogue import ChunkedBank, HeldCatalogue, item_tables, item_vector_chunks
-from missrec_torchrec.cli import main
 from missrec_torchrec.evaluate import evaluate, ranked
 from missrec_torchrec.interest_state import item_slice
 from missrec_torchrec.session import load_run, open_session
@@ -26,7 +25,7 @@ from test_distributed import launch
 from test_score import assert_same_topk, rows
 from test_train import small_overrides
 
-ITEMS = 121  # odd: two ranks own 60 and 61 items, so at CHUNK one of them takes an empty step
+ITEMS = 121  # conftest.synthetic_odd: two ranks own 60 and 61 items, so at CHUNK one of them takes an empty step
 CHUNK = 10
 BLOCK = 64  # users per rank per block: 2 batches of 32, so a split is several blocks
 APPROX = 15  # --approx: per-table candidates
@@ -39,15 +38,12 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(synthetic_odd, tmp_path_factory):
     """One epoch of each model on a 121-item synthetic catalogue (fp32: exact comparisons)."""
     from missrec_torchrec.config import load_config
     from missrec_torchrec.trainer import train
 
-    data = tmp_path_factory.mktemp("odd") / "data"
-    assert main(["prepare", "synthetic", "--out", str(data), "--users", "200", "--items", str(ITEMS),
-                 "--modalities", "text:32,image:16", "--mean-len", "12", "--topics", "8", "--seed", "5",
-                 "--rows-per-group", "64"]) == 0
+    data = synthetic_odd
     out = {}
     for name, extra in MODELS.items():
         folder = tmp_path_factory.mktemp(name)

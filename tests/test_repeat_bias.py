@@ -31,16 +31,12 @@ FORCED = 0.25  # a bias large enough to move many ranks (one epoch learns little
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(synthetic_odd, tmp_path_factory):
     """One epoch with the bias on a 121-item synthetic catalogue (text, image and IDs; fp32)."""
     from missrec_torchrec.trainer import train
 
-    data = tmp_path_factory.mktemp("rb-data") / "data"
-    assert main(["prepare", "synthetic", "--out", str(data), "--users", "200", "--items", str(ITEMS),
-                 "--modalities", "text:32,image:16", "--mean-len", "12", "--topics", "8", "--seed", "5",
-                 "--rows-per-group", "64"]) == 0
     folder = tmp_path_factory.mktemp("rb-run")
-    train(load_config("ml100k", small_overrides(data, folder, **{
+    train(load_config("ml100k", small_overrides(synthetic_odd, folder, **{
         "train.epochs": 1, "checkpoint.run_dir": folder / "run", "train.precision": "fp32",
         "model.use_id": "true", "model.repeat_bias": "true"})))
     return str(folder / "run")
