@@ -15,8 +15,9 @@ the exact scan. So every returned score is the exact one; only the choice of ite
 items are dropped after retrieval, so with --mask-history each table retrieves up to C more, as many
 as the block's longest seen list.
 
-Memory per rank: its indexes (items/rank x tables x (D bytes + list ids or graph links)) and one
-group of users' candidate rows (RESCORE_IDS x tables x D floats).
+Memory per rank: its indexes (items/rank x tables x (D bytes + list ids or graph links); IVF lists are
+allocated at their final size, `TableIndexes.fill_lists`) and one group of users' candidate rows of
+one table at a time (up to RESCORE_IDS x D floats).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from datapipes.schema import DataError
 from missrec_torchrec.catalogue import LOOKUP_CHUNK, Catalogue, item_ranges
+from missrec_torchrec.resources import release_memory
 from missrec_torchrec.topk import RunningTopK, merged
 from missrec_torchrec.user_blocks import Seen, gather_block
 
@@ -139,18 +141,53 @@ class TableIndexes:
             first = -(chunk.lo - bank.lo) % stride  # the range's every stride-th item, wherever chunks cut
             for t, v in chunk.unit.items():  # a copy: a strided view would keep the whole chunk alive
                 sample[t].append(v[first::stride].clone())
+            release_memory()  # each chunk's lookups leave freed heap pages resident (+0.5 GB at 1e6)
         self.indexes = {}
-        for t, parts in sample.items():
-            x = numpy_of(torch.cat(parts))
+        for t in list(sample):
+            x = numpy_of(torch.cat(sample.pop(t)))
             self.indexes[t] = new_index(x.shape[1], settings, self.lists)
             self.indexes[t].train(x)
-        for chunk in bank.local_chunks(LOOKUP_CHUNK):
-            for t, v in chunk.unit.items():
-                self.indexes[t].add(numpy_of(v))
+            del x
+        if settings.kind == "hnsw":
+            for chunk in bank.local_chunks(LOOKUP_CHUNK):
+                for t, v in chunk.unit.items():
+                    self.indexes[t].add(numpy_of(v))
+                release_memory()
+        else:
+            self.fill_lists(bank)
         self.seconds = time.perf_counter() - t0
         # An item's 8-bit code (D bytes) and its list id (int64), or its level-0 links (2M int32).
         links = 8 * (settings.hnsw_m or HNSW_M) if settings.kind == "hnsw" else 8
         self.bytes = self.items * sum(index.d + links for index in self.indexes.values())
+
+    def fill_lists(self, bank: Catalogue) -> None:
+        """Add every item to the IVF indexes with each inverted list allocated once at its final size:
+        faiss's own `add` grows each list's vectors by doubling, which left a rank's indexes at ~1.9x
+        their codes (5e6 items of 64-d: 674 MB for 343). So the scan only encodes (list ids and codes
+        into arrays of the exact size), then each list is filled in one append."""
+        import faiss
+
+        codes = {t: np.empty((self.items, ix.code_size), np.uint8) for t, ix in self.indexes.items()}
+        lists = {t: np.empty((self.items, 1), np.int64) for t in self.indexes}
+        for chunk in bank.local_chunks(LOOKUP_CHUNK):
+            a, b = chunk.lo - bank.lo, chunk.hi - bank.lo
+            for t, v in chunk.unit.items():
+                x, index = numpy_of(v), self.indexes[t]
+                lists[t][a:b] = index.quantizer.assign(x, 1)
+                index.encode_vectors(b - a, faiss.swig_ptr(x), faiss.swig_ptr(lists[t][a:b]), faiss.swig_ptr(codes[t][a:b]))
+            release_memory()
+        for t, index in self.indexes.items():
+            ids, code = lists.pop(t).ravel(), codes.pop(t)  # each table's arrays freed once its lists hold them
+            order = np.argsort(ids, kind="stable")
+            ends = np.cumsum(np.bincount(ids, minlength=self.lists))
+            for l, (a, b) in enumerate(zip(ends - np.diff(ends, prepend=0), ends)):
+                if b > a:
+                    rows = order[a:b]
+                    block = np.ascontiguousarray(code[rows])  # named: swig_ptr holds no reference
+                    index.invlists.add_entries(l, int(b - a), faiss.swig_ptr(rows), faiss.swig_ptr(block))
+            index.ntotal = self.items
+            del ids, code, order
+            release_memory()
 
     def describe(self, k: int, num_items: int) -> str:
         return self.settings.describe(k, num_items, self.lists)
@@ -176,13 +213,18 @@ def candidate_scores(bank: Catalogue, u: torch.Tensor, cand: torch.Tensor, own=N
     this process's range): each distinct one read from `own` (`Catalogue.own_tables`) or looked up
     (collective for a rank-local bank) and adapted once."""
     distinct, where = torch.unique(cand, return_inverse=True)
-    unit, adapted = bank.lookup(distinct, own=own)
     if bank.summed:  # the one-modality model with IDs scores a summed vector: `fused` reads its parts
+        _, adapted = bank.lookup(distinct, own=own)
         return bank.fused(u, {}, cand, {t: v[where] for t, v in adapted.items()})
     # Every distinct candidate against every row, then each row's own: a matmul and a gather of
-    # cosines instead of gathering B x S x D vectors.
+    # cosines instead of gathering B x S x D vectors. From the rank's own shards one table at a time,
+    # so only one table's rows (up to RESCORE_IDS of them) are alive at once.
     rows = torch.arange(cand.shape[0], device=cand.device).unsqueeze(1)
-    return bank.fused(u, {t: (v @ u.T)[where, rows] for t, v in unit.items()}, cand)
+    cosines = {}
+    for part in [own] if own is None else [{t: o} for t, o in own.items()]:
+        for t, v in bank.lookup(distinct, own=part)[0].items():
+            cosines[t] = (v @ u.T)[where, rows]
+    return bank.fused(u, cosines, cand)
 
 
 def ann_topk(indexes: TableIndexes, bank: Catalogue, u: torch.Tensor, k: int, per_table: int,

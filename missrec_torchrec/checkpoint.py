@@ -53,6 +53,7 @@ from missrec_torchrec.checkpoint_files import (
     write_manifest,
     write_pointer,
 )
+from missrec_torchrec.checkpoint_reader import BlockReader
 from missrec_torchrec.rng_state import capture_rng_state, restore_rng_state
 
 # Test hook: MISSREC_CKPT_FAIL_AT=<phase> simulates a crash right after that phase of a save.
@@ -310,7 +311,7 @@ class CheckpointManager:
             _init_lazy_state(optimizer, set(metadata))
             state = self._state(model, optimizer)
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=BlockReader(str(path)))
         except dcp.api.CheckpointException as e:  # a BaseException: would escape every handler
             reason = [line for line in str(e).splitlines() if line.strip()][-1].strip()
             raise CheckpointError(f"{path}: cannot be loaded into this model ({reason[:300]})") from None

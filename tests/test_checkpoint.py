@@ -216,3 +216,29 @@ def test_older_int64_interest_assignments_load_into_int32_buffers(tmp_path):
     assert new.assign_text.dtype == torch.int32 and not torch.equal(new.assign_text.long(), saved)
     CheckpointManager(tmp_path).load(new, optimizer2)
     assert new.assign_text.dtype == torch.int32 and torch.equal(new.assign_text.long(), saved)
+
+
+def test_block_reader_reads_whole_tensors_in_place_and_falls_back_otherwise(tmp_path, monkeypatch):
+    """Whole saved tensors are read straight into their targets, in blocks smaller than a tensor; a
+    target of another layout or dtype takes DCP's own path. Both give the saved values bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    import missrec_torchrec.checkpoint_reader as reader_module
+    from missrec_torchrec.checkpoint_reader import BlockReader
+
+    g = torch.Generator().manual_seed(0)
+    saved = {"table": torch.randn(1000, 16, generator=g), "half": torch.randn(300, 8, generator=g).half(),
+             "dense": torch.randn(8, 8, generator=g)}
+    dcp.save(saved, checkpoint_id=str(tmp_path))
+    monkeypatch.setattr(reader_module, "BLOCK", 4096)  # several blocks per tensor
+    into = {"table": torch.zeros(1000, 16), "half": torch.zeros(300, 8, dtype=torch.float16),
+            "dense": torch.zeros(8, 8).T}  # a transposed target: not contiguous
+    reader = BlockReader(str(tmp_path))
+    dcp.load(into, storage_reader=reader)
+    assert reader.direct == 2
+    for name in saved:
+        assert torch.equal(into[name], saved[name]), name
+    cast = {"table": torch.zeros(1000, 16, dtype=torch.float64)}  # another dtype: DCP converts
+    reader = BlockReader(str(tmp_path))
+    dcp.load(cast, storage_reader=reader)
+    assert reader.direct == 0 and torch.equal(cast["table"], saved["table"].double())
