@@ -16,7 +16,8 @@ Columns. peak RSS: the largest of any phase on any rank of the command (its own 
 mark being reset as each phase starts). bound: that rank's table shards with their optimizer state,
 the dense model (+ gradients and Adam state), the head's buffers (per-item presence flags and cluster
 ids, the centroids) and the runtime (interpreter, torch, TorchRec, measured before the dataset is
-opened); ratio = peak / bound. start-up: process start to the first training step (imports, feature
+opened); ratio = peak / bound; for `--ann` also peak / (bound + the rank's indexes, which are
+compressed copies of its own shards). start-up: process start to the first training step (imports, feature
 check, tables filled, target counts). step: training seconds / steps. re-cluster: one interest
 discovery. users/s: users evaluated or scored by both ranks / the slower rank's seconds, less
 --ann's exact scan of its recall sample (recorded apart). All timings are on whatever else the
@@ -122,6 +123,9 @@ def summarise(logs: Path) -> Dict[str, object]:
         setup = [r for r in rec if r["phase"] == "score_setup"]
         row[f"{key}_setup"] = max((r["seconds"] for r in setup), default=None)
         row[f"{key}_index"] = max((r.get("index_bytes", 0) for r in setup), default=0)
+        if row[f"{key}_index"] and row[f"{key}_memory"]:  # the indexes are the rank's own shards, compressed
+            m = row[f"{key}_memory"]
+            m["with_index"] = m["peak"] / (m["bound"] + row[f"{key}_index"])
         recall = re.search(r"recall@(\d+) vs exact ([0-9.]+) on (\d+) sampled users", text)
         if recall:
             row["recall"] = float(recall.group(2))
@@ -136,7 +140,8 @@ def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
 def fmt_memory(m: Optional[Dict]) -> str:
     if not m:
         return "-"
-    return f"{m['peak'] / GIB:.2f} / {m['bound'] / GIB:.2f} = {m['ratio']:.2f}x ({m['phase']})"
+    index = f"; {m['with_index']:.2f}x of bound + indexes" if "with_index" in m else ""
+    return f"{m['peak'] / GIB:.2f} / {m['bound'] / GIB:.2f} = {m['ratio']:.2f}x ({m['phase']}{index})"
 
 
 def print_table(rows: Dict[str, Dict]) -> None:

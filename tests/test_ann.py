@@ -114,3 +114,28 @@ def test_bad_knobs_are_one_line(settings, message):
     with pytest.raises(DataError) as e:
         TableIndexes(TopicBank(0.0), settings)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ivf_lists_filled_at_their_size_equal_faiss_add():
+    """`fill_lists` (each inverted list allocated once) builds the index faiss's own `add` builds: the
+    same ids and codes in every list, so the same search results."""
+    import faiss
+
+    from missrec_torchrec.ann_index import numpy_of
+
+    bank = TopicBank(alpha=4.0)
+    indexes = TableIndexes(bank, AnnSettings("ivf"))
+    for t, index in indexes.indexes.items():
+        reference = faiss.clone_index(index)
+        reference.reset()  # the same trained quantizer, empty lists
+        reference.add(numpy_of(bank.unit[t]))
+        assert index.ntotal == reference.ntotal == ITEMS
+        mine, theirs = faiss.downcast_InvertedLists(index.invlists), faiss.downcast_InvertedLists(reference.invlists)
+        for lst in range(index.nlist):
+            n = mine.list_size(lst)
+            assert n == theirs.list_size(lst), (t, lst)
+            if n:
+                assert np.array_equal(faiss.rev_swig_ptr(mine.get_ids(lst), n), faiss.rev_swig_ptr(theirs.get_ids(lst), n))
+                size = n * index.code_size
+                assert np.array_equal(faiss.rev_swig_ptr(mine.get_codes(lst), size),
+                                      faiss.rev_swig_ptr(theirs.get_codes(lst), size))
