@@ -79,12 +79,16 @@ class BlockReader(FileSystemReader):
             return False
         with open(self.fs.concat_path(self.path, info.relative_path), "rb") as stream:
             part = FileSlice(stream, info.offset, info.length)
-            saved = torch.load(part, map_location="meta", weights_only=True)  # shape and layout only
+            try:  # what was saved: its shape and layout (no data read), and the archive's entries
+                saved = torch.load(part, map_location="meta", weights_only=True)
+                part.seek(0)
+                archive = zipfile.ZipFile(part)
+            except Exception:  # not an archive this reader knows (an older format): DCP's own path
+                return False
             if not (isinstance(saved, torch.Tensor) and saved.shape == target.shape and saved.dtype == target.dtype
                     and saved.is_contiguous() and saved.storage_offset() == 0):
                 return False
-            part.seek(0)
-            with zipfile.ZipFile(part) as archive:
+            with archive:
                 entries = [e for e in archive.infolist() if _STORAGE.search(e.filename)]
                 nbytes = target.numel() * target.element_size()
                 if len(entries) != 1 or entries[0].compress_type != zipfile.ZIP_STORED or entries[0].file_size != nbytes:

@@ -242,3 +242,27 @@ def test_block_reader_reads_whole_tensors_in_place_and_falls_back_otherwise(tmp_
     reader = BlockReader(str(tmp_path))
     dcp.load(cast, storage_reader=reader)
     assert reader.direct == 0 and torch.equal(cast["table"], saved["table"].double())
+
+
+def test_block_reader_falls_back_on_a_legacy_archive(tmp_path):
+    """A tensor saved in torch's legacy (non-zip) format is not read in place: DCP's own path loads it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from missrec_torchrec.checkpoint_reader import BlockReader
+
+    real_save = torch.save
+
+    def legacy_save(obj, f, *args, **kwargs):
+        return real_save(obj, f, *args, _use_new_zipfile_serialization=False, **kwargs)
+
+    saved = {"table": torch.randn(50, 4, generator=torch.Generator().manual_seed(1))}
+    torch.save = legacy_save
+    try:
+        dcp.save(saved, storage_writer=FileSystemWriter(str(tmp_path)))
+    finally:
+        torch.save = real_save
+    into = {"table": torch.zeros(50, 4)}
+    reader = BlockReader(str(tmp_path))
+    dcp.load(into, storage_reader=reader)
+    assert reader.direct == 0 and torch.equal(into["table"], saved["table"])
