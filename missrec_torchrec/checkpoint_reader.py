@@ -85,10 +85,10 @@ class BlockReader(FileSystemReader):
                 archive = zipfile.ZipFile(part)
             except Exception:  # not an archive this reader knows (an older format): DCP's own path
                 return False
-            if not (isinstance(saved, torch.Tensor) and saved.shape == target.shape and saved.dtype == target.dtype
-                    and saved.is_contiguous() and saved.storage_offset() == 0):
-                return False
             with archive:
+                if not (isinstance(saved, torch.Tensor) and saved.shape == target.shape and saved.dtype == target.dtype
+                        and saved.is_contiguous() and saved.storage_offset() == 0):
+                    return False
                 entries = [e for e in archive.infolist() if _STORAGE.search(e.filename)]
                 nbytes = target.numel() * target.element_size()
                 if len(entries) != 1 or entries[0].compress_type != zipfile.ZIP_STORED or entries[0].file_size != nbytes:
