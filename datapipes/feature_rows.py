@@ -121,6 +121,13 @@ class FeatureRows:
                 out.append((g, g_lo, g_hi))
         return out
 
-    def present(self) -> np.ndarray:
-        """All N present flags (one byte each): only the 'present' column is read."""
-        return self.file.read(columns=["present"]).column(0).to_numpy()
+    def present(self, lo: int = 0, hi: Optional[int] = None) -> np.ndarray:
+        """The present flags of rows [lo, hi) (all N by default): only the 'present' column of the
+        row groups holding them is read."""
+        hi = self.shape[0] if hi is None else hi
+        out = np.zeros(max(0, hi - lo), dtype=bool)
+        for group, g_lo, g_hi in self.groups(lo, hi):
+            flags = self.file.read_row_group(group, columns=["present"]).column(0).to_numpy(zero_copy_only=False)
+            start = int(self.starts[group])
+            out[g_lo - lo : g_hi - lo] = flags[g_lo - start : g_hi - start]
+        return out

@@ -213,9 +213,10 @@ def candidate_scores(bank: Catalogue, u: torch.Tensor, cand: torch.Tensor, own=N
     this process's range): each distinct one read from `own` (`Catalogue.own_tables`) or looked up
     (collective for a rank-local bank) and adapted once."""
     distinct, where = torch.unique(cand, return_inverse=True)
+    present = {m: p[where] for m, p in bank.presence(distinct, own=own is not None).items()}
     if bank.summed:  # the one-modality model with IDs scores a summed vector: `fused` reads its parts
         _, adapted = bank.lookup(distinct, own=own)
-        return bank.fused(u, {}, cand, {t: v[where] for t, v in adapted.items()})
+        return bank.fused(u, {}, cand, {t: v[where] for t, v in adapted.items()}, present)
     # Every distinct candidate against every row, then each row's own: a matmul and a gather of
     # cosines instead of gathering B x S x D vectors. From the rank's own shards one table at a time,
     # so only one table's rows (up to RESCORE_IDS of them) are alive at once.
@@ -224,7 +225,7 @@ def candidate_scores(bank: Catalogue, u: torch.Tensor, cand: torch.Tensor, own=N
     for part in [own] if own is None else [{t: o} for t, o in own.items()]:
         for t, v in bank.lookup(distinct, own=part)[0].items():
             cosines[t] = (v @ u.T)[where, rows]
-    return bank.fused(u, cosines, cand)
+    return bank.fused(u, cosines, cand, None, present)
 
 
 def ann_topk(indexes: TableIndexes, bank: Catalogue, u: torch.Tensor, k: int, per_table: int,

@@ -10,8 +10,8 @@ change: `UserEncoder`). Items are scored by scanning this rank's own range in ch
 one collective lookup and one adapter pass per chunk) against the users of a block gathered from
 every rank (`user_blocks.py`), with the model's fusion. Memory per rank: one chunk's vectors (chunk x
 hidden x tables floats: unit vectors, and the adapted ones for a one-modality model with IDs), a
-batch's unique history rows, and what stays replicated: the head's per-item presence flags and
-interest assignments (bytes per item), which are open work.
+batch's unique history rows and their item-state rows (clusters, presence: `item_state.py`, looked
+up like the vectors, so nothing per item is replicated).
 
 `HeldCatalogue`: every item's vectors in memory, looked up and adapted once (collectively), then
 scanned without collectives. `inference_catalogue` picks it for evaluation and exact scoring when the
@@ -32,6 +32,7 @@ from datapipes.batch import PAD, candidates_key
 from missrec_torchrec import precision
 from missrec_torchrec.distributed import all_reduce_scalar, lookup_rows, own_rows
 from missrec_torchrec.interest_state import item_slice
+from missrec_torchrec.item_state import STATE_TABLE, ItemState
 from missrec_torchrec.recommender import ID_TABLE
 
 LOOKUP_CHUNK = 65536  # catalogue rows fetched from the sharded tables per collective lookup
@@ -87,14 +88,15 @@ def item_ranges(n: int, size: int) -> Iterator[Tuple[int, int]]:
 
 @dataclass
 class ItemChunk:
-    """Items [lo, hi): unit vectors per table, and the adapted ones (raw for IDs) where the fusion
+    """Items [lo, hi): unit vectors per table, the adapted ones (raw for IDs) where the fusion
     needs vectors rather than cosines (a one-modality model with IDs) or a holder asked for them
-    (`ChunkedBank.chunk`); empty otherwise."""
+    (`ChunkedBank.chunk`), empty otherwise; and their item-state rows."""
 
     lo: int
     hi: int
     unit: Vectors
     adapted: Vectors
+    state: ItemState
 
     @property
     def idx(self) -> torch.Tensor:
@@ -126,10 +128,12 @@ class UserEncoder:
         self.head, self.precision = head, precision_
         self.modalities, self.use_id = list(head.modalities), head.config.use_id
 
-    def __call__(self, history: torch.Tensor, local: torch.Tensor, rows: Vectors, slots: int) -> torch.Tensor:
-        """Each history id's row is `rows[t][local]` (local: B x L)."""
+    def __call__(self, history: torch.Tensor, local: torch.Tensor, rows: Vectors, state: ItemState,
+                 slots: int) -> torch.Tensor:
+        """Each history id's row is `rows[t][local]` and its item state `state.at(local)` (local: B x L)."""
         lengths = (history != PAD).sum(1)
-        tokens, first = self.head.interests(history)
+        at_history = state.at(local)
+        tokens, first = self.head.interests(history, at_history)
         # A token-0 slot (the reference's kept pad id) may precede the real ones: one spare column.
         widths = torch.clamp((tokens != 0).sum(1) + 1, max=tokens.shape[1])
         # Decoder slots (history) plus encoder slots (interest tokens): what a user costs.
@@ -147,14 +151,15 @@ class UserEncoder:
                 adapted = {m: F.embedding(at, table[m]) for m in self.modalities}
                 hist_id = F.embedding(at, table[ID_TABLE]) if self.use_id else None
                 out[r], _, _ = self.head.encode(history[r, :width], adapted, hist_id,
+                                                at_history.map(lambda x: x[r, :width]),
                                                 interests=(tokens[r, :interests], first[r, :interests]))
         return out
 
 
 class Catalogue:
     """What the scans read of a catalogue: `tables`, `summed`, `pg` (None: no collectives), this
-    process's item range [`lo`, `hi`), `local_chunks(size)`, `lookup(ids)`, `fused(u, sims, idx,
-    items)`, `vectors(ids)` and `repeat_bias` (the model's learned repeat bias, None when off:
+    process's item range [`lo`, `hi`), `local_chunks(size)`, `lookup(ids)`, `presence(ids)`,
+    `fused(u, sims, idx, items, present)`, `vectors(ids)` and `repeat_bias` (the model's learned repeat bias, None when off:
     user_blocks.py lowers the history items by it). Evaluation and scoring also call
     `encode(history)` and `encode_with_targets(history, target)`, which both catalogues offer through
     their `encoder` (a held one when built for users)."""
@@ -176,14 +181,17 @@ class Catalogue:
 
     def chunk_scores(self, u: torch.Tensor, chunk: ItemChunk) -> torch.Tensor:
         """B x (hi - lo) exact scores of the chunk's items."""
-        return self.fused(u, {} if self.summed else chunk.cosines(u), chunk.idx, chunk.adapted)
+        return self.fused(u, {} if self.summed else chunk.cosines(u), chunk.idx, chunk.adapted,
+                          chunk.state.present())
 
-    def pair_scores(self, u: torch.Tensor, items: torch.Tensor, vectors: Vectors) -> torch.Tensor:
-        """B scores of each user against its own item (items: B; vectors[t]: B x D, their rows)."""
+    def pair_scores(self, u: torch.Tensor, items: torch.Tensor, vectors: Vectors, state: ItemState) -> torch.Tensor:
+        """B scores of each user against its own item (items: B; vectors[t]: B x D, their rows;
+        state: their B item-state rows)."""
         idx = items.to(torch.int64).unsqueeze(1)
         rows = {t: v.unsqueeze(1) for t, v in vectors.items()}
         sims = {} if self.summed else {t: (u * F.normalize(v, dim=-1)).sum(-1, keepdim=True) for t, v in vectors.items()}
-        return self.fused(u, sims, idx, rows).squeeze(1)
+        present = {m: p.unsqueeze(1) for m, p in state.present().items()}
+        return self.fused(u, sims, idx, rows, present).squeeze(1)
 
 
 class ChunkedBank(Catalogue):
@@ -200,8 +208,9 @@ class ChunkedBank(Catalogue):
         self.tables = item_tables(session)
         # One modality with IDs scores normalize(v + id), which no function of cosines gives.
         self.summed = len(self.modalities) == 1 and self.head.config.use_id
-        self.present = {m: p.to(session.device) for m, p in self.head.presence().items()}
         self.collections = {t: session.collection(t) for t in self.tables}
+        self.state_collection = session.collection(STATE_TABLE)
+        self.own_state = session.own_state()
         self.pg, self.device, self.world = session.pg, session.device, session.world
         self.dmp = session.dmp
         self.lo, self.hi = item_slice(session.rank, session.world, self.num_items)
@@ -216,6 +225,20 @@ class ChunkedBank(Catalogue):
         forward's autocast, so both paths see the same item vectors."""
         return self.adapt({t: lookup_rows(ec, candidates_key(t), ids, chunk_size=LOOKUP_CHUNK, pg=self.pg)
                            for t, ec in self.collections.items()})
+
+    @torch.no_grad()
+    def state(self, ids: torch.Tensor) -> ItemState:
+        """The item-state rows of `ids` (collective, like `rows`)."""
+        rows = lookup_rows(self.state_collection, candidates_key(STATE_TABLE), ids, chunk_size=LOOKUP_CHUNK, pg=self.pg)
+        return self.head.state(rows)
+
+    def presence(self, ids: torch.Tensor, own: bool = False) -> Vectors:
+        """Per modality, whether items `ids` (any shape) have it: looked up (collective), or with
+        `own` read from this rank's own state rows (ids of its range only)."""
+        if own:
+            return self.head.state(self.own_state).at(ids - self.lo).present()
+        distinct, where = torch.unique(ids.reshape(-1), return_inverse=True)
+        return {m: p[where].view(ids.shape) for m, p in self.state(distinct).present().items()}
 
     def adapt(self, raw: Vectors) -> Vectors:
         """fp32 adapted vectors (raw for IDs) of raw table rows, under the training forward's autocast."""
@@ -256,7 +279,8 @@ class ChunkedBank(Catalogue):
     def chunk(self, lo: int, hi: int, adapted: bool = False) -> ItemChunk:
         """Items [lo, hi) (any range: a collective lookup like the others); `adapted`: keep every
         table's adapted vectors, not only those the fusion reads."""
-        return ItemChunk(lo, hi, *self.lookup(torch.arange(lo, hi, device=self.device), adapted))
+        ids = torch.arange(lo, hi, device=self.device)
+        return ItemChunk(lo, hi, *self.lookup(ids, adapted), self.state(ids))
 
     def lookup(self, ids: torch.Tensor, adapted: bool = False, own: Optional[Dict[str, "OwnRows"]] = None
                ) -> Tuple[Vectors, Vectors]:
@@ -271,10 +295,11 @@ class ChunkedBank(Catalogue):
 
     # -- scores --------------------------------------------------------------------------------
 
-    def fused(self, u: torch.Tensor, sims: Vectors, idx: torch.Tensor, items: Optional[Vectors] = None) -> torch.Tensor:
-        """Exact scores of items `idx` (C shared by the rows, or B x S) from their cosines `sims`;
-        a one-modality model with IDs reads their vectors `items` (idx.shape x D) instead."""
-        present = {m: p[idx] for m, p in self.present.items()}
+    def fused(self, u: torch.Tensor, sims: Vectors, idx: torch.Tensor, items: Optional[Vectors],
+              present: Vectors) -> torch.Tensor:
+        """Exact scores of items `idx` (C shared by the rows, or B x S) from their cosines `sims` and
+        presence flags (shaped like idx); a one-modality model with IDs reads their vectors `items`
+        (idx.shape x D) instead."""
         if self.summed:
             return self.core.score(u, {m: items[m] for m in self.modalities}, items[ID_TABLE],
                                    present=present, item_index=idx)
@@ -288,7 +313,7 @@ class ChunkedBank(Catalogue):
         """Unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded)."""
         safe = history.clamp(min=0)
         distinct, where = torch.unique(safe, return_inverse=True)
-        return self.encoder(history, where, self.rows(distinct), slots)
+        return self.encoder(history, where, self.rows(distinct), self.state(distinct), slots)
 
     @torch.no_grad()
     def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor,
@@ -296,19 +321,19 @@ class ChunkedBank(Catalogue):
         """(user vectors, each user's score of its target), from one lookup of both."""
         safe = history.clamp(min=0)
         distinct, where = torch.unique(torch.cat([safe.reshape(-1), target.to(safe)]), return_inverse=True)
-        rows = self.rows(distinct)
-        u = self.encoder(history, where[: safe.numel()].view_as(safe), rows, slots)
+        rows, state = self.rows(distinct), self.state(distinct)
+        u = self.encoder(history, where[: safe.numel()].view_as(safe), rows, state, slots)
         at_target = where[safe.numel():]
-        return u, self.pair_scores(u, target, {t: v[at_target] for t, v in rows.items()})
+        return u, self.pair_scores(u, target, {t: v[at_target] for t, v in rows.items()}, state.at(at_target))
 
 
 class HeldCatalogue(Catalogue):
     """Every item's vectors in memory (unit ones per table, adapted ones for a summed model or for
     encoding users), scored with `fuse(u, sims, idx, items)`; nothing it does is collective."""
 
-    def __init__(self, unit: Vectors, fuse: Callable, modalities: List[str], summed: bool = False,
+    def __init__(self, unit: Vectors, fuse: Callable, modalities: List[str], state: ItemState, summed: bool = False,
                  adapted: Optional[Vectors] = None):
-        self.unit, self.adapted = unit, adapted or {}
+        self.unit, self.adapted, self.state = unit, adapted or {}, state
         self.fuse, self.modalities, self.summed = fuse, list(modalities), summed
         self.tables = list(unit)
         self.num_items = next(iter(unit.values())).shape[0]
@@ -322,7 +347,8 @@ class HeldCatalogue(Catalogue):
         parts = [bank.chunk(lo, hi, adapted=users) for lo, hi in item_ranges(bank.num_items, size)]
         unit = {t: torch.cat([p.unit[t] for p in parts]) for t in bank.tables}
         adapted = {t: torch.cat([p.adapted[t] for p in parts]) for t in parts[0].adapted}
-        held = cls(unit, bank.fused, bank.modalities, bank.summed, adapted)
+        state = bank.head.state(torch.cat([p.state.rows for p in parts]))
+        held = cls(unit, bank.fused, bank.modalities, state, bank.summed, adapted)
         held.repeat_bias = bank.repeat_bias
         if users:
             held.encoder = bank.encoder
@@ -333,7 +359,8 @@ class HeldCatalogue(Catalogue):
     def local_chunks(self, size: int) -> Iterator[ItemChunk]:
         for lo, hi in item_ranges(self.num_items, size):
             adapted = {t: v[lo:hi] for t, v in self.adapted.items()} if self.summed else {}
-            yield ItemChunk(lo, hi, {t: v[lo:hi] for t, v in self.unit.items()}, adapted)
+            yield ItemChunk(lo, hi, {t: v[lo:hi] for t, v in self.unit.items()}, adapted,
+                            self.state.map(lambda x: x[lo:hi]))
 
     def vectors(self, ids: torch.Tensor) -> Vectors:
         return {t: v[ids] for t, v in self.adapted.items()}
@@ -341,21 +368,26 @@ class HeldCatalogue(Catalogue):
     def lookup(self, ids: torch.Tensor, adapted: bool = False, own=None) -> Tuple[Vectors, Vectors]:
         return {t: v[ids] for t, v in self.unit.items()}, self.vectors(ids) if adapted or self.summed else {}
 
+    def presence(self, ids: torch.Tensor, own: bool = False) -> Vectors:
+        return self.state.at(ids).present()
+
     @torch.no_grad()
     def encode(self, history: torch.Tensor, slots: int = SUB_BATCH_SLOTS) -> torch.Tensor:
         """As `ChunkedBank.encode`, the history ids indexing the held tokens: no lookup, no gather."""
-        return self.encoder(history, history.clamp(min=0), self.tokens, slots)
+        return self.encoder(history, history.clamp(min=0), self.tokens, self.state, slots)
 
     @torch.no_grad()
     def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor,
                             slots: int = SUB_BATCH_SLOTS) -> Tuple[torch.Tensor, torch.Tensor]:
         u = self.encode(history, slots)
-        return u, self.pair_scores(u, target, self.vectors(target.to(torch.int64)))
+        target = target.to(torch.int64)
+        return u, self.pair_scores(u, target, self.vectors(target), self.state.at(target))
 
-    def fused(self, u: torch.Tensor, sims: Vectors, idx: torch.Tensor, items: Optional[Vectors] = None) -> torch.Tensor:
+    def fused(self, u: torch.Tensor, sims: Vectors, idx: torch.Tensor, items: Optional[Vectors],
+              present: Vectors) -> torch.Tensor:
         if self.summed and items is None:
             items = self.vectors(idx)
-        return self.fuse(u, sims, idx, items)
+        return self.fuse(u, sims, idx, items, present)
 
 
 def inference_catalogue(bank: ChunkedBank, choice: str, chunk: int) -> Catalogue:

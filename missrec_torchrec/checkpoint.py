@@ -29,9 +29,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -168,6 +168,7 @@ class Restored:
     path: Path
     progress: Dict[str, Any]  # what `save` was given, plus "step" and "world_size"
     rank_state: Optional[Dict[str, Any]]  # this rank's own state; None if the world size changed
+    absent: List[str] = field(default_factory=list)  # `absent_ok` keys the checkpoint lacked (kept as they were)
 
 
 class CheckpointManager:
@@ -176,7 +177,8 @@ class CheckpointManager:
     `keep_last` complete checkpoints are kept (plus `best`); `mode` says whether a higher ("max") or
     lower ("min") metric is better. `skip_prefixes` leaves model state_dict keys out of checkpoints
     (e.g. frozen feature tables that are reloaded from their source anyway). `ties`: an equal metric
-    also counts as better.
+    also counts as better. `absent_ok`: model keys an older checkpoint may lack; they keep their
+    current values and `load` names them (`Restored.absent`) for the caller to fill.
     """
 
     def __init__(
@@ -187,6 +189,7 @@ class CheckpointManager:
         pg: Optional[dist.ProcessGroup] = None,
         skip_prefixes: Sequence[str] = (),
         ties: bool = False,
+        absent_ok: Sequence[str] = (),
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -198,6 +201,7 @@ class CheckpointManager:
         self.pg = pg
         self.skip_prefixes = tuple(skip_prefixes)
         self.ties = ties  # an equal metric also moves `best` (RecBole's >=)
+        self.absent_ok = tuple(absent_ok)
 
     # -- helpers --
 
@@ -213,8 +217,9 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier(group=self.pg)
 
-    def _state(self, model: nn.Module, optimizer: Optional[KeyedOptimizer]) -> Dict[str, Any]:
-        model_state = {k: v for k, v in model.state_dict().items() if not k.startswith(self.skip_prefixes)}
+    def _state(self, model: nn.Module, optimizer: Optional[KeyedOptimizer], drop: Sequence[str] = ()) -> Dict[str, Any]:
+        model_state = {k: v for k, v in model.state_dict().items() if not k.startswith(self.skip_prefixes)
+                       and k not in drop}
         state: Dict[str, Any] = {"model": model_state}
         if optimizer is not None:
             state["optim"] = optimizer.state_dict()
@@ -303,19 +308,20 @@ class CheckpointManager:
             return None
         check_intact(path)
         metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        state = self._state(model, None)
+        absent = [k for k in self.absent_ok if f"model.{k}" not in metadata]
+        state = self._state(model, None, absent)
         mismatches = shape_mismatches(metadata, state["model"])
         if mismatches:
             raise CheckpointMismatch(path, mismatches)
         if optimizer is not None:
             _init_lazy_state(optimizer, set(metadata))
-            state = self._state(model, optimizer)
+            state = self._state(model, optimizer, absent)
         try:
             dcp.load(state, storage_reader=BlockReader(str(path)))
         except dcp.api.CheckpointException as e:  # a BaseException: would escape every handler
             reason = [line for line in str(e).splitlines() if line.strip()][-1].strip()
             raise CheckpointError(f"{path}: cannot be loaded into this model ({reason[:300]})") from None
-        if self.skip_prefixes:
+        if self.skip_prefixes or absent:
             # Sharded collections insist on every key: the skipped ones keep their current values.
             state["model"] = {**model.state_dict(), **state["model"]}
         model.load_state_dict(state["model"])
@@ -333,7 +339,7 @@ class CheckpointManager:
                 restore_rng_state(saved["rng"])
             rank_state = saved["user"]
         progress = dict(payload["progress"], step=payload["step"], world_size=payload["world_size"])
-        return Restored(path=path, progress=progress, rank_state=rank_state)
+        return Restored(path=path, progress=progress, rank_state=rank_state, absent=absent)
 
 
 def write_tmp(tmp: Path, state: Dict[str, Any], rank: int, rank_state: Dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import torch.distributed as dist
 
 from datapipes.io import staged_dir
@@ -100,12 +101,14 @@ def export_items(checkpoint: Path | str, out: Path | str, overwrite: bool = Fals
 
 def _export_table(session, table: str, path: Optional[Path], item_keys: Keys) -> None:
     """One table's vectors, a row group per lookup chunk; `path` None: only join the lookups."""
-    present = session.head.presence().get(table)  # the ID table has no missing rows
+    bank = session.item_bank() if table in session.head.modalities else None  # the ID table has no missing rows
     dim = session.head.config.hidden
     with pq.ParquetWriter(str(path), export_schema(dim)) if path is not None else nullcontext() as writer:
         for lo, vectors in item_vector_chunks(session, table):
+            hi = lo + len(vectors)
+            # Collective like the vectors' lookup: every rank, writer or not.
+            present = bank.presence(torch.arange(lo, hi, device=session.device))[table] if bank is not None else None
             if writer is None:
                 continue
-            hi = lo + len(vectors)
-            flags = present[lo:hi].cpu().numpy() if present is not None else np.ones(hi - lo, dtype=bool)
+            flags = present.cpu().numpy() if present is not None else np.ones(hi - lo, dtype=bool)
             writer.write_table(_vector_table(lo, vectors.cpu().numpy(), flags, item_keys))

@@ -1,9 +1,10 @@
 """The model's interests: the centroid table and each item's cluster per modality, and their refresh.
 
-The head holds them as buffers (they travel with checkpoints); only `InterestState.refresh` writes
-them: k-means over the catalogue's adapted modality vectors, each rank clustering its own slice of
-the items (looked up and adapted a chunk at a time, never held whole), the assignments then
-gathered so every rank holds all of them.
+The centroids are a head buffer; each item's clusters are columns of the row-wise sharded item
+state (`item_state.py`). Both travel with checkpoints; only `InterestState.refresh` writes them:
+k-means over the catalogue's adapted modality vectors, each rank clustering the items it owns
+(looked up and adapted a chunk at a time, never held whole) and writing their clusters into its own
+state rows, so no rank ever holds every item's cluster.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from datapipes.batch import candidates_key
 from missrec_torchrec import resources
 from missrec_torchrec.distributed import lookup_rows
+from missrec_torchrec.item_state import write_columns
 from missrec_torchrec.model.interest import discover_interests_chunked
 
 # Items looked up and adapted at once when re-clustering (per modality): 16,384 x 128 fp32 raw rows are
@@ -25,24 +27,10 @@ REFRESH_CHUNK = 1 << 14
 
 
 def item_slice(rank: int, world: int, num_items: int):
-    """The items [lo, hi) rank `rank` clusters."""
-    return rank * num_items // world, (rank + 1) * num_items // world
-
-
-def gather_slices(local: torch.Tensor, world: int, num_items: int, group=None) -> torch.Tensor:
-    """Every rank's `item_slice` of a per-item tensor, concatenated in item order (on the CPU)."""
-    if world == 1:
-        return local.cpu()
-    size = -(-num_items // world) + 1
-    padded = torch.zeros(size, dtype=local.dtype, device=local.device)
-    padded[: local.numel()] = local
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded, group=group)
-    parts = []
-    for r, g in enumerate(gathered):
-        lo, hi = item_slice(r, world, num_items)
-        parts.append(g[: hi - lo])
-    return torch.cat(parts).cpu()
+    """The items [lo, hi) rank `rank` owns: its rows of a row-wise sharded table (TorchRec's blocks
+    of ceil(N / world) rows, so the last ranks may own fewer, or none)."""
+    block = -(-num_items // world)
+    return min(num_items, rank * block), min(num_items, (rank + 1) * block)
 
 
 class InterestState:
@@ -52,18 +40,20 @@ class InterestState:
         self.session = session
         self.head = session.head
 
-    def set(self, centroids: torch.Tensor, assignments: Dict[str, torch.Tensor]) -> None:
+    def set(self, centroids: torch.Tensor, clusters: Dict[str, torch.Tensor]) -> None:
+        """The centroids, and this rank's items' clusters per modality (its `item_slice`)."""
         self.head.centroids.copy_(centroids)
-        buffers = self.head.assignments()
-        for m, assign in assignments.items():
-            buffers[m].copy_(assign)
+        write_columns(self.session.own_state(), self.head.modalities, clusters=clusters)
 
-    def cluster_sizes(self) -> torch.Tensor:
-        """Items per cluster over every modality; index 0 is the padding cluster."""
-        sizes = torch.zeros(self.head.num_clusters + 1, dtype=torch.int64)
-        for assign in self.head.assignments().values():
-            sizes += torch.bincount(assign.cpu(), minlength=self.head.num_clusters + 1)
-        return sizes
+    def cluster_sizes(self, clusters: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Items per cluster over every modality and rank, from each rank's own items' `clusters`;
+        index 0 is the padding cluster (collective)."""
+        sizes = torch.zeros(self.head.num_clusters + 1, dtype=torch.int64, device=self.session.device)
+        for assign in clusters.values():
+            sizes += torch.bincount(assign.to(torch.int64), minlength=self.head.num_clusters + 1)
+        if self.session.world > 1:
+            dist.all_reduce(sizes, group=self.session.pg)
+        return sizes.cpu()
 
     def chunks(self, lo: int, hi: int, size: int = 0) -> Iterator[Tuple[str, int, torch.Tensor]]:
         """(modality, first local item, adapted vectors) over items [lo, hi), `size` items at a time.
@@ -92,16 +82,15 @@ class InterestState:
         was_training = core.training
         core.eval()
         lo, hi = item_slice(s.rank, s.world, s.num_items)
-        presence = head.presence()
-        present = {m: presence[m][lo:hi] for m in head.modalities}
+        present = head.state(s.own_state()).present()
         gen = torch.Generator().manual_seed(s.cfg.experiment.seed + 1_000_003 * epoch + position)
         with resources.phase("recluster", clusters=head.num_clusters, items=hi - lo):
             table, local = discover_interests_chunked(lambda: self.chunks(lo, hi), list(head.modalities), hi - lo,
                                                       s.model_cfg.hidden, s.model_cfg, present, generator=gen,
                                                       group=s.pg, k=head.num_clusters, device=s.device)
-            self.set(table, {m: gather_slices(a, s.world, s.num_items, s.pg) for m, a in local.items()})
+            self.set(table, local)
         core.train(was_training)
-        used = self.cluster_sizes()[1:]
+        used = self.cluster_sizes(local)[1:]
         return {
             "clusters": float(head.num_clusters),
             "clusters_used": float((used > 0).sum()),

@@ -16,11 +16,12 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from datapipes.batch import PAD, SeqBatch, candidates_key, history_key, target_key
-from missrec_torchrec import precision, repeats
+from missrec_torchrec import item_state, precision, repeats
+from missrec_torchrec.item_state import STATE_TABLE, ItemState
 from missrec_torchrec.model import losses
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import MISSRecCore
-from missrec_torchrec.model.interest import interest_tokens, num_clusters
+from missrec_torchrec.model.interest import interest_tokens_at, num_clusters
 from missrec_torchrec.tables import AUG_TABLE, ID_GROUP, ID_TABLE, ItemTables
 
 LOSSES = ("full_softmax", "sampled_softmax")
@@ -103,16 +104,11 @@ class MISSRecHead(nn.Module):
         # `cluster_points` = the item vectors that enter k-means (present ones when masking).
         points = cluster_points if cluster_points is not None else num_items * len(self.modalities)
         self.num_clusters = num_clusters(config.interest_ratio, points, config.interest_cap)
+        # Each item's cluster per modality, presence, softmax flag and log-Q live in the sharded
+        # item-state table (item_state.py): the forward reads the batch's rows from its lookups.
         self.register_buffer("centroids", torch.zeros(self.num_clusters + 1, config.hidden))
-        for m in self.modalities:
-            # int32 (K < 2**31): half the bytes of this replicated table; older checkpoints' int64
-            # buffers load into it (copy_ casts).
-            self.register_buffer(f"assign_{m}", torch.zeros(num_items, dtype=torch.int32))
-            # Replicated presence flags (one byte per item and modality), set from the dataset.
-            self.register_buffer(f"present_{m}", torch.ones(num_items, dtype=torch.bool), persistent=False)
         self.aug_generator: Optional[torch.Generator] = None
-        # train.softmax_items=training: the items the finetune softmax may use (set by the trainer).
-        self.register_buffer("softmax_items", torch.ones(num_items, dtype=torch.bool), persistent=False)
+        # train.softmax_items=training: only items flagged in the item state are softmax negatives.
         self.restrict_softmax = False
         # Speed levers (set by the trainer from the config; bench/train.py measures each).
         self.precision = "fp32"  # or "bf16": autocast of adapters and encoder-decoder (precision.py)
@@ -126,49 +122,44 @@ class MISSRecHead(nn.Module):
             nn.init.normal_(self.id_table.weight, std=config.init_std)
             with torch.no_grad():
                 self.id_table.weight[num_items].zero_()
-        # Sampled softmax: the batch's other targets join the uniform sample as negatives.
+        # Sampled softmax: the batch's other targets join the uniform sample as negatives, with the
+        # item state's log-Q (each item's share of the training targets).
         self.mixed_negatives = mixed_negatives
-        # Log of each item's share of the training targets: the in-batch negatives' log-Q.
-        self.register_buffer("target_logq", torch.full((num_items,), -math.log(num_items)), persistent=False)
         # model.repeat_bias: registered only when on, so the checkpoints of other models load unchanged.
         # A head parameter, outside the core: PEFT's freezing never reaches it (a per-domain prior).
         self.repeat_bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(())) if config.repeat_bias else None
 
-    def assignments(self) -> Dict[str, torch.Tensor]:
-        return {m: getattr(self, f"assign_{m}") for m in self.modalities}
+    def state(self, rows: torch.Tensor) -> ItemState:
+        """The decoded item-state rows (any shape x width) of this model's modalities."""
+        return ItemState(rows.detach(), self.modalities)
 
-    def presence(self) -> Dict[str, torch.Tensor]:
-        return {m: getattr(self, f"present_{m}") for m in self.modalities}
-
-    def _present_at(self, ids: torch.Tensor, valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        safe = ids.clamp(min=0)
-        out = {}
-        for m, p in self.presence().items():
-            out[m] = p[safe] if valid is None else p[safe] & valid
-        return out
-
-    def interests(self, history: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(interest tokens, first position of each) of left-aligned histories of any width."""
+    def interests(self, history: torch.Tensor, state: ItemState) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(interest tokens, first position of each) of left-aligned histories of any width, from
+        their item-state rows (B x L)."""
+        clusters = list(state.clusters().values())
         if self.config.interest_keep_zero and history.shape[1] < self.config.max_len:
             # The reference pads to max_len, so every row shorter than that has the token 0; one
             # pad column keeps that true for histories trimmed to the batch's longest row.
             history = F.pad(history, (0, 1), value=PAD)
-        return interest_tokens(history, self.assignments(), keep_zero=self.config.interest_keep_zero, first=True)
+            clusters = [F.pad(c, (0, 1)) for c in clusters]
+        return interest_tokens_at(history, clusters, keep_zero=self.config.interest_keep_zero, first=True)
 
     def encode(
         self,
         history: torch.Tensor,
         adapted: Dict[str, torch.Tensor],
         hist_id: Optional[torch.Tensor],
+        state: ItemState,
         all_positions: bool = False,
         interests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ):
-        """core.encode of a batch's histories; `interests`: their `interests(history)`, if already
-        computed (trailing pad columns allowed)."""
+        """core.encode of a batch's histories and their item-state rows (B x L); `interests`: their
+        `interests(history, state)`, if already computed (trailing pad columns allowed)."""
         valid = history != PAD
-        tokens, first = interests if interests is not None else self.interests(history)
+        tokens, first = interests if interests is not None else self.interests(history, state)
+        present = {m: p & valid for m, p in state.present().items()}
         return self.core.encode(
-            adapted, valid, tokens, self.centroids, id_emb=hist_id, present=self._present_at(history, valid),
+            adapted, valid, tokens, self.centroids, id_emb=hist_id, present=present,
             interest_first=first, all_positions=all_positions,
         )
 
@@ -198,38 +189,48 @@ class MISSRecHead(nn.Module):
         from the catalogue rows, so the batch's own history and target lookups can be left empty."""
         return self.gather_history and self._catalogue_candidates(candidates)
 
-    def _forward(self, batch: SeqBatch, feats, ids) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        cfg = self.config
-        max_len = batch.history.shape[1]
-        cands = None
+    def _inputs(self, batch: SeqBatch, feats, ids):
+        """(the adapted catalogue or None, raw history rows or None, adapted history, history IDs,
+        the item-state rows of the history, the targets and the candidates)."""
+        cfg, max_len = self.config, batch.history.shape[1]
         if self.gathers_rows(batch.candidates.numel()):
             # The catalogue is adapted for the candidates anyway: history tokens gather from it
             # instead of adapting B x L rows again (adapters are linear, so the values are equal).
             cands = self._catalogue(feats, ids)
             safe = batch.history.clamp(min=0)
-            hist_raw = None
             adapted = {m: F.embedding(safe, v) for m, v in cands[0].items()}
             hist_id = F.embedding(safe, cands[1]) if cfg.use_id else None
-        else:
-            # Frozen tables: detached, so no backward runs into their kernels at all.
-            hist_raw = {m: dense_history(feats[history_key(m)], max_len).detach() for m in self.modalities}
-            hist_id = dense_history(ids[history_key(ID_TABLE)], max_len) if cfg.use_id else None
-            adapted = self.core.adapt(hist_raw)
+            cand_state = self.state(feats[candidates_key(STATE_TABLE)].values())
+            return cands, None, adapted, hist_id, (cand_state.at(batch.history), cand_state.at(batch.target), cand_state)
+        # Frozen tables: detached, so no backward runs into their kernels at all.
+        hist_raw = {m: dense_history(feats[history_key(m)], max_len).detach() for m in self.modalities}
+        hist_id = dense_history(ids[history_key(ID_TABLE)], max_len) if cfg.use_id else None
+        states = (self.state(dense_history(feats[history_key(STATE_TABLE)], max_len)),
+                  self.state(feats[target_key(STATE_TABLE)].values()),
+                  self.state(feats[candidates_key(STATE_TABLE)].values()))
+        return None, hist_raw, self.core.adapt(hist_raw), hist_id, states
+
+    def _forward(self, batch: SeqBatch, feats, ids) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        cfg = self.config
+        max_len = batch.history.shape[1]
+        cands, hist_raw, adapted, hist_id, states = self._inputs(batch, feats, ids)
+        hist_state, tgt_state, cand_state = states
         if self.training and cfg.causal:
-            return self._causal_forward(batch, feats, ids, adapted, hist_id, cands)
-        u, memory, memory_mask = self.encode(batch.history, adapted, hist_id)
+            return self._causal_forward(batch, feats, ids, adapted, hist_id, states, cands)
+        u, memory, memory_mask = self.encode(batch.history, adapted, hist_id, hist_state)
         reg = self.core.regulariser(memory, memory_mask)
         out: Dict[str, torch.Tensor] = {"user": u}
 
         if not self.training or self.mode == "finetune":
-            scores = self._candidate_scores(u, batch, feats, ids, cands)
+            scores = self._candidate_scores(u, batch, feats, ids, cand_state, cands)
             if not self.training:
                 out["scores"] = scores
                 loss = reg.detach() * 0
                 out["loss"] = loss
                 return loss, out
             tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
-            main = self.finetune_loss(u, scores, batch.candidates, batch.target, tgt_adapted, tgt_id, batch.weight)
+            main = self.finetune_loss(u, scores, batch.candidates, batch.target, tgt_adapted, tgt_id, batch.weight,
+                                      cand_state, tgt_state)
             loss = main + cfg.gamma * reg
             out.update(loss=loss.detach(), main=main.detach(), reg=reg.detach())
             return loss, out
@@ -242,12 +243,12 @@ class MISSRecHead(nn.Module):
         tgt_adapted = self.core.adapt(tgt_raw)
         with _fp32(u):
             scores = self.core.score(
-                u, _floats(tgt_adapted), _float(tgt_id), present=self._present_at(batch.target), item_index=batch.target
+                u, _floats(tgt_adapted), _float(tgt_id), present=tgt_state.present(), item_index=batch.target
             )
         l_si = losses.seq_item_infonce(
             scores, cfg.temperature, batch.target if cfg.mask_duplicate_targets else None, batch.weight
         )
-        u_aug, mem_aug, mask_aug = self._augmented(batch, feats, hist_raw, adapted, hist_id)
+        u_aug, mem_aug, mask_aug = self._augmented(batch, feats, hist_raw, adapted, hist_id, hist_state)
         l_ss = losses.seq_seq_infonce(u, u_aug, cfg.temperature, batch.weight)
         reg_aug = self.core.regulariser(mem_aug, mask_aug)
         loss = l_si + cfg.lambda_ss * l_ss + cfg.gamma * (reg + reg_aug)
@@ -260,13 +261,13 @@ class MISSRecHead(nn.Module):
         cand_id = ids[candidates_key(ID_TABLE)].values() if self.config.use_id else None
         return self.core.adapt(cand_raw), cand_id
 
-    def _candidate_scores(self, u, batch, feats, ids, cands=None) -> torch.Tensor:
+    def _candidate_scores(self, u, batch, feats, ids, cand_state: ItemState, cands=None) -> torch.Tensor:
         """Scores in fp32 whatever the autocast: bf16 cosines would tie far more often. With
         model.repeat_bias, less the bias at the items of each row's history window."""
         adapted, cand_id = cands if cands is not None else self._catalogue(feats, ids)
         c = batch.candidates
         with _fp32(u):
-            scores = self.core.score(u.float(), _floats(adapted), _float(cand_id), present=self._present_at(c),
+            scores = self.core.score(u.float(), _floats(adapted), _float(cand_id), present=cand_state.present(),
                                      item_index=c)
             if self.repeat_bias is None:
                 return scores
@@ -284,23 +285,25 @@ class MISSRecHead(nn.Module):
         tgt_id = ids[target_key(ID_TABLE)].values() if self.config.use_id else None
         return self.core.adapt(tgt_raw), tgt_id
 
-    def finetune_loss(self, u, scores, cands, target, tgt_adapted, tgt_id, weight) -> torch.Tensor:
-        """Full softmax over the catalogue, or sampled softmax against the candidates (rows of u)."""
+    def finetune_loss(self, u, scores, cands, target, tgt_adapted, tgt_id, weight, cand_state: ItemState,
+                      tgt_state: ItemState) -> torch.Tensor:
+        """Full softmax over the catalogue, or sampled softmax against the candidates (rows of u);
+        `cand_state`, `tgt_state`: the candidates' and targets' item-state rows."""
         cfg = self.config
         if self.restrict_softmax:
             # Items outside the training sequences do not exist yet at training time: no negatives.
-            scores = scores.masked_fill(~self.softmax_items[cands], float("-inf"))
+            scores = scores.masked_fill(~cand_state.in_softmax(), float("-inf"))
         if self.loss == "full_softmax":
             # Candidates are the catalogue in index order: the target index is the column.
             if cfg.pad_negative:
-                scores = torch.cat([scores, self.pad_scores(u)], dim=1)
+                scores = torch.cat([scores, self.core.pad_scores(u)], dim=1)
             return losses.full_softmax_ce(scores, target, cfg.temperature, weight)
         with _fp32(u):
             pos = self.core.score(
                 u,
                 {m: v.float().unsqueeze(1) for m, v in tgt_adapted.items()},
                 tgt_id.float().unsqueeze(1) if tgt_id is not None else None,
-                present={m: p.unsqueeze(1) for m, p in self._present_at(target).items()},
+                present={m: p.unsqueeze(1) for m, p in tgt_state.present().items()},
                 item_index=target.unsqueeze(1),
             ).squeeze(1)
         neg_logq = losses.expected_logq(cands, cands.numel(), self.num_items)
@@ -308,39 +311,32 @@ class MISSRecHead(nn.Module):
             return losses.sampled_softmax(pos, scores, target, cands, cfg.temperature, neg_logq=neg_logq, weight=weight)
         with _fp32(u):
             in_batch = self.core.score(
-                u, _floats(tgt_adapted), _float(tgt_id), present=self._present_at(target), item_index=target
+                u, _floats(tgt_adapted), _float(tgt_id), present=tgt_state.present(), item_index=target
             )
         # In-batch targets are B draws from the target distribution: log-Q = log(B * q(item)).
-        batch_logq = self.target_logq[target] + math.log(target.numel())
+        batch_logq = tgt_state.logq() + math.log(target.numel())
         return losses.mixed_negative_softmax(
             pos, scores, cands, neg_logq, in_batch, target, batch_logq, cfg.temperature, weight=weight
         )
 
-    def pad_scores(self, u: torch.Tensor) -> torch.Tensor:
-        """B x 1: the reference's padding item (index 0 there) scored as one more candidate (quirk 17).
-
-        Its features are zero, so each adapter gives its bias; its ID row is zero (cosine 0)."""
-        cfg = self.config
-        with _fp32(u):
-            items = {m: self.core.adapters[m].bias.float().unsqueeze(0) for m in self.modalities}
-            pad_id = u.new_zeros(1, cfg.hidden) if cfg.use_id else None
-            return self.core.score(u.float(), items, pad_id)
-
-    def _causal_forward(self, batch, feats, ids, adapted, hist_id, cands=None):
+    def _causal_forward(self, batch, feats, ids, adapted, hist_id, states, cands=None):
         """One-pass causal training: every history position predicts the next item (its last
         position the row's target), one loss term per position, as one prefix row each would."""
-        y, memory, memory_mask = self.encode(batch.history, adapted, hist_id, all_positions=True)
+        hist_state, tgt_state, cand_state = states
+        y, memory, memory_mask = self.encode(batch.history, adapted, hist_id, hist_state, all_positions=True)
         valid = batch.history != PAD
         last = valid.sum(1) - 1
         target = _next_items(batch.history, batch.target, last)[valid]
+        next_state = self.state(_next_items(hist_state.rows, tgt_state.rows, last)[valid])
         u = y[valid]
         weight = batch.weight.unsqueeze(1).expand_as(valid)[valid]
-        scores = self._candidate_scores(u, batch, feats, ids, cands)
+        scores = self._candidate_scores(u, batch, feats, ids, cand_state, cands)
         tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
         if tgt_adapted is not None:
             tgt_adapted = {m: _next_items(adapted[m].float(), v.float(), last)[valid] for m, v in tgt_adapted.items()}
             tgt_id = _next_items(hist_id, tgt_id, last)[valid] if tgt_id is not None else None
-        main = self.finetune_loss(u, scores, batch.candidates, target, tgt_adapted, tgt_id, weight)
+        main = self.finetune_loss(u, scores, batch.candidates, target, tgt_adapted, tgt_id, weight, cand_state,
+                                  next_state)
         reg = self.core.regulariser(memory, memory_mask)
         loss = main + self.config.gamma * reg
         out = {"user": y[torch.arange(y.shape[0], device=y.device), last]}
@@ -348,7 +344,7 @@ class MISSRecHead(nn.Module):
         out.update(loss=loss.detach(), main=main.detach(), reg=reg.detach(), targets=valid.sum().to(loss.dtype))
         return loss, out
 
-    def _augmented(self, batch, feats, hist_raw, adapted, hist_id):
+    def _augmented(self, batch, feats, hist_raw, adapted, hist_id, hist_state: ItemState):
         cfg = self.config
         gen = self.aug_generator
         swap_possible = self.use_aug and "text" in self.modalities
@@ -358,12 +354,12 @@ class MISSRecHead(nn.Module):
             history = comp.apply(batch.history, PAD)
             adapted2 = {m: comp.apply(v) for m, v in adapted.items()}
             id2 = comp.apply(hist_id) if hist_id is not None else None
-            return self.encode(history, adapted2, id2)
+            return self.encode(history, adapted2, id2, hist_state.map(comp.apply))
         max_len = batch.history.shape[1]
         alt = dense_history(feats[history_key(AUG_TABLE)], max_len).detach()
         raw = dict(hist_raw)
         raw["text"] = losses.feature_swap(hist_raw["text"], alt, cfg.feature_swap_prob, gen)
-        return self.encode(batch.history, self.core.adapt(raw), hist_id)
+        return self.encode(batch.history, self.core.adapt(raw), hist_id, hist_state)
 
 
 class MISSRecModel(nn.Module):
@@ -385,9 +381,16 @@ class MISSRecModel(nn.Module):
         )
         self.head = MISSRecHead(config, modality_dims, num_items, use_aug=use_aug, **head_options)
         self.frozen_tables = layout.frozen_tables
+        if table_device.type != "meta":  # unsharded: the state starts as a fresh model's (sharded: the session's)
+            with torch.no_grad():
+                self.state_weight().copy_(item_state.default_rows(num_items, list(modality_dims), num_items))
         # Which batch KJT feeds which collection (fixed before sharding replaces the collections).
         self.kjt_groups: Dict[str, List[str]] = layout.kjt_groups
         self.table_dims: Dict[str, int] = layout.table_dims
+
+    def state_weight(self) -> torch.Tensor:
+        """The unsharded item-state table (N x width), for models used without DMP."""
+        return self.features[item_state.STATE_GROUP].embeddings[STATE_TABLE].weight
 
     def forward(self, batch: SeqBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         feature_outputs = [ec(batch.sparse[g]) for g, ec in self.features.items()]

@@ -25,10 +25,11 @@ from datapipes.schema import STATS_FILE, DataError, DatasetInfo
 from datapipes.stream import SequenceStream
 from missrec_torchrec import checkpoint as ckpt
 from missrec_torchrec import distributed as mdist
-from missrec_torchrec import precision, resources
+from missrec_torchrec import item_state, precision, resources
 from missrec_torchrec.catalogue import ChunkedBank
 from missrec_torchrec.config import Config, ConfigError, load_config
 from missrec_torchrec.interest_state import InterestState, item_slice
+from missrec_torchrec.item_state import STATE_TABLE
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.recommender import AUG_TABLE, ID_GROUP, ID_TABLE, MISSRecModel
 
@@ -218,10 +219,10 @@ class Session:
                 peft_trainable(self.model.head.core)
         # dense_adam: the dense table in the head trains; the sharded ID table only mirrors it.
         dense_ids = self.model.head.id_table is not None
-        self.fused_frozen = self.model.frozen_tables + ([ID_TABLE] if dense_ids else [])
+        self.fused_frozen = self.model.frozen_tables + [STATE_TABLE] + ([ID_TABLE] if dense_ids else [])
         self.dmp = mdist.plan_and_shard(
             self.model,
-            sharding_type=t.sharding,
+            sharding_type=item_state.sharding(t.sharding, list(self.model.table_dims)),
             frozen_tables=self.fused_frozen,
             trainable_fused=("sgd" if dense_ids else t.sparse_optimizer, {"lr": t.sparse_lr}),
             pg=self.pg,
@@ -234,18 +235,14 @@ class Session:
         self._load_frozen_tables()
         self.publish_ids()
         self._warm: Optional[torch.Tensor] = None  # items in some training sequence (cold start)
-        if t.softmax_items == "training":
-            self.head.softmax_items.copy_(self.training_items())
-            self.head.restrict_softmax = True
-        if self.head.mixed_negatives and self.head.loss == "sampled_softmax":
-            counts = torch.from_numpy(self.info.target_counts()).double()
-            self.head.target_logq.copy_((counts.clamp(min=1) / counts.sum()).log())
         self.kjt_groups = self.model.kjt_groups
         self.all_items = torch.arange(self.num_items, dtype=torch.int64)
         self.interests = InterestState(self)
+        self.state_key = next(k for k in self.dmp.state_dict() if k.endswith(f"embeddings.{STATE_TABLE}.weight"))
         # Frozen feature tables are reloaded from the dataset, so checkpoints leave them out.
         self.frozen_keys = tuple(k for k in self.dmp.state_dict()
-                                 if any(f".{m}." in k for m in self.model.frozen_tables) and k.startswith("features."))
+                                 if any(f".{m}." in k for m in self.model.frozen_tables) and k.startswith("features.")
+                                 and k != self.state_key)
 
     @torch.no_grad()
     def publish_ids(self) -> None:
@@ -257,8 +254,10 @@ class Session:
     def _load_frozen_tables(self) -> None:
         """Every rank fills its own shards of the frozen feature tables from the Parquet row groups
         holding them, so no rank reads a row-wise table whole; `feature_rows_decoded` says how many
-        rows each table cost this rank. A bad row stops every rank with the reader's message."""
-        presence = self.head.presence()
+        rows each table cost this rank. A bad row stops every rank with the reader's message. Then
+        each rank writes its own rows of the item state: presence, softmax flags, log-Q."""
+        lo, hi = item_slice(self.rank, self.world, self.num_items)
+        presence: Dict[str, torch.Tensor] = {}
         self.feature_rows_decoded: Dict[str, int] = {}
         error = None
         for m in self.model.frozen_tables:
@@ -266,13 +265,36 @@ class Session:
                 rows = self.info.feature_rows(m)
                 mdist.load_table_rows(self.dmp, m, rows)
                 self.feature_rows_decoded[m] = rows.rows_decoded
-                if m in self.modality_dims:  # the head's presence flags are replicated: all N
-                    presence[m].copy_(torch.from_numpy(rows.present()))
+                if m in self.modality_dims:
+                    presence[m] = torch.from_numpy(rows.present(lo, hi))
             except DataError as e:
                 error = error or str(e)
         error = mdist.first_error(error, self.pg)
         if error:
             raise DataError(error)
+        self._write_state(lo, hi, presence)
+
+    @torch.no_grad()
+    def _write_state(self, lo: int, hi: int, presence: Dict[str, torch.Tensor]) -> None:
+        t, head = self.cfg.train, self.head
+        rows = self.own_state()
+        rows.copy_(item_state.default_rows(hi - lo, head.modalities, self.num_items))
+        in_softmax = logq = None
+        if t.softmax_items == "training":
+            in_softmax = torch.from_numpy(self.info.training_items()[lo:hi])
+            head.restrict_softmax = True
+        if head.mixed_negatives and head.loss == "sampled_softmax":
+            counts = torch.from_numpy(self.info.target_counts()).double()
+            logq = (counts[lo:hi].clamp(min=1) / counts.sum()).log()
+        item_state.write_columns(rows, head.modalities, present=presence, in_softmax=in_softmax, logq=logq)
+
+    def own_state(self) -> torch.Tensor:
+        """This rank's rows of the item state (its `item_slice`): a view of its shard, written in place."""
+        lo, hi = item_slice(self.rank, self.world, self.num_items)
+        rows = mdist.own_rows(self.dmp, STATE_TABLE, lo, hi) if hi > lo else None
+        if rows is None and hi > lo:
+            raise RuntimeError(f"rank {self.rank}: the item state's shard does not hold items [{lo}, {hi})")
+        return rows if rows is not None else torch.zeros(0, item_state.width(self.head.modalities), device=self.device)
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -337,14 +359,24 @@ class Session:
     def checkpoints(self, folder: Path, keep_last: int = 3) -> ckpt.CheckpointManager:
         """A checkpoint manager for this model's state (frozen tables left out)."""
         return ckpt.CheckpointManager(folder, keep_last=keep_last, mode="max", pg=self.pg,
-                                      skip_prefixes=self.frozen_keys, ties=self.cfg.eval.recbole_stopping)
+                                      skip_prefixes=self.frozen_keys, ties=self.cfg.eval.recbole_stopping,
+                                      absent_ok=(self.state_key,))
 
     def load(self, manager: ckpt.CheckpointManager, which: Any, optimizer=None) -> Optional[ckpt.Restored]:
         """`which` into the model (and optimizer); a checkpoint of another dataset or model is one line."""
         try:
-            return manager.load(self.dmp, optimizer, which=which)
+            restored = manager.load(self.dmp, optimizer, which=which)
         except ckpt.CheckpointMismatch as e:
             raise DataError(ckpt.describe_mismatch(e, self.info.root, self.num_items, self.modality_dims)) from None
+        if restored is not None and self.state_key in restored.absent:
+            # Written before the item state: this rank's rows of its N-long cluster buffers (presence,
+            # softmax flags and log-Q were never saved: the set-up's values stand).
+            lo, hi = item_slice(self.rank, self.world, self.num_items)
+            clusters = item_state.legacy_clusters(restored.path, self.head.modalities, self.num_items)
+            with torch.no_grad():
+                item_state.write_columns(self.own_state(), self.head.modalities,
+                                         clusters={m: c[lo:hi].to(self.device) for m, c in clusters.items()})
+        return restored
 
     def load_weights(self, step_dir: Path) -> None:
         """A complete checkpoint's weights for inference (no optimizer state), then eval mode."""

@@ -2,9 +2,11 @@
 
 Item side: one frozen `EmbeddingCollection` per feature dim holds the modality tables (MiniLM / CLIP
 vectors, never trained; pre-training's word-dropped `text_aug` too); the optional item-ID table
-(transductive mode) has its own trainable collection. Every table serves three features of the
-batch (`datapipes.batch`): the history, the targets and the candidates (all items for full softmax
-and evaluation, a sample for sampled softmax, none in pre-training).
+(transductive mode) has its own trainable collection, and the per-item state (`item_state.py`:
+interest clusters, presence and softmax flags, log-Q) its own frozen one, written by the trainer
+rather than loaded from features. Every table serves three features of the batch (`datapipes.batch`):
+the history, the targets and the candidates (all items for full softmax and evaluation, a sample for
+sampled softmax, none in pre-training).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from datapipes.batch import candidates_key, history_key, target_key
+from missrec_torchrec import item_state
+from missrec_torchrec.item_state import STATE_GROUP, STATE_TABLE
 
 # A frozen table keeps its feature file's dtype (`missrec features --dtype`): float16 halves its memory.
 # The lookup returns fp32 (FBGEMM on CPU) and the adapters cast to their own dtype anyway.
@@ -49,7 +53,7 @@ def _collection(tables: List[Tuple[str, int]], num_items: int, device: torch.dev
 class ItemTables:
     """Which tables exist, their dims and the batch KJT (group) that feeds each collection."""
 
-    frozen_tables: List[str] = field(default_factory=list)
+    frozen_tables: List[str] = field(default_factory=list)  # loaded from the dataset's features
     kjt_groups: Dict[str, List[str]] = field(default_factory=dict)
     table_dims: Dict[str, int] = field(default_factory=dict)
 
@@ -74,6 +78,11 @@ class ItemTables:
             kjt_groups={feature_group(dim): [t for t, _ in group] for dim, group in groups},
             table_dims={t: d for group in tables_by_dim.values() for t, d in group},
         )
+        # fp32 whatever the features' dtype: its cluster ids and flags must be exact.
+        features[STATE_GROUP] = _collection([(STATE_TABLE, item_state.width(list(modality_dims)))], num_items,
+                                            device, {})
+        layout.kjt_groups[STATE_GROUP] = [STATE_TABLE]
+        layout.table_dims[STATE_TABLE] = item_state.width(list(modality_dims))
         ids = nn.ModuleDict()
         if id_dim is not None:
             ids[ID_GROUP] = _collection([(ID_TABLE, id_dim)], num_items, device, {})

@@ -169,7 +169,8 @@ class ApproxPass:
 
 def rescore_union(bank: Catalogue, u: torch.Tensor, tops: Dict[str, RunningTopK], k: int):
     """(scores, items, certified): the union of the tables' lists re-scored exactly (collective for
-    a one-modality model with IDs, whose candidates' vectors are looked up)."""
+    a rank-local bank: the candidates' item state, and a one-modality model with IDs' vectors, are
+    looked up)."""
     b, tables = u.shape[0], list(tops)
     # A list's last score is -inf when the table retrieved every candidate there was.
     kth = {t: top.scores[:, -1] for t, top in tops.items()}
@@ -182,7 +183,7 @@ def rescore_union(bank: Catalogue, u: torch.Tensor, tops: Dict[str, RunningTopK]
     usable = (cand >= 0) & ~duplicate
     safe = cand.clamp(min=0)
     items = bank.vectors(safe) if bank.summed else None
-    rescored = bank.fused(u, payload, safe, items).masked_fill(~usable, float("-inf"))
+    rescored = bank.fused(u, payload, safe, items, bank.presence(safe)).masked_fill(~usable, float("-inf"))
     top = RunningTopK(b, k, u.device)
     top.add(rescored, cand)
     scores, best = top.result()

@@ -15,6 +15,7 @@ from torch import nn
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 import missrec_torchrec.checkpoint as checkpoint
+from missrec_torchrec import item_state
 from missrec_torchrec.checkpoint import CheckpointManager
 from missrec_torchrec.checkpoint_files import best_checkpoint, complete_checkpoints, latest_checkpoint
 from missrec_torchrec.distributed import build_optimizer, init_distributed, load_table_rows
@@ -196,26 +197,42 @@ def test_nothing_to_resume_and_bad_paths(tmp_path):
         CheckpointManager(tmp_path).load(model, optimizer, which=tmp_path / "step_9.tmp")
 
 
-def test_older_int64_interest_assignments_load_into_int32_buffers(tmp_path):
-    from missrec_torchrec.model import ModelConfig
-    from missrec_torchrec.recommender import MISSRecHead
+def test_item_state_round_trips_and_older_cluster_buffers_load_into_it(synthetic_mm, tmp_path):
+    """Today's checkpoints carry the sharded item state bit for bit; one written before it (N-long
+    int64 `head.assign_<m>` buffers, no state table) loads its clusters into the state, and the
+    columns it never saved (presence, softmax flags, log-Q) keep the set-up's values."""
+    from test_scale import scale_session
 
-    config = ModelConfig(hidden=8, heads=2, ffn=8, max_len=5, interest_ratio=0.2)
+    session = scale_session(synthetic_mm, tmp_path)
+    head, n = session.head, session.num_items
+    g = torch.Generator().manual_seed(5)
+    fresh_rows = session.own_state().clone()  # one rank: every item's row
 
-    def head_and_optimizer():
-        torch.manual_seed(0)
-        head = MISSRecHead(config, {"text": 6}, 30)
-        return head, KeyedOptimizerWrapper(dict(head.named_parameters()), lambda p: torch.optim.Adam(p, lr=0.1))
+    clusters = {m: torch.randint(1, head.num_clusters + 1, (n,), generator=g) for m in head.modalities}
+    item_state.write_columns(session.own_state(), head.modalities, clusters=clusters)
+    written = session.own_state().clone()
+    manager = session.checkpoints(tmp_path / "now")
+    manager.save(1, session.dmp, None)
+    session.own_state().copy_(fresh_rows)
+    assert session.load(manager, "latest").absent == []
+    assert torch.equal(session.own_state(), written)
 
-    old, optimizer = head_and_optimizer()
-    saved = torch.randint(1, old.num_clusters + 1, (30,), generator=torch.Generator().manual_seed(1))
-    old.assign_text = saved.clone()  # int64, as checkpoints written before the int32 buffers hold it
-    CheckpointManager(tmp_path).save(1, old, optimizer)
+    older = {m: torch.randint(1, head.num_clusters + 1, (n,), generator=g) for m in head.modalities}
 
-    new, optimizer2 = head_and_optimizer()
-    assert new.assign_text.dtype == torch.int32 and not torch.equal(new.assign_text.long(), saved)
-    CheckpointManager(tmp_path).load(new, optimizer2)
-    assert new.assign_text.dtype == torch.int32 and torch.equal(new.assign_text.long(), saved)
+    class Older(nn.Module):  # the model as checkpoints before the item state saw it
+        def state_dict(self, *args, **kwargs):
+            state = {k: v for k, v in session.dmp.state_dict().items() if k != session.state_key}
+            return {**state, **{f"head.assign_{m}": a for m, a in older.items()}}
+
+    manager = session.checkpoints(tmp_path / "older")
+    manager.save(1, Older(), None)
+    session.own_state().copy_(fresh_rows)
+    assert session.load(manager, "latest").absent == [session.state_key]
+    state, fresh = head.state(session.own_state()), head.state(fresh_rows)
+    for m in head.modalities:
+        assert torch.equal(state.clusters()[m], older[m]), m
+        assert torch.equal(state.present()[m], fresh.present()[m]), m
+    assert torch.equal(state.in_softmax(), fresh.in_softmax()) and torch.equal(state.logq(), fresh.logq())
 
 
 def test_block_reader_reads_whole_tensors_in_place_and_falls_back_otherwise(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import replace
+from typing import Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +14,8 @@ import torch
 
 from datapipes.batch import PAD, collate
 from datapipes.stream import SequenceStream
+from missrec_torchrec import item_state
+from missrec_torchrec.item_state import ItemState
 from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.recommender import MISSRecHead, MISSRecModel
 
@@ -22,22 +25,29 @@ NUM_ITEMS = 40
 SMALL = ModelConfig(hidden=16, heads=2, ffn=24, max_len=10, dropout=0.0, interest_ratio=0.2)
 
 
-def seed_interests(head: MISSRecHead, seed: int = 0) -> None:
-    """Random centroids and item->cluster tables, some items missing their image."""
+def seed_interests(head: MISSRecHead, seed: int = 0, state: Optional[torch.Tensor] = None) -> ItemState:
+    """Random centroids and item clusters, some items missing their image: the item state of every
+    item, written into `state` (the model's state table) when given."""
     g = torch.Generator().manual_seed(seed)
     head.centroids.copy_(torch.randn(head.centroids.shape, generator=g))
     head.centroids[0] = 0
-    for m in head.modalities:
-        getattr(head, f"assign_{m}").copy_(torch.randint(1, head.num_clusters + 1, (NUM_ITEMS,), generator=g))
+    rows = item_state.default_rows(NUM_ITEMS, head.modalities, NUM_ITEMS)
+    clusters = {m: torch.randint(1, head.num_clusters + 1, (NUM_ITEMS,), generator=g) for m in head.modalities}
+    present = {}
     if "image" in head.modalities:
-        head.present_image[::5] = False
-        head.assign_image[::5] = 0
+        clusters["image"][::5] = 0
+        present["image"] = torch.arange(NUM_ITEMS) % 5 != 0
+    item_state.write_columns(rows, head.modalities, clusters=clusters, present=present)
+    if state is not None:
+        with torch.no_grad():
+            state.copy_(rows)
+    return head.state(rows)
 
 
 def make_model(config: ModelConfig, dims=DIMS, loss: str = "full_softmax") -> MISSRecModel:
     torch.manual_seed(0)
     model = MISSRecModel(config, dims, NUM_ITEMS, loss=loss, table_device=torch.device("cpu"))
-    seed_interests(model.head)
+    seed_interests(model.head, state=model.state_weight())
     return model
 
 
@@ -138,14 +148,13 @@ def test_bucketed_stream_resumes_mid_epoch(synthetic_mm):
 def _causal_head(config, dims=DIMS):
     torch.manual_seed(0)
     head = MISSRecHead(config, dims, NUM_ITEMS)
-    seed_interests(head)
-    return head.eval()
+    return head.eval(), seed_interests(head)
 
 
 @pytest.mark.parametrize("keep_zero", [False, True])
 def test_one_pass_causal_equals_every_prefix_run_separately(keep_zero):
     config = replace(SMALL, causal=True, use_id=True, interest_keep_zero=keep_zero)
-    head = _causal_head(config)
+    head, state = _causal_head(config)
     b, width = 6, config.max_len
     g = torch.Generator().manual_seed(3)
     lengths = torch.tensor([10, 7, 1, 4, 10, 2])
@@ -155,18 +164,20 @@ def test_one_pass_causal_equals_every_prefix_run_separately(keep_zero):
     hist_id = torch.randn(b, width, config.hidden, generator=g)
     with torch.no_grad():
         adapted = head.core.adapt(raw)
-        y, _, _ = head.encode(history, adapted, hist_id, all_positions=True)
+        y, _, _ = head.encode(history, adapted, hist_id, state.at(history), all_positions=True)
         for p in range(width):
             rows = lengths > p  # rows that have a position p
             prefix = history[rows, : p + 1]
-            u, _, _ = head.encode(prefix, {m: v[rows, : p + 1] for m, v in adapted.items()}, hist_id[rows, : p + 1])
+            u, _, _ = head.encode(prefix, {m: v[rows, : p + 1] for m, v in adapted.items()}, hist_id[rows, : p + 1],
+                                  state.at(prefix))
             torch.testing.assert_close(y[rows, p], u, rtol=1e-5, atol=1e-5)
     # The paper's bidirectional model does not have this property (position 0 sees the future).
-    bidir = _causal_head(replace(config, causal=False))
+    bidir, _ = _causal_head(replace(config, causal=False))
     bidir.load_state_dict(head.state_dict())
     with torch.no_grad():
-        y_bidir, _, _ = bidir.encode(history, adapted, hist_id, all_positions=True)
-        alone, _, _ = bidir.encode(history[:1, :1], {m: v[:1, :1] for m, v in adapted.items()}, hist_id[:1, :1])
+        y_bidir, _, _ = bidir.encode(history, adapted, hist_id, state.at(history), all_positions=True)
+        alone, _, _ = bidir.encode(history[:1, :1], {m: v[:1, :1] for m, v in adapted.items()}, hist_id[:1, :1],
+                                   state.at(history[:1, :1]))
     assert not torch.allclose(y_bidir[0, 0], alone[0], atol=1e-4)
 
 
@@ -225,7 +236,7 @@ def test_window_rows_cover_every_training_target_once(synthetic_mm):
 def test_id_only_core_scores_with_ids_alone():
     config = replace(SMALL, use_id=True)
     model = make_model(config, dims={})
-    assert not model.features and model.head.core.fusion_alpha is None
+    assert list(model.features) == [item_state.STATE_GROUP] and model.head.core.fusion_alpha is None
     batch = make_batch(model, make_rows(8, config.max_len), config.max_len)
     model.eval()
     with torch.no_grad():
@@ -273,17 +284,21 @@ def test_softmax_over_training_items_ignores_the_rest():
     # train.softmax_items=training: items outside the training sequences get no logit and no gradient;
     # the loss is the cross-entropy over the remaining columns only.
     head = MISSRecHead(replace(SMALL, use_id=True), {}, NUM_ITEMS)
-    head.softmax_items[30:] = False
+    rows = item_state.default_rows(NUM_ITEMS, [], NUM_ITEMS)
+    item_state.write_columns(rows, [], in_softmax=torch.arange(NUM_ITEMS) < 30)
+    state = head.state(rows)
     head.restrict_softmax = True
     scores = (0.05 * torch.randn(4, NUM_ITEMS, generator=torch.Generator().manual_seed(0))).requires_grad_()
     target = torch.tensor([0, 7, 29, 3])
-    loss = head.finetune_loss(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4))
+    loss = head.finetune_loss(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4), state,
+                              state.at(target))
     expected = torch.nn.functional.cross_entropy(scores[:, :30].detach() / SMALL.temperature, target)
     torch.testing.assert_close(loss.detach(), expected)
     loss.backward()
     assert scores.grad[:, 30:].abs().sum() == 0 and scores.grad[:, :30].abs().sum() > 0
     head.restrict_softmax = False  # the default: the whole catalogue
-    everything = head.finetune_loss(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4))
+    everything = head.finetune_loss(None, scores, torch.arange(NUM_ITEMS), target, None, None, torch.ones(4), state,
+                                    state.at(target))
     assert everything > loss
 
 

@@ -72,7 +72,9 @@ def test_slices_read_only_their_row_groups_and_equal_the_whole_table(grouped):
         assert got.dtype == np.float32 and got.shape == (hi - lo, c1 - c0)
         assert np.array_equal(got, whole[lo:hi, c0:c1])
         assert rows.rows_decoded == decoded
+        assert np.array_equal(rows.present(lo, hi), present[lo:hi])  # a rank's own flags only
     assert np.array_equal(info.feature_rows("text").present(), present)
+    assert not present.all()  # the synthetic set has items without text: the flags are not trivially equal
 
 
 def test_a_bad_row_is_named_by_the_range_that_holds_it(synthetic_mm, tmp_path):
@@ -121,7 +123,8 @@ def test_one_rank_tables_equal_the_whole_table_read(grouped, tmp_path, sharding)
     session = Session(session_config(grouped, tmp_path, sharding), prepare=False)
     for m, (same, owned, decoded, dtype) in shards_against_whole_table(session).items():
         assert same and owned == ITEMS and decoded == ITEMS and dtype == torch.float32, m
-        assert torch.equal(session.head.presence()[m], torch.from_numpy(session.info.load_features(m)[1]))
+        present = session.head.state(session.own_state()).present()[m]  # one rank: every item's
+        assert torch.equal(present, torch.from_numpy(session.info.load_features(m)[1]))
 
 
 def _two_rank_worker(good: str, bad: str, out: str):

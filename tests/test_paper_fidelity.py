@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from missrec_torchrec import item_state
 from missrec_torchrec.metrics import early_stopping
 from missrec_torchrec.model import losses
 
@@ -141,7 +142,7 @@ def test_paper_softmax_has_the_padding_item_as_one_more_negative(paper_trainer):
     pad_id = head.id_table.weight[-1:].detach()
     expected = core.score(u, core.adapt(zero), pad_id)
     with torch.no_grad():
-        torch.testing.assert_close(head.pad_scores(u), expected)
+        torch.testing.assert_close(head.core.pad_scores(u), expected)
 
 
 def test_sampled_softmax_uses_in_batch_and_uniform_negatives_with_their_own_log_q():
@@ -154,9 +155,11 @@ def test_sampled_softmax_uses_in_batch_and_uniform_negatives_with_their_own_log_
     torch.manual_seed(0)
     model = MISSRecModel(config, DIMS, NUM_ITEMS, loss="sampled_softmax", table_device=torch.device("cpu"),
                          mixed_negatives=True)
-    seed_interests(model.head)
+    seed_interests(model.head, state=model.state_weight())
     share = torch.rand(NUM_ITEMS, generator=torch.Generator().manual_seed(1)) + 0.1
-    model.head.target_logq.copy_((share / share.sum()).log())
+    logq = (share / share.sum()).log()
+    with torch.no_grad():
+        item_state.write_columns(model.state_weight(), model.head.modalities, logq=logq)
     values, lengths, target, user = make_rows(8, config.max_len, seed=3)
     target[1] = target[0]  # a shared target: those two rows are not each other's negatives
     cands = torch.randperm(NUM_ITEMS, generator=torch.Generator().manual_seed(2))[:12]
@@ -167,7 +170,7 @@ def test_sampled_softmax_uses_in_batch_and_uniform_negatives_with_their_own_log_
     pos = scores[torch.arange(len(tgt)), tgt]
     expected = losses.mixed_negative_softmax(
         pos, scores[:, cands], cands, losses.expected_logq(cands, cands.numel(), NUM_ITEMS),
-        scores[:, tgt], tgt, model.head.target_logq[tgt] + math.log(len(tgt)), config.temperature,
+        scores[:, tgt], tgt, logq[tgt] + math.log(len(tgt)), config.temperature,
     )
     torch.testing.assert_close(out["main"], expected, rtol=1e-5, atol=1e-5)
     uniform_only = losses.sampled_softmax(pos, scores[:, cands], tgt, cands, config.temperature,

@@ -46,7 +46,8 @@ def test_chunked_refresh_equals_clustering_the_slice_held_whole(synthetic_mm, tm
     session.refresh_interests(epoch=3, position=5)
     # Two passes (the sample, then the assignment) of 18 steps, each adapting one chunk per modality.
     assert max(widest) == CHUNK and len(widest) == 2 * 2 * 18
-    streamed = head.centroids.clone(), {m: a.clone() for m, a in head.assignments().items()}
+    state = head.state(session.own_state())  # one rank: every item's state
+    streamed = head.centroids.clone(), state.clusters()
 
     monkeypatch.setattr(core, "adapt", adapt)
     ids = torch.arange(session.num_items)
@@ -54,13 +55,14 @@ def test_chunked_refresh_equals_clustering_the_slice_held_whole(synthetic_mm, tm
         points = {m: adapt({m: lookup_rows(session.collection(m), candidates_key(m), ids)})[m].float()
                   for m in head.modalities}
     gen = torch.Generator().manual_seed(session.cfg.experiment.seed + 1_000_003 * 3 + 5)
-    table, held = discover_interests(points, session.model_cfg, head.presence(), generator=gen, k=head.num_clusters)
+    present = state.present()
+    table, held = discover_interests(points, session.model_cfg, present, generator=gen, k=head.num_clusters)
     assert head.num_clusters == 16 and session.model_cfg.kmeans_backend == "faiss"
     # The adapter's matmul over 7 rows and over 120 may round the last bit apart; nothing more.
     assert torch.allclose(streamed[0], table, atol=1e-6)
     for m in head.modalities:
         assert torch.equal(streamed[1][m], held[m]), m
-        assert (held[m][~head.presence()[m]] == 0).all() and (held[m][head.presence()[m]] >= 1).all()
+        assert (held[m][~present[m]] == 0).all() and (held[m][present[m]] >= 1).all()
 
 
 def test_target_counts_equal_a_direct_count(synthetic_mm):

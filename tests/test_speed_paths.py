@@ -209,6 +209,7 @@ def test_projected_centroids_give_the_same_user_vectors_and_gradients(session):
     head, core = session.head, session.head.core
     bank = ChunkedBank(session, "fp32")
     rows = bank.rows(torch.arange(session.num_items))
+    state = bank.state(torch.arange(session.num_items)).at(batch.history)
     safe = batch.history.clamp(min=0)
     results = []
     for project in (False, True):
@@ -217,7 +218,7 @@ def test_projected_centroids_give_the_same_user_vectors_and_gradients(session):
         core.train()  # dropout is 0 here: training mode only turns the gradients' path on
         core.zero_grad(set_to_none=True)
         adapted = {m: F.embedding(safe, rows[m]) for m in bank.modalities}
-        u, _, _ = head.encode(batch.history, adapted, F.embedding(safe, rows[ID_TABLE]))
+        u, _, _ = head.encode(batch.history, adapted, F.embedding(safe, rows[ID_TABLE]), state)
         u.square().sum().backward()
         core.eval()
         results.append((users, u.detach(), {n: p.grad for n, p in core.named_parameters() if p.grad is not None}))

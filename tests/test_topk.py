@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from missrec_torchrec import item_state
 from missrec_torchrec.catalogue import HeldCatalogue
+from missrec_torchrec.item_state import ItemState
 from missrec_torchrec.model.fusion import fuse
 from missrec_torchrec.topk import RunningTopK, Seen, approx_topk, exact_topk, recall
 
@@ -58,14 +60,15 @@ class TwoModalityBank(HeldCatalogue):
     def __init__(self, n: int, dim: int, alpha: float, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
         modalities = ["text", "image"]
-        super().__init__({m: F.normalize(torch.randn(n, dim, generator=gen), dim=-1) for m in modalities},
-                         self.fuse_cosines, modalities)
-        self.present = {m: torch.rand(n, generator=gen) > 0.2 for m in self.modalities}
+        unit = {m: F.normalize(torch.randn(n, dim, generator=gen), dim=-1) for m in modalities}
+        rows = item_state.default_rows(n, modalities, n)
+        item_state.write_columns(rows, modalities, present={m: torch.rand(n, generator=gen) > 0.2 for m in modalities})
+        super().__init__(unit, self.fuse_cosines, modalities, ItemState(rows, modalities))
         self.alpha = torch.tensor(alpha)
 
-    def fuse_cosines(self, u, sims, idx, items=None):
-        present = [self.present[m][idx] for m in self.modalities]
-        return fuse([sims[m] for m in self.modalities], present, self.alpha, inference=True)
+    def fuse_cosines(self, u, sims, idx, items, present):
+        return fuse([sims[m] for m in self.modalities], [present[m] for m in self.modalities], self.alpha,
+                    inference=True)
 
     def all_scores(self, u):
         """B x N: every item scored at once."""

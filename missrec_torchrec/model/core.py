@@ -183,6 +183,14 @@ class MISSRecCore(nn.Module):
             return self.fusion_alpha
         return self.fusion_alpha if item_index is None else self.fusion_alpha[item_index]
 
+    def pad_scores(self, u: Tensor) -> Tensor:
+        """B x 1, in fp32: the reference's padding item (index 0 there) scored as one more candidate
+        (quirk 17). Its features are zero, so each adapter gives its bias; its ID row is zero (cosine 0)."""
+        with torch.autocast(u.device.type, enabled=False):
+            items = {m: self.adapters[m].bias.float().unsqueeze(0) for m in self.modalities}
+            pad_id = u.new_zeros(1, self.config.hidden) if self.config.use_id else None
+            return self.score(u.float(), items, pad_id)
+
     def score(
         self,
         u: Tensor,

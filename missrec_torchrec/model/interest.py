@@ -232,7 +232,7 @@ def discover_interests_chunked(
 
     centroids = faiss_kmeans_chunks(local, kept_chunks, k, dim=dim, iters=config.kmeans_iters, generator=generator,
                                     group=group, points_per_centroid=config.kmeans_points_per_centroid, device=device)
-    # int32: the head keeps these N-long tables replicated on every rank.
+    # int32: this rank's items only; they go into its rows of the sharded item state.
     assignments = {m: torch.zeros(local_items, dtype=torch.int32, device=device) for m in names}
     for m, start, rows in chunks():
         out = assignments[m][start : start + rows.shape[0]]
@@ -305,16 +305,27 @@ def interest_tokens(
     one padding column.
     """
     tables = list(assignments.values()) if isinstance(assignments, Mapping) else list(assignments)
+    items = history.clamp(min=0)
+    return interest_tokens_at(history, [t[items] for t in tables], keep_zero=keep_zero, first=first)
+
+
+def interest_tokens_at(
+    history: torch.Tensor,
+    clusters: Sequence[torch.Tensor],
+    keep_zero: bool = False,
+    first: bool = False,
+) -> torch.Tensor | Tuple[torch.Tensor, torch.Tensor]:
+    """`interest_tokens` from each history position's cluster per modality (B x L each; any value at
+    PAD positions), as read from the sharded item state rather than N-long tables."""
     b, length = history.shape
-    if not tables:
+    if not clusters:
         pad = torch.zeros(b, 1, dtype=torch.long, device=history.device)
         return (pad, torch.full_like(pad, length)) if first else pad
     is_pad = history < 0
-    items = history.clamp(min=0)
-    ids = torch.cat([t[items].long().masked_fill(is_pad, 0) for t in tables], dim=1)
+    ids = torch.cat([c.long().masked_fill(is_pad, 0) for c in clusters], dim=1)
     # Sorting id * L + position orders by id, and by position within an id: each id's first
     # entry after the sort holds its earliest position.
-    positions = torch.arange(length, device=history.device).repeat(len(tables))
+    positions = torch.arange(length, device=history.device).repeat(len(clusters))
     key, _ = (ids * length + positions).sort(dim=1)
     ids, pos = key.div(length, rounding_mode="floor"), key.remainder(length)
     is_first = torch.ones_like(ids, dtype=torch.bool)
