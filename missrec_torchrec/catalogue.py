@@ -272,15 +272,18 @@ class ChunkedBank(Catalogue):
             lo = min(self.hi, self.lo + step * size)
             hi = min(self.hi, lo + size)
             if hi > lo:
-                yield self.chunk(lo, hi)
+                yield self.chunk(lo, hi, own=True)
             else:
-                self.chunk(lo, hi)
+                self.chunk(lo, hi, own=True)
 
-    def chunk(self, lo: int, hi: int, adapted: bool = False) -> ItemChunk:
+    def chunk(self, lo: int, hi: int, adapted: bool = False, own: bool = False) -> ItemChunk:
         """Items [lo, hi) (any range: a collective lookup like the others); `adapted`: keep every
-        table's adapted vectors, not only those the fusion reads."""
+        table's adapted vectors, not only those the fusion reads; `own`: items of this rank's range,
+        whose item state it reads from its own rows (one collective lookup per chunk fewer: each
+        costs the scan's latency, not bandwidth)."""
         ids = torch.arange(lo, hi, device=self.device)
-        return ItemChunk(lo, hi, *self.lookup(ids, adapted), self.state(ids))
+        state = self.head.state(self.own_state[lo - self.lo : hi - self.lo]) if own else self.state(ids)
+        return ItemChunk(lo, hi, *self.lookup(ids, adapted), state)
 
     def lookup(self, ids: torch.Tensor, adapted: bool = False, own: Optional[Dict[str, "OwnRows"]] = None
                ) -> Tuple[Vectors, Vectors]:

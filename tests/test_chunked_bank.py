@@ -146,9 +146,9 @@ def test_no_rank_adapts_the_catalogue_whole_or_holds_two_chunks(runs, monkeypatc
     alive, widths = [], []
     chunk = ChunkedBank.chunk
 
-    def watched(bank, lo, hi):
+    def watched(bank, lo, hi, **kwargs):
         assert not any(ref() is not None for ref in alive), "a chunk was still held when the next was looked up"
-        out = chunk(bank, lo, hi)
+        out = chunk(bank, lo, hi, **kwargs)
         alive.append(weakref.ref(out.unit["text"]))
         widths.append(hi - lo)
         return out
