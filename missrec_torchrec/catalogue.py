@@ -279,8 +279,7 @@ class ChunkedBank(Catalogue):
     def chunk(self, lo: int, hi: int, adapted: bool = False, own: bool = False) -> ItemChunk:
         """Items [lo, hi) (any range: a collective lookup like the others); `adapted`: keep every
         table's adapted vectors, not only those the fusion reads; `own`: items of this rank's range,
-        whose item state it reads from its own rows (one collective lookup per chunk fewer: each
-        costs the scan's latency, not bandwidth)."""
+        their item state read from its own rows (a lookup per chunk costs the scan latency)."""
         ids = torch.arange(lo, hi, device=self.device)
         state = self.head.state(self.own_state[lo - self.lo : hi - self.lo]) if own else self.state(ids)
         return ItemChunk(lo, hi, *self.lookup(ids, adapted), state)

@@ -238,11 +238,11 @@ class Session:
         self.kjt_groups = self.model.kjt_groups
         self.all_items = torch.arange(self.num_items, dtype=torch.int64)
         self.interests = InterestState(self)
-        self.state_key = next(k for k in self.dmp.state_dict() if k.endswith(f"embeddings.{STATE_TABLE}.weight"))
+        keys = list(self.dmp.state_dict())
+        self.state_key = next(k for k in keys if k.endswith(f"embeddings.{STATE_TABLE}.weight"))
         # Frozen feature tables are reloaded from the dataset, so checkpoints leave them out.
-        self.frozen_keys = tuple(k for k in self.dmp.state_dict()
-                                 if any(f".{m}." in k for m in self.model.frozen_tables) and k.startswith("features.")
-                                 and k != self.state_key)
+        self.frozen_keys = tuple(k for k in keys if any(f".{m}." in k for m in self.model.frozen_tables)
+                                 and k.startswith("features.") and k != self.state_key)
 
     @torch.no_grad()
     def publish_ids(self) -> None:
