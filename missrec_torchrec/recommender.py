@@ -375,7 +375,7 @@ class MISSRecModel(nn.Module):
         self.config = config
         self.num_items = num_items
         use_aug = aug_dim is not None and head_options.get("mode") == "pretrain"
-        layout, self.features, self.ids = ItemTables.build(
+        layout, self.features, self.ids, self.state = ItemTables.build(
             modality_dims, aug_dim if use_aug else None, config.hidden if config.use_id else None, num_items,
             table_device, table_dtypes,
         )
@@ -390,9 +390,9 @@ class MISSRecModel(nn.Module):
 
     def state_weight(self) -> torch.Tensor:
         """The unsharded item-state table (N x width), for models used without DMP."""
-        return self.features[item_state.STATE_GROUP].embeddings[STATE_TABLE].weight
+        return self.state[item_state.STATE_GROUP].embeddings[STATE_TABLE].weight
 
     def forward(self, batch: SeqBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        feature_outputs = [ec(batch.sparse[g]) for g, ec in self.features.items()]
+        feature_outputs = [ec(batch.sparse[g]) for g, ec in (*self.features.items(), *self.state.items())]
         id_outputs = [ec(batch.sparse[g]) for g, ec in self.ids.items()]
         return self.head(batch, feature_outputs, id_outputs)

@@ -29,7 +29,7 @@ from missrec_torchrec import item_state, precision, resources
 from missrec_torchrec.catalogue import ChunkedBank
 from missrec_torchrec.config import Config, ConfigError, load_config
 from missrec_torchrec.interest_state import InterestState, item_slice
-from missrec_torchrec.item_state import STATE_TABLE
+from missrec_torchrec.item_state import STATE_GROUP, STATE_TABLE
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.recommender import AUG_TABLE, ID_GROUP, ID_TABLE, MISSRecModel
 
@@ -343,7 +343,7 @@ class Session:
         module = self.dmp.module
         for group, tables in self.kjt_groups.items():
             if table in tables:
-                return module.ids[group] if group == ID_GROUP else module.features[group]
+                return {ID_GROUP: module.ids, STATE_GROUP: module.state}.get(group, module.features)[group]
         raise KeyError(table)
 
     def item_bank(self) -> ChunkedBank:

@@ -61,10 +61,12 @@ class ItemTables:
     def build(
         cls, modality_dims: Mapping[str, int], aug_dim: Optional[int], id_dim: Optional[int], num_items: int,
         device: torch.device, dtypes: Optional[Mapping[str, str]] = None,
-    ) -> Tuple["ItemTables", nn.ModuleDict, nn.ModuleDict]:
-        """(layout, frozen feature collections by group, ID collection by group): `aug_dim` adds the
-        text_aug table, `id_dim` (None = inductive) the trainable ID table; `dtypes` the stored
-        dtype of feature tables by name (float32 where missing)."""
+    ) -> Tuple["ItemTables", nn.ModuleDict, nn.ModuleDict, nn.ModuleDict]:
+        """(layout, frozen feature collections by group, ID collection by group, the item-state
+        collection): `aug_dim` adds the text_aug table, `id_dim` (None = inductive) the trainable ID
+        table; `dtypes` the stored dtype of feature tables by name (float32 where missing). Modules
+        register in that order, and DMP initialises tables in module order from the global RNG: the
+        state last, so the ID table starts as it did before the state existed."""
         dtypes = dtypes or {}
         tables_by_dim: Dict[int, List[Tuple[str, int]]] = defaultdict(list)
         for m, dim in modality_dims.items():
@@ -78,14 +80,14 @@ class ItemTables:
             kjt_groups={feature_group(dim): [t for t, _ in group] for dim, group in groups},
             table_dims={t: d for group in tables_by_dim.values() for t, d in group},
         )
-        # fp32 whatever the features' dtype: its cluster ids and flags must be exact.
-        features[STATE_GROUP] = _collection([(STATE_TABLE, item_state.width(list(modality_dims)))], num_items,
-                                            device, {})
-        layout.kjt_groups[STATE_GROUP] = [STATE_TABLE]
-        layout.table_dims[STATE_TABLE] = item_state.width(list(modality_dims))
         ids = nn.ModuleDict()
         if id_dim is not None:
             ids[ID_GROUP] = _collection([(ID_TABLE, id_dim)], num_items, device, {})
             layout.kjt_groups[ID_GROUP] = [ID_TABLE]
             layout.table_dims[ID_TABLE] = id_dim
-        return layout, features, ids
+        # fp32 whatever the features' dtype: its cluster ids and flags must be exact.
+        width = item_state.width(list(modality_dims))
+        state = nn.ModuleDict({STATE_GROUP: _collection([(STATE_TABLE, width)], num_items, device, {})})
+        layout.kjt_groups[STATE_GROUP] = [STATE_TABLE]
+        layout.table_dims[STATE_TABLE] = width
+        return layout, features, ids, state

@@ -27,7 +27,6 @@ from missrec_torchrec import distributed as mdist
 from missrec_torchrec import evaluate as evaluation
 from missrec_torchrec import precision, resources
 from missrec_torchrec.config import Config, check_resume_config, dump_config
-from missrec_torchrec.item_state import STATE_TABLE
 from missrec_torchrec.model.core import peft_trainable
 from missrec_torchrec.metrics import early_stopping
 from missrec_torchrec.run_log import RunLog
@@ -351,7 +350,7 @@ def count_parameters(model: MISSRecModel) -> Dict[str, int]:
               for group in (model.features, model.ids) for ec in group.values() for c in ec.embedding_configs()}
     if model.head.id_table is not None:
         tables.pop(ID_TABLE)  # dense_adam: the dense table (counted above) trains; its sharded mirror is a copy
-    state = tables.pop(STATE_TABLE)  # bookkeeping (clusters, flags), not a parameter
+    state = sum(c.num_embeddings * c.embedding_dim for ec in model.state.values() for c in ec.embedding_configs())
     frozen = sum(v for k, v in tables.items() if k in model.frozen_tables)
     trainable_tables = sum(v for k, v in tables.items() if k not in model.frozen_tables)
     return {

@@ -236,7 +236,7 @@ def test_window_rows_cover_every_training_target_once(synthetic_mm):
 def test_id_only_core_scores_with_ids_alone():
     config = replace(SMALL, use_id=True)
     model = make_model(config, dims={})
-    assert list(model.features) == [item_state.STATE_GROUP] and model.head.core.fusion_alpha is None
+    assert not model.features and model.head.core.fusion_alpha is None
     batch = make_batch(model, make_rows(8, config.max_len), config.max_len)
     model.eval()
     with torch.no_grad():
