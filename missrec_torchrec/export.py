@@ -107,7 +107,7 @@ def _export_table(session, table: str, path: Optional[Path], item_keys: Keys) ->
         for lo, vectors in item_vector_chunks(session, table):
             hi = lo + len(vectors)
             # Collective like the vectors' lookup: every rank, writer or not.
-            present = bank.presence(torch.arange(lo, hi, device=session.device))[table] if bank is not None else None
+            present = bank.state(torch.arange(lo, hi, device=session.device)).present()[table] if bank is not None else None
             if writer is None:
                 continue
             flags = present.cpu().numpy() if present is not None else np.ones(hi - lo, dtype=bool)
