@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 TODAY = ("data.length_buckets=false model.fast_dropout=false model.attention=sdpa model.last_query_only=false "
          "train.precision=fp32 train.gather_history=false eval.engine=dmp model.project_centroids=false "
-         "model.fold_single_query=false")
+         "model.fold_single_query=false train.blocked_softmax=false")
 LEVERS = {
     "+fast dropout": "model.fast_dropout=true",
     "+math attention": "model.attention=math",
@@ -54,6 +54,7 @@ LEVERS = {
     "+catalogue eval": "eval.engine=catalogue",
     "+projected centroids": "model.project_centroids=true",
     "+folded single query": "model.fold_single_query=true",
+    "+blocked softmax": "train.blocked_softmax=true",
 }
 
 

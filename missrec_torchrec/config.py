@@ -66,6 +66,7 @@ class TrainConfig:
     recluster_every: Optional[int]
     precision: str
     gather_history: bool
+    blocked_softmax: bool
     init_checkpoint: Optional[str]
     peft: bool
     sharding: Any  # None, a sharding type, or a mapping of table names to those

@@ -18,19 +18,12 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from datapipes.batch import PAD, SeqBatch, candidates_key, history_key, target_key
 from missrec_torchrec import item_state, precision, repeats
 from missrec_torchrec.item_state import STATE_TABLE, ItemState
+from missrec_torchrec.lookups import dense_history, materialise
 from missrec_torchrec.model import losses
 from missrec_torchrec.model.config import ModelConfig
 from missrec_torchrec.model.core import MISSRecCore
 from missrec_torchrec.model.interest import interest_tokens_at, num_clusters
 from missrec_torchrec.tables import AUG_TABLE, ID_GROUP, ID_TABLE, ItemTables
-
-LOSSES = ("full_softmax", "sampled_softmax")
-MODES = ("finetune", "pretrain")
-
-
-def dense_history(jt: JaggedTensor, max_len: int) -> torch.Tensor:
-    """Jagged rows of [len_b, dim] -> B x max_len x dim, left-aligned, zero-padded (FBGEMM kernel)."""
-    return torch.ops.fbgemm.jagged_to_padded_dense(jt.values(), [jt.offsets()], [max_len], 0.0)
 
 
 def _next_items(seq: torch.Tensor, last_target: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -53,28 +46,6 @@ def _floats(xs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.float() for k, v in xs.items()}
 
 
-def _materialise(outputs) -> Dict[str, JaggedTensor]:
-    merged: Dict[str, JaggedTensor] = {}
-    for out in outputs:
-        if hasattr(out, "wait"):  # sharded collections may return awaitables
-            out = out.wait()
-        merged.update(out)
-    return merged
-
-
-def _check_head(config: ModelConfig, modalities: int, mode: str, loss: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"train.mode {mode!r} is not one of {MODES}")
-    if loss not in LOSSES:
-        raise ValueError(f"train.loss {loss!r} is not one of {LOSSES}")
-    if config.pad_negative and config.fusion == "dynamic_instance" and modalities > 1:
-        raise ValueError("model.pad_negative needs one alpha for the padding item: use fusion dynamic_shared or static")
-    if config.causal and mode != "finetune":
-        raise ValueError("model.causal trains with next-item targets: it needs train.mode=finetune")
-    if config.repeat_bias and (mode, loss) != ("finetune", "full_softmax"):
-        raise ValueError("model.repeat_bias is learned by the full softmax: it needs train.mode=finetune")
-
-
 class MISSRecHead(nn.Module):
     """Everything between the embedding lookups and the loss: adapters, interest tokens,
     encoder-decoder, dynamic-fusion scoring and the training objectives."""
@@ -92,7 +63,7 @@ class MISSRecHead(nn.Module):
         mixed_negatives: bool = False,
     ):
         super().__init__()
-        _check_head(config, len(modality_dims), mode, loss)
+        config.check_head(len(modality_dims), mode, loss)
         self.config = config
         self.core = MISSRecCore(config, modality_dims, num_items=num_items)
         self.modalities = list(modality_dims)
@@ -113,6 +84,7 @@ class MISSRecHead(nn.Module):
         # Speed levers (set by the trainer from the config; bench/train.py measures each).
         self.precision = "fp32"  # or "bf16": autocast of adapters and encoder-decoder (precision.py)
         self.gather_history = True  # history tokens gathered from the adapted catalogue when it is at hand
+        self.blocked_softmax = True  # `linear_loss` where the score allows it
         # train.sparse_optimizer=dense_adam: the reference's ID table, a replicated dense N(0, init_std)
         # table trained by the dense Adam (FBGEMM has no fused Adam on CPU). Its last row is the
         # padding item's, zero and never updated (padding_idx), as the reference's row 0.
@@ -169,8 +141,8 @@ class MISSRecHead(nn.Module):
         feature_outputs: Sequence,
         id_outputs: Sequence,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        feats = _materialise(feature_outputs)
-        ids = _materialise(id_outputs)
+        feats = materialise(feature_outputs)
+        ids = materialise(id_outputs)
         if self.id_table is not None:
             # The sharded ID collection is only a read-only mirror here (see the trainer's
             # `publish_ids`): training looks the same ids up in the dense table.
@@ -220,17 +192,18 @@ class MISSRecHead(nn.Module):
         u, memory, memory_mask = self.encode(batch.history, adapted, hist_id, hist_state)
         reg = self.core.regulariser(memory, memory_mask)
         out: Dict[str, torch.Tensor] = {"user": u}
-
-        if not self.training or self.mode == "finetune":
-            scores = self._candidate_scores(u, batch, feats, ids, cand_state, cands)
-            if not self.training:
-                out["scores"] = scores
-                loss = reg.detach() * 0
-                out["loss"] = loss
-                return loss, out
-            tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
-            main = self.finetune_loss(u, scores, batch.candidates, batch.target, tgt_adapted, tgt_id, batch.weight,
-                                      cand_state, tgt_state)
+        if not self.training:
+            out["scores"] = self._candidate_scores(u, batch, feats, ids, cand_state, cands)
+            out["loss"] = loss = reg.detach() * 0
+            return loss, out
+        if self.mode == "finetune":
+            if self.linear_softmax:
+                main = self.linear_loss(u, self._catalogue(feats, ids, cands), cand_state, batch.target, batch.weight)
+            else:
+                scores = self._candidate_scores(u, batch, feats, ids, cand_state, cands)
+                tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
+                main = self.finetune_loss(u, scores, batch.candidates, batch.target, tgt_adapted, tgt_id,
+                                          batch.weight, cand_state, tgt_state)
             loss = main + cfg.gamma * reg
             out.update(loss=loss.detach(), main=main.detach(), reg=reg.detach())
             return loss, out
@@ -255,8 +228,10 @@ class MISSRecHead(nn.Module):
         out.update(loss=loss.detach(), main=l_si.detach(), seq_seq=l_ss.detach(), reg=reg.detach())
         return loss, out
 
-    def _catalogue(self, feats, ids):
-        """(adapted candidate vectors per modality, candidate ID embeddings or None)."""
+    def _catalogue(self, feats, ids, cands=None):
+        """(adapted candidate vectors per modality, candidate ID embeddings or None): `cands` if given."""
+        if cands is not None:
+            return cands
         cand_raw = {m: feats[candidates_key(m)].values().detach() for m in self.modalities}
         cand_id = ids[candidates_key(ID_TABLE)].values() if self.config.use_id else None
         return self.core.adapt(cand_raw), cand_id
@@ -264,7 +239,7 @@ class MISSRecHead(nn.Module):
     def _candidate_scores(self, u, batch, feats, ids, cand_state: ItemState, cands=None) -> torch.Tensor:
         """Scores in fp32 whatever the autocast: bf16 cosines would tie far more often. With
         model.repeat_bias, less the bias at the items of each row's history window."""
-        adapted, cand_id = cands if cands is not None else self._catalogue(feats, ids)
+        adapted, cand_id = self._catalogue(feats, ids, cands)
         c = batch.candidates
         with _fp32(u):
             scores = self.core.score(u.float(), _floats(adapted), _float(cand_id), present=cand_state.present(),
@@ -276,6 +251,19 @@ class MISSRecHead(nn.Module):
             # Causal training scores one row per real position, each against its own window prefix.
             causal = self.training and self.config.causal
             return repeats.lowered(scores, self.repeat_bias, batch.history, per_position=causal)
+
+    @property
+    def linear_softmax(self) -> bool:
+        """Whether training's full softmax runs without the B x N scores (`linear_loss`): switched
+        on, the score linear in u, and no repeat bias moving it."""
+        return (self.blocked_softmax and self.loss == "full_softmax" and self.repeat_bias is None
+                and self.core.linear_score)
+
+    def linear_loss(self, u, catalogue, cand_state: ItemState, target, weight) -> torch.Tensor:
+        """finetune_loss's full softmax by `core.full_softmax_loss`; `catalogue`: (adapted vectors per
+        modality, ID embeddings or None) of every item in index order (`_catalogue`)."""
+        keep = cand_state.in_softmax() if self.restrict_softmax else None
+        return self.core.full_softmax_loss(u, *catalogue, cand_state.present(), target, keep, weight)
 
     def _target_items(self, batch, feats, ids):
         """(adapted target vectors per modality, target ID embeddings or None), B x D each."""
@@ -330,13 +318,17 @@ class MISSRecHead(nn.Module):
         next_state = self.state(_next_items(hist_state.rows, tgt_state.rows, last)[valid])
         u = y[valid]
         weight = batch.weight.unsqueeze(1).expand_as(valid)[valid]
-        scores = self._candidate_scores(u, batch, feats, ids, cand_state, cands)
-        tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
-        if tgt_adapted is not None:
-            tgt_adapted = {m: _next_items(adapted[m].float(), v.float(), last)[valid] for m, v in tgt_adapted.items()}
-            tgt_id = _next_items(hist_id, tgt_id, last)[valid] if tgt_id is not None else None
-        main = self.finetune_loss(u, scores, batch.candidates, target, tgt_adapted, tgt_id, weight, cand_state,
-                                  next_state)
+        if self.linear_softmax:
+            main = self.linear_loss(u, self._catalogue(feats, ids, cands), cand_state, target, weight)
+        else:
+            scores = self._candidate_scores(u, batch, feats, ids, cand_state, cands)
+            tgt_adapted, tgt_id = self._target_items(batch, feats, ids)
+            if tgt_adapted is not None:
+                tgt_adapted = {m: _next_items(adapted[m].float(), v.float(), last)[valid]
+                               for m, v in tgt_adapted.items()}
+                tgt_id = _next_items(hist_id, tgt_id, last)[valid] if tgt_id is not None else None
+            main = self.finetune_loss(u, scores, batch.candidates, target, tgt_adapted, tgt_id, weight, cand_state,
+                                      next_state)
         reg = self.core.regulariser(memory, memory_mask)
         loss = main + self.config.gamma * reg
         out = {"user": y[torch.arange(y.shape[0], device=y.device), last]}

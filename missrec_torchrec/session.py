@@ -232,6 +232,7 @@ class Session:
         self.precision = precision.resolve(t.precision, self.device)
         self.head.precision = self.precision
         self.head.gather_history = bool(t.gather_history)
+        self.head.blocked_softmax = bool(t.blocked_softmax)
         self._load_frozen_tables()
         self.publish_ids()
         self._warm: Optional[torch.Tensor] = None  # items in some training sequence (cold start)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, Mapping, Optional
 
+# The head's training objectives (train.mode, train.loss).
+MODES = ("finetune", "pretrain")
+LOSSES = ("full_softmax", "sampled_softmax")
 FUSIONS = ("dynamic_shared", "dynamic_instance", "static")
 ACTIVATIONS = ("gelu", "relu")
 ATTENTION_KERNELS = ("auto", "math", "sdpa")
@@ -129,6 +132,20 @@ class ModelConfig:
         """Whether a quirk of the reference's k-means is on (only the torch k-means has them)."""
         return (self.kmeans_single_pass or self.kmeans_torchpq_update or self.kmeans_reference_batches
                 or self.kmeans_abs_inplace)
+
+    def check_head(self, modalities: int, mode: str, loss: str) -> None:
+        """Refuse a model that cannot train as `mode` with `loss` over `modalities` modalities."""
+        if mode not in MODES:
+            raise ValueError(f"train.mode {mode!r} is not one of {MODES}")
+        if loss not in LOSSES:
+            raise ValueError(f"train.loss {loss!r} is not one of {LOSSES}")
+        if self.pad_negative and self.fusion == "dynamic_instance" and modalities > 1:
+            raise ValueError("model.pad_negative needs one alpha for the padding item: use fusion dynamic_shared "
+                             "or static")
+        if self.causal and mode != "finetune":
+            raise ValueError("model.causal trains with next-item targets: it needs train.mode=finetune")
+        if self.repeat_bias and (mode, loss) != ("finetune", "full_softmax"):
+            raise ValueError("model.repeat_bias is learned by the full softmax: it needs train.mode=finetune")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -17,6 +17,7 @@ from . import fusion
 from .config import ModelConfig
 from .dropout import Dropout
 from .layers import InterestDecoder, InterestEncoder, Memory, interest_regulariser
+from .linear_ce import linear_cross_entropy
 
 
 class MISSRecCore(nn.Module):
@@ -183,13 +184,56 @@ class MISSRecCore(nn.Module):
             return self.fusion_alpha
         return self.fusion_alpha if item_index is None else self.fusion_alpha[item_index]
 
+    def _pad_item(self, like: Tensor) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
+        """The reference's padding item (index 0 there, quirk 17) as one candidate, fp32: its
+        features are zero, so each adapter gives its bias; its ID row is zero (cosine 0)."""
+        items = {m: self.adapters[m].bias.float().unsqueeze(0) for m in self.modalities}
+        return items, like.new_zeros(1, self.config.hidden) if self.config.use_id else None
+
     def pad_scores(self, u: Tensor) -> Tensor:
-        """B x 1, in fp32: the reference's padding item (index 0 there) scored as one more candidate
-        (quirk 17). Its features are zero, so each adapter gives its bias; its ID row is zero (cosine 0)."""
+        """B x 1, in fp32: the padding item scored as one more candidate (model.pad_negative)."""
         with torch.autocast(u.device.type, enabled=False):
-            items = {m: self.adapters[m].bias.float().unsqueeze(0) for m in self.modalities}
-            pad_id = u.new_zeros(1, self.config.hidden) if self.config.use_id else None
-            return self.score(u.float(), items, pad_id)
+            return self.score(u.float(), *self._pad_item(u))
+
+    @property
+    def linear_score(self) -> bool:
+        """Whether the score is linear in the user vector: IDs only, or one modality (± IDs)."""
+        return len(self.modalities) <= 1
+
+    def score_vectors(self, items: Mapping[str, Tensor], item_id: Optional[Tensor] = None,
+                      present: Optional[Mapping[str, Tensor]] = None) -> Optional[Tensor]:
+        """Where the score is linear in the user vector (IDs only, or one modality), the candidates'
+        vectors v with score = u . v / |v| (`fusion.cosine`); None under the fusion of several."""
+        if self.config.use_id and item_id is None:
+            raise ValueError("config.use_id is set but no item_id embeddings were given")
+        item_id = item_id if self.config.use_id else None
+        if not self.linear_score:
+            return None
+        if not self.modalities:  # ID-only: fusion degenerates to the ID cosine
+            return item_id
+        (m,) = self.modalities
+        mask = present[m] if present is not None and self.config.mask_missing_modality else None
+        return fusion.summed(items[m], mask, item_id)
+
+    def full_softmax_loss(self, u: Tensor, items: Mapping[str, Tensor], item_id: Optional[Tensor],
+                          present: Optional[Mapping[str, Tensor]], target: Tensor, keep: Optional[Tensor] = None,
+                          weight: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The `weight`ed mean (fp32) of the rows' cross-entropies of `score(u, items, ...) /
+        temperature` over the whole catalogue in index order (plus the padding item with
+        model.pad_negative; `keep`: N bool, the items that are candidates at all), by
+        `linear_cross_entropy`: no B x N matrix. None where the score is not linear in u (the
+        caller scores the catalogue instead)."""
+        with torch.autocast(u.device.type, enabled=False):
+            vectors = self.score_vectors(items, item_id, present)
+            if vectors is None:
+                return None
+            bias = None if keep is None else torch.zeros(keep.shape, device=u.device).masked_fill(~keep, float("-inf"))
+            if self.config.pad_negative:
+                vectors = torch.cat([vectors, self.score_vectors(*self._pad_item(u))])
+                bias = None if bias is None else F.pad(bias, (0, 1))
+            # The temperature scales the N x D unit vectors instead of the B x N logits.
+            unit = F.normalize(vectors.float(), dim=-1) / self.config.temperature
+            return linear_cross_entropy(u.float(), unit, target, bias, weight)
 
     def score(
         self,
@@ -205,15 +249,11 @@ class MISSRecCore(nn.Module):
         item_index: the candidates' item indices, for per-item alpha (dynamic_instance; None = the
         candidates are all items in index order).
         """
-        if self.config.use_id and item_id is None:
-            raise ValueError("config.use_id is set but no item_id embeddings were given")
+        vectors = self.score_vectors(items, item_id, present)
+        if vectors is not None:
+            return fusion.cosine(u, vectors)
         item_id = item_id if self.config.use_id else None
         present = present if self.config.mask_missing_modality else None
-        if not self.modalities:  # ID-only: fusion degenerates to the ID cosine
-            return fusion.cosine(u, item_id)
-        if len(self.modalities) == 1:
-            (m,) = self.modalities
-            return fusion.cosine(u, fusion.summed(items[m], None if present is None else present[m], item_id))
         sims = [fusion.cosine(u, items[m]) for m in self.modalities]
         pres = None if present is None else [present[m] for m in self.modalities]
         id_sim = fusion.cosine(u, item_id) if item_id is not None else None
