@@ -2,8 +2,9 @@
 
 Each rank indexes only its own items [lo, hi) (catalogue.py), like the exact scan: one faiss index
 per item table (every modality, and the ID table in transductive mode) over the unit item vectors,
-so inner product is cosine: HNSW (a graph) or IVF (a k-means partition), both storing 8-bit
-scalar-quantized codes (a quarter of fp32, trained on a seeded, strided sample of the rank's items).
+so inner product is cosine: HNSW (a graph) or IVF (a k-means partition), both storing
+scalar-quantized codes (8 bits per dimension, a quarter of fp32, or 6 or 4 with --ann-bits; trained
+on a seeded, strided sample of the rank's items).
 The build is two collective scans of the rank's range: the sample, then every chunk added.
 
 For a block of every rank's users (user_blocks.py) each rank retrieves each table's C nearest of its
@@ -51,6 +52,10 @@ IVF_TRAIN_PER_LIST = 64
 # x D floats per table, 32 MiB at D = 64) and each table's distinct x users cosines.
 RESCORE_IDS = 1 << 17
 SAMPLE = 65536  # points an HNSW index's scalar quantizer trains its ranges on
+# Bits per dimension of the codes: faiss's scalar quantizers. Fewer bits, a smaller index, coarser
+# candidates (the re-scoring stays exact); 8 = a quarter of fp32.
+CODE_KINDS = {4: "QT_4bit", 6: "QT_6bit", 8: "QT_8bit"}
+CODE_BITS = 8
 
 
 @dataclass
@@ -63,11 +68,14 @@ class AnnSettings:
     hnsw_ef: Optional[int] = None  # HNSW search breadth (default: the number retrieved; never below it)
     ivf_lists: Optional[int] = None  # default: sqrt(items), at most items / 39 (faiss's least per list)
     ivf_probe: Optional[int] = None  # default IVF_PROBE, at most the lists
+    bits: Optional[int] = None  # bits per dimension of the scalar-quantized codes (default CODE_BITS)
 
     def check(self) -> None:
         """One DataError line for a bad value or a knob of the other index."""
         if self.kind not in INDEX_KINDS:
             raise DataError(f"--ann {self.kind}: must be one of {', '.join(INDEX_KINDS)}")
+        if self.bits is not None and self.bits not in CODE_KINDS:
+            raise DataError(f"--ann-bits {self.bits}: must be one of {', '.join(map(str, CODE_KINDS))}")
         least = {"candidates": 1, "hnsw_m": 2, "hnsw_ef": 1, "ivf_lists": 1, "ivf_probe": 1}
         for name, low in least.items():
             value = getattr(self, name)
@@ -99,13 +107,13 @@ class AnnSettings:
             knobs = f"M {self.hnsw_m or HNSW_M}, efSearch {max(self.hnsw_ef or 0, c)}"
         else:
             knobs = f"{lists} lists, nprobe {min(lists, self.ivf_probe or IVF_PROBE)}"
-        return f"ann {self.kind} ({knobs}, 8-bit codes, one index per rank), {c} candidates per table"
+        return f"ann {self.kind} ({knobs}, {self.bits or CODE_BITS}-bit codes, one index per rank), {c} candidates per table"
 
 
 def new_index(dim: int, settings: AnnSettings, lists: int) -> faiss.Index:
-    """An untrained inner-product index of 8-bit codes for one table's unit vectors."""
+    """An untrained inner-product index of scalar-quantized codes for one table's unit vectors."""
     import faiss  # here, not at the top: `missrec score` without --ann never needs it (~0.2 s)
-    codes = faiss.ScalarQuantizer.QT_8bit
+    codes = getattr(faiss.ScalarQuantizer, CODE_KINDS[settings.bits or CODE_BITS])
     if settings.kind == "hnsw":
         return faiss.IndexHNSWSQ(dim, codes, settings.hnsw_m or HNSW_M, faiss.METRIC_INNER_PRODUCT)
     probe = settings.ivf_probe or IVF_PROBE
@@ -116,6 +124,13 @@ def new_index(dim: int, settings: AnnSettings, lists: int) -> faiss.Index:
     index.cp.min_points_per_centroid = 1  # small catalogues: lists are capped above, no warning needed
     index.nprobe = min(probe, lists)
     return index
+
+
+def _code_size(index: faiss.Index) -> int:
+    """Bytes of one item's code (an HNSW index keeps its codes in its storage index)."""
+    import faiss
+
+    return index.code_size if hasattr(index, "code_size") else faiss.downcast_index(index.storage).code_size
 
 
 def numpy_of(v: torch.Tensor) -> np.ndarray:
@@ -156,9 +171,9 @@ class TableIndexes:
         else:
             self.fill_lists(bank)
         self.seconds = time.perf_counter() - t0
-        # An item's 8-bit code (D bytes) and its list id (int64), or its level-0 links (2M int32).
+        # An item's code and its list id (int64), or its level-0 links (2M int32).
         links = 8 * (settings.hnsw_m or HNSW_M) if settings.kind == "hnsw" else 8
-        self.bytes = self.items * sum(index.d + links for index in self.indexes.values())
+        self.bytes = self.items * sum(_code_size(index) + links for index in self.indexes.values())
 
     def fill_lists(self, bank: Catalogue) -> None:
         """Add every item to the IVF indexes with each inverted list allocated once at its final size:

@@ -223,6 +223,9 @@ def _add_score(sub) -> None:
                    "union is re-scored exactly (scores exact, the item set approximate; no certificate)")
     p.add_argument("--ann-candidates", type=int, default=None, metavar="MULT",
                    help="with --ann: C = MULT x TOPK candidates per table (default 8)")
+    p.add_argument("--ann-bits", type=int, default=None, metavar="B",
+                   help="with --ann: bits per dimension of the indexes' codes, 4, 6 or 8 (default 8; fewer: a "
+                   "smaller index, coarser candidates, scores still exact)")
     p.add_argument("--hnsw-m", type=int, default=None, metavar="M",
                    help="with --ann hnsw: graph links per item (default 32; more: better recall, slower build)")
     p.add_argument("--hnsw-ef", type=int, default=None, metavar="EF",

@@ -66,6 +66,7 @@ class ScoreOptions:
     hnsw_ef: Optional[int] = None
     ivf_lists: Optional[int] = None
     ivf_probe: Optional[int] = None
+    ann_bits: Optional[int] = None
     recall_sample: int = 0
     batch_size: Optional[int] = None
     commit_every: int = 1
@@ -79,10 +80,11 @@ class ScoreOptions:
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
 
     def ann_settings(self) -> Optional[AnnSettings]:
-        knobs = (self.ann_candidates, self.hnsw_m, self.hnsw_ef, self.ivf_lists, self.ivf_probe)
+        knobs = (self.ann_candidates, self.hnsw_m, self.hnsw_ef, self.ivf_lists, self.ivf_probe, self.ann_bits)
         if self.ann is None:
             if any(v is not None for v in knobs):
-                raise DataError("--ann-candidates, --hnsw-* and --ivf-* are knobs of --ann: pass --ann hnsw|ivf")
+                raise DataError("--ann-candidates, --ann-bits, --hnsw-* and --ivf-* are knobs of --ann: pass --ann "
+                                "hnsw|ivf")
             return None
         return AnnSettings(self.ann, *knobs)
 

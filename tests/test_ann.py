@@ -109,11 +109,31 @@ def test_seen_contains_only_its_own_rows_pairs():
     (AnnSettings("ivf", ivf_lists=ITEMS + 1), f"--ivf-lists {ITEMS + 1}: more lists than the catalogue's"),
     (AnnSettings("ivf", ivf_lists=8, ivf_probe=9), "--ivf-probe 9: more than the index's 8 lists"),
     (AnnSettings("annoy"), "--ann annoy: must be one of hnsw, ivf"),
+    (AnnSettings("ivf", bits=5), "--ann-bits 5: must be one of 4, 6, 8"),
 ])
 def test_bad_knobs_are_one_line(settings, message):
     with pytest.raises(DataError) as e:
         TableIndexes(TopicBank(0.0), settings)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_fewer_code_bits_smaller_indexes_same_recall_floor(kind):
+    """--ann-bits 4: codes half the size of 8-bit ones (the index's bytes say so), candidates still
+    good enough for the stated recall floor, scores still exact."""
+    bank = TopicBank(alpha=4.0)
+    u = bank.users(USERS)
+    _, exact = exact_topk(bank, u, K, 1024, None)
+    sizes = {}
+    for bits in (8, 4):
+        settings = AnnSettings(kind, bits=bits)
+        indexes = TableIndexes(bank, settings)
+        sizes[bits] = indexes.bytes
+        scores, items = ann_topk(indexes, bank, u, K, settings.per_table(K, ITEMS), None)
+        assert float(np.nanmean(recall(items.numpy(), exact.numpy()))) >= RECALL, (kind, bits)
+        torch.testing.assert_close(scores, bank.all_scores(u).gather(1, items), rtol=0, atol=1e-6)
+        assert f"{bits}-bit codes" in indexes.describe(K, ITEMS)
+    assert sizes[8] - sizes[4] == ITEMS * len(bank.modalities) * DIM // 2  # half a byte less per dimension
 
 
 def test_ivf_lists_filled_at_their_size_equal_faiss_add():
