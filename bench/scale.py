@@ -126,7 +126,8 @@ def summarise(logs: Path) -> Dict[str, object]:
         if row[f"{key}_index"] and row[f"{key}_memory"]:  # the indexes are the rank's own shards, compressed
             m = row[f"{key}_memory"]
             m["with_index"] = m["peak"] / (m["bound"] + row[f"{key}_index"])
-        recall = re.search(r"recall@(\d+) vs exact ([0-9.]+) on (\d+) sampled users", text)
+    for name in ("score-ann", "recall"):  # scripts/scale.sh measures recall in a run of its own
+        recall = re.search(r"recall@(\d+) vs exact ([0-9.]+) on (\d+) sampled users", read_log(logs, name) or "")
         if recall:
             row["recall"] = float(recall.group(2))
             row["recall_users"] = int(recall.group(3))
