@@ -50,8 +50,8 @@ IVF_PROBE = 16  # lists scanned per query
 IVF_TRAIN_PER_LIST = 64
 # Candidate slots (users x tables x width) re-scored at once: their distinct rows (at most this many
 # x D floats per table) and each table's distinct x users cosines. At 1e7 items a group of 1 << 17
-# left ~130 MiB per rank resident after its first group (the heap keeps the freed transients) and
-# the rank 1.36x over its bound; 1 << 15 kept it within 1.3x at 8% fewer users/s (README, "Scale run").
+# left ~130 MiB per rank resident after its first group (the heap keeps the freed transients); with
+# 1 << 15 a 4,000-user run peaked at 1.28x of the bound instead of 1.33x, at 8% fewer users/s.
 RESCORE_IDS = 1 << 15
 SAMPLE = 65536  # points an HNSW index's scalar quantizer trains its ranges on
 # Bits per dimension of the codes: faiss's scalar quantizers. Fewer bits, a smaller index, coarser
