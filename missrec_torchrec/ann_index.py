@@ -53,6 +53,10 @@ IVF_TRAIN_PER_LIST = 64
 # left ~130 MiB per rank resident after its first group (the heap keeps the freed transients); with
 # 1 << 15 a 4,000-user run peaked at 1.28x of the bound instead of 1.33x, at 8% fewer users/s.
 RESCORE_IDS = 1 << 15
+# Users per rank in one --ann block of `missrec score` (at most eval.block_users). A block's lists
+# (every rank's users x K scores and ids, gathered, exchanged, merged) are all its size buys: at 1e6
+# items, 20,000 users a rank in one block peaked the score phase at 1.45 GB, blocks of 4,096 at 1.15.
+ANN_BLOCK_USERS = 4096
 SAMPLE = 65536  # points an HNSW index's scalar quantizer trains its ranges on
 # Bits per dimension of the codes: faiss's scalar quantizers. Fewer bits, a smaller index, coarser
 # candidates (the re-scoring stays exact); 8 = a quarter of fp32.

@@ -5,6 +5,8 @@ followed by the rank's manifest `progress.json` listing the committed segments. 
 the manifests list and removes anything else. When all ranks are done rank 0 checks that every user
 appears exactly once, writes OUT (temporary name, then rename) sorted by user_index, and removes
 OUT.parts.
+The parts hold dense indices only; rank 0 maps them to user and item keys as it merges, once the
+scoring has freed its memory, so no scoring rank holds every key (10M item keys: ~0.2 GB).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ SCORE_SCHEMA = pa.schema(
         pa.field("scores", pa.list_(pa.float32()), nullable=False),
     ]
 )
+# A rank's part files: the output without its key columns.
+PART_SCHEMA = pa.schema([f for f in SCORE_SCHEMA if f.name in ("user_index", "items", "scores")])
 METADATA_KEY = b"missrec.score"
 MERGE_ROWS_PER_GROUP = 8192  # users per row group of the merged output
 
@@ -53,21 +57,27 @@ class Keys:
         return self.keys.take(pa.array(self.order[np.searchsorted(self.index, idx)]))
 
 
-def score_table(
-    users: np.ndarray, items: np.ndarray, scores: np.ndarray, user_keys: Keys, item_keys: Keys
-) -> pa.Table:
-    """Rows of the output from B x k arrays (item -1 = no item: dropped from that user's list)."""
+def part_table(users: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pa.Table:
+    """A part's rows from B x k arrays (item -1 = no item: dropped from that user's list)."""
     valid = items >= 0
     offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int32))
-    flat = items[valid]
     return pa.Table.from_arrays(
         [
             pa.array(users, pa.int64()),
-            user_keys.take(users),
-            pa.ListArray.from_arrays(offsets, pa.array(flat, pa.int64())),
-            pa.ListArray.from_arrays(offsets, item_keys.take(flat)),
+            pa.ListArray.from_arrays(offsets, pa.array(items[valid], pa.int64())),
             pa.ListArray.from_arrays(offsets, pa.array(scores[valid].astype(np.float32))),
         ],
+        schema=PART_SCHEMA,
+    )
+
+
+def with_keys(part: pa.Table, user_keys: Keys, item_keys: Keys) -> pa.Table:
+    """The output's rows: a part's rows with the user and item keys of their indices."""
+    users, items, scores = (part.column(c).combine_chunks() for c in ("user_index", "items", "scores"))
+    offsets = items.offsets.to_numpy()  # a slice's start from 0, as its flattened values do
+    keys = pa.ListArray.from_arrays(pa.array(offsets - offsets[0]), item_keys.take(items.flatten().to_numpy()))
+    return pa.Table.from_arrays(
+        [users, user_keys.take(users.to_numpy()), items, keys, scores],
         schema=SCORE_SCHEMA,
     )
 
@@ -120,10 +130,11 @@ def rank_folder(parts: Path, rank: int) -> Path:
 
 
 def merge_parts(
-    parts: Path, out: Path, world: int, batches: int, users: int, metadata: Dict[str, Any]
+    parts: Path, out: Path, world: int, batches: int, users: int, metadata: Dict[str, Any], keys: Tuple[Keys, Keys]
 ) -> Dict[str, Any]:
-    """Rank 0: every rank's segments into `out`, sorted by user_index, each user exactly once; the
-    totals (users, certified share, sampled recall) go into the file's metadata too."""
+    """Rank 0: every rank's segments into `out`, sorted by user_index, each user exactly once, with
+    the user and item keys (`keys`: users', items'); the totals (users, certified share, sampled
+    recall) go into the file's metadata too."""
     files, segments = _finished_segments(parts, world, batches)
     ordered = _check_users(parts, files, users)
     totals = _totals(segments)
@@ -132,15 +143,16 @@ def merge_parts(
         if ordered:  # the usual case: ranks own contiguous user ranges in file order
             pending: List[pa.Table] = []
             for f in files:
-                pending.append(pq.read_table(f))
+                pending.append(pq.read_table(f, columns=PART_SCHEMA.names))
                 if sum(t.num_rows for t in pending) >= MERGE_ROWS_PER_GROUP:
-                    writer.write_table(pa.concat_tables(pending))
+                    writer.write_table(with_keys(pa.concat_tables(pending), *keys))
                     pending = []
             if pending:
-                writer.write_table(pa.concat_tables(pending))
+                writer.write_table(with_keys(pa.concat_tables(pending), *keys))
         else:
-            table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("user_index")
-            writer.write_table(table, row_group_size=MERGE_ROWS_PER_GROUP)
+            table = pa.concat_tables([pq.read_table(f, columns=PART_SCHEMA.names) for f in files]).sort_by("user_index")
+            for lo in range(0, table.num_rows, MERGE_ROWS_PER_GROUP):
+                writer.write_table(with_keys(table.slice(lo, MERGE_ROWS_PER_GROUP), *keys))
     shutil.rmtree(parts)
     return totals
 

@@ -11,7 +11,7 @@ a group of users x one chunk. Exact scoring of a small catalogue holds it instea
 does (eval.catalogue, `catalogue.inference_catalogue`): each rank scores its own users against every
 item, with no lookups per batch. `--ann` instead takes each table's candidates from faiss indexes that
 each rank builds once per run over its own items (`ann_index.py`), re-scores their union exactly
-and merges the ranks' lists the same way.
+and merges the ranks' lists the same way, in blocks of at most ANN_BLOCK_USERS users a rank.
 
 Output and resuming (`score_parts.py`): each rank commits its results in segments listed by its
 manifest; a killed job restarted with `resume` keeps what the manifests list, and every rank
@@ -38,11 +38,11 @@ from datapipes.batch import SeqBatch
 from datapipes.io import check_writable
 from datapipes.schema import DataError
 from missrec_torchrec import resources
-from missrec_torchrec.ann_index import AnnSettings, TableIndexes, ann_topk
+from missrec_torchrec.ann_index import ANN_BLOCK_USERS, AnnSettings, TableIndexes, ann_topk
 from missrec_torchrec.catalogue import Catalogue, ChunkedBank, inference_catalogue
 from missrec_torchrec.config import ConfigError
 from missrec_torchrec.distributed import all_reduce_scalar
-from missrec_torchrec.score_parts import Keys, RankParts, merge_parts, rank_folder, score_table
+from missrec_torchrec.score_parts import Keys, RankParts, merge_parts, part_table, rank_folder
 from missrec_torchrec.session import load_run, log0, open_session, process_rank
 from missrec_torchrec.topk import ApproxPass, TopKPass, exact_topk, recall
 from missrec_torchrec.user_blocks import Seen, batches_per_block, gather_block, in_blocks, scan
@@ -154,6 +154,13 @@ class BlockScorer:
                  f"{self.indexes.bytes / 2**20:,.0f} MiB (not counted in users/s); candidates re-scored from "
                  + ("each rank's own shards" if self.indexes.own is not None else "collective lookups"))
 
+    def block_users(self, configured: int) -> int:
+        """Users per rank in one block (eval.block_users). An --ann block scans no items (unless a
+        recall sample needs its exact lists), so a large one buys no speed, only memory: its lists."""
+        if self.indexes is not None and not self.stride:
+            return min(configured, ANN_BLOCK_USERS)
+        return configured
+
     def mode(self) -> str:
         if self.indexes is not None:
             return self.indexes.describe(self.k, self.bank.num_items)
@@ -240,7 +247,7 @@ def _plan(opts: ScoreOptions, step_dir: Path, world: int, batch_size: int, strea
     return plan
 
 
-def _run_batches(session, stream, parts: RankParts, scorer: BlockScorer, opts: ScoreOptions, keys) -> int:
+def _run_batches(session, stream, parts: RankParts, scorer: BlockScorer, opts: ScoreOptions) -> int:
     """Score this rank's batches from where every rank can restart; returns the rows committed."""
     total, done = len(stream), parts.done
     start = int(all_reduce_scalar(done, "min", session.pg, session.device, torch.int64))
@@ -254,7 +261,7 @@ def _run_batches(session, stream, parts: RankParts, scorer: BlockScorer, opts: S
     pending: List[pa.Table] = []
     stats: Dict[str, float] = {}
     segment_start, committed = max(done, start), 0
-    per_block = batches_per_block(session.cfg.eval.block_users, session.cfg.data.eval_batch_size)
+    per_block = batches_per_block(scorer.block_users(session.cfg.eval.block_users), session.cfg.data.eval_batch_size)
     # Blocks start where every rank restarts, so the ranks' blocks (and scans) stay aligned; batches
     # this rank committed before are scored again, for the other ranks' sake, but not written twice.
     for block in in_blocks(enumerate(stream, start=start), per_block):
@@ -264,7 +271,7 @@ def _run_batches(session, stream, parts: RankParts, scorer: BlockScorer, opts: S
                 bar.update(1)
             if i < done:
                 continue
-            pending.append(score_table(users, items, scores, *keys))
+            pending.append(part_table(users, items, scores))
             for key, value in batch_stats.items():
                 stats[key] = stats.get(key, 0) + value
             if i + 1 - segment_start >= opts.commit_every or i + 1 == total:
@@ -304,11 +311,9 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
             scorer = BlockScorer(session.item_bank(), opts, stream.num_users, cfg.eval.catalogue)
             if scorer.indexes is not None:
                 phase["index_bytes"] = scorer.indexes.bytes
-        keys = (Keys(session.info.users_path, "user_index", "user_key"),
-                Keys(session.info.items_path, None, "item_key"))
         t0 = time.perf_counter()
         with resources.phase("score") as phase:
-            committed = phase["users"] = _run_batches(session, stream, rank_parts, scorer, opts, keys)
+            committed = phase["users"] = _run_batches(session, stream, rank_parts, scorer, opts)
             phase["uncounted_seconds"] = scorer.recall_seconds
     except (DataError, ConfigError):
         if ours:
@@ -318,11 +323,15 @@ def score(opts: ScoreOptions) -> Dict[str, Any]:
     scored = all_reduce_scalar(committed, "sum", session.pg, session.device)  # also the barrier before the merge
     if session.rank != 0:
         return {}
-    summary = merge_parts(parts, opts.out, session.world, len(stream), stream.num_users, {"plan": plan})
-    summary.update(seconds=seconds, users_per_s=scored / max(seconds, 1e-9), mode=scorer.mode(), out=str(opts.out))
+    done = dict(seconds=seconds, users_per_s=scored / max(seconds, 1e-9), mode=scorer.mode(), out=str(opts.out))
     if scorer.indexes is not None:
-        summary.update(index_seconds=scorer.indexes.seconds, index_bytes=scorer.indexes.bytes,
-                       recall_seconds=scorer.recall_seconds)
+        done.update(index_seconds=scorer.indexes.seconds, index_bytes=scorer.indexes.bytes,
+                    recall_seconds=scorer.recall_seconds)
+    del scorer  # its indexes (or held catalogue) go before the keys come
+    resources.release_memory()
+    keys = (Keys(session.info.users_path, "user_index", "user_key"), Keys(session.info.items_path, None, "item_key"))
+    summary = merge_parts(parts, opts.out, session.world, len(stream), stream.num_users, {"plan": plan}, keys)
+    summary.update(done)
     _log_summary(opts, summary, scored)
     return summary
 
