@@ -240,6 +240,25 @@ def test_ann_on_two_ranks_each_indexing_its_own_items(run_dir, uneven_data, tmp_
     assert_ann_lists(run_dir, out, exact, users=239, least_recall=0.9)
 
 
+def test_ann_blocks_leave_the_rows_alone(run_dir, tmp_path, monkeypatch):
+    """--ann scores at most ANN_BLOCK_USERS users a block (a recall sample keeps eval.block_users):
+    blocks of 32 users give the rows of one block of all 240."""
+    flags = ("--ann", "ivf", "--ivf-lists", "8", "--ivf-probe", "4")
+    one = tmp_path / "one.parquet"
+    run_score(run_dir, one, *flags)
+    blocks = []
+    batches = scoring.BlockScorer.batches
+    monkeypatch.setattr(scoring.BlockScorer, "batches", lambda self, b: blocks.append(len(b)) or batches(self, b))
+    monkeypatch.setattr(scoring, "ANN_BLOCK_USERS", 32)
+    many = tmp_path / "many.parquet"
+    run_score(run_dir, many, *flags)
+    assert blocks == [1] * 8  # 240 users in batches of 32
+    assert rows(many) == rows(one)
+    blocks.clear()
+    run_score(run_dir, tmp_path / "sampled.parquet", *flags, "--recall-sample", "10")
+    assert blocks == [8]
+
+
 def test_ann_kill_and_resume(run_dir, tmp_path, monkeypatch):
     out = tmp_path / "ann.parquet"
     flags = ("--ann", "hnsw", "--ann-candidates", "1")
