@@ -14,6 +14,12 @@ splits:
 - knn: cosine between each item's feature vector (one modality, L2-normalised rows) and the mean of
   the normalised vectors of the user's last `knn_last` history items; items without the modality
   score 0.
+
+Users are `eval.max_users`' first users when it is set, the ones `missrec train` evaluates, so a
+model row and the baselines rank the same targets. The catalogue is scored in item-range chunks of
+at most `CHUNK_CELLS` scores per batch (`RankCounter`), and the kNN table stays in its stored dtype,
+normalised a chunk at a time: at 1e7 items a dense users x items matrix or a float32 copy of the
+features would not fit.
 """
 
 from __future__ import annotations
@@ -32,13 +38,30 @@ from missrec_torchrec.config_checks import metric_names
 HELP = "popularity, first-order Markov and item-kNN rows under the evaluation protocol"
 NAMES = ("popularity", "markov", "knn")
 KNN_LAST = 5
+CHUNK_CELLS = 1 << 24  # float64 scores per item chunk of a batch: 128 MiB
+
+
+class UnitRows:
+    """A feature table as L2-normalised float32 rows (absent rows 0), normalised on each read from
+    the stored vectors, so that only the stored table stays in memory."""
+
+    def __init__(self, vectors: np.ndarray, present: np.ndarray) -> None:
+        self.vectors, self.present = vectors, present
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        vectors = np.where(self.present[rows][..., None], self.vectors[rows].astype(np.float32), np.float32(0))
+        norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
 
 
 @dataclass
 class Fitted:
     popularity: np.ndarray  # [N] training-part occurrences
     transitions: "object"  # scipy CSR [N, N]: counts of (item, next item) in the training parts
-    features: Optional[np.ndarray]  # [N, d] L2-normalised rows of the kNN modality (None: no kNN)
+    features: Optional[UnitRows]  # the kNN modality (None: no kNN)
     knn_last: int
 
 
@@ -72,23 +95,22 @@ def count(root: Path, num_items: int, batch_size: int) -> Tuple[np.ndarray, "obj
     for offsets, values in training_parts(root, batch_size):
         popularity += np.bincount(values, minlength=num_items)
         a, b = successive_pairs(offsets, values)
-        src.append(a)
-        dst.append(b)
+        src.append(a.astype(np.int32))  # item ids < 2**31; halves the 1e8 pairs of a 1e7 catalogue
+        dst.append(b.astype(np.int32))
     a, b = np.concatenate(src), np.concatenate(dst)
-    transitions = coo_matrix((np.ones(len(a)), (a, b)), shape=(num_items, num_items)).tocsr()  # sums repeats
+    del src, dst
+    ones = np.ones(len(a), dtype=np.int32)
+    transitions = coo_matrix((ones, (a, b)), shape=(num_items, num_items)).tocsr()  # sums repeats
     return popularity, transitions
 
 
-def normalised_features(info, modality: Optional[str]) -> Optional[np.ndarray]:
+def normalised_features(info, modality: Optional[str]) -> Optional[UnitRows]:
     if modality is None:
         return None
     if modality not in info.modalities:
         raise DataError(f"{info.root}: no {modality!r} feature table for item-kNN (has: "
                         f"{', '.join(info.modalities) or 'none'})")
-    vectors, present = info.load_features(modality)
-    vectors = np.where(present[:, None], vectors, 0.0).astype(np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    return UnitRows(*info.load_features(modality, dtype=None))
 
 
 def last_items(history: np.ndarray, lengths: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -98,19 +120,61 @@ def last_items(history: np.ndarray, lengths: np.ndarray, n: int) -> Tuple[np.nda
     return np.take_along_axis(history, np.maximum(pos, 0), axis=1), real
 
 
-def scores(name: str, fit: Fitted, history: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """[B, N] float64 scores of baseline `name` for a batch of histories."""
-    pop = fit.popularity.astype(np.float64)
+def query(name: str, fit: Fitted, history: np.ndarray, lengths: np.ndarray):
+    """What baseline `name` needs of a batch of histories: ones [B, 1] (popularity: the same for
+    everyone), the last items' transition rows (markov, sparse [B, N]) or the unit mean of the last
+    items (knn, [B, d])."""
     if name == "popularity":
-        return np.broadcast_to(pop, (len(lengths), len(pop)))
+        return np.ones((len(lengths), 1))
     if name == "markov":
-        last = last_items(history, lengths, 1)[0][:, 0]
-        # Popularity scaled below 1 breaks ties between equal counts and never outranks one count.
-        return fit.transitions[last].toarray() + pop / (pop.max() + 1.0)
-    items, real = last_items(history, lengths, fit.knn_last)
-    mean = (fit.features[items] * real[:, :, None]).sum(1) / real.sum(1, keepdims=True)
-    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-    return (fit.features @ mean.T).T.astype(np.float64)
+        return fit.transitions[last_items(history, lengths, 1)[0][:, 0]]
+    if name == "knn":
+        items, real = last_items(history, lengths, fit.knn_last)
+        mean = (fit.features[items] * real[:, :, None]).sum(1) / real.sum(1, keepdims=True)
+        return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    raise ValueError(f"unknown baseline {name!r} (known: {', '.join(NAMES)})")
+
+
+def tie_breaker(fit: Fitted, items) -> np.ndarray:
+    """Popularity scaled below 1: it orders equal Markov counts and never outranks one count."""
+    pop = fit.popularity.astype(np.float64)
+    return pop[items] / (pop.max() + 1.0)
+
+
+def block(name: str, fit: Fitted, q, lo: int, hi: int) -> np.ndarray:
+    """[B, hi - lo] float64 scores of items lo..hi-1 (q: `query` of the batch, B rows)."""
+    if name == "popularity":
+        return q * fit.popularity[lo:hi].astype(np.float64)
+    if name == "markov":
+        return q[:, lo:hi].toarray() + tie_breaker(fit, slice(lo, hi))
+    return (fit.features[lo:hi] @ q.T).T.astype(np.float64)
+
+
+def at(name: str, fit: Fitted, q, items: np.ndarray) -> np.ndarray:
+    """[B] float64 scores of items[b] for row b, as `block` computes them."""
+    if name == "popularity":
+        return q[:, 0] * fit.popularity[items].astype(np.float64)
+    if name == "markov":
+        return np.asarray(q[np.arange(len(items)), items]).ravel() + tie_breaker(fit, items)
+    return (fit.features[items] * q).sum(1).astype(np.float64)
+
+
+def batch_ranks(name: str, fit: Fitted, batch, exclude) -> "object":
+    """The batch's target ranks under baseline `name`, the catalogue scored chunk by chunk."""
+    import torch
+
+    from missrec_torchrec.metrics import RankCounter
+
+    history, lengths = batch.history.numpy(), batch.lengths.numpy()
+    target = batch.target.numpy().astype(np.int64)  # a copy: scipy indexing wants a writeable array
+    q = query(name, fit, history, lengths)
+    counter = RankCounter(batch.target, torch.from_numpy(at(name, fit, q, target)), *exclude)
+    items = len(fit.popularity)
+    width = max(1, CHUNK_CELLS // max(len(lengths), 1))
+    for lo in range(0, items, width):
+        hi = min(items, lo + width)
+        counter.update(torch.from_numpy(np.ascontiguousarray(block(name, fit, q, lo, hi))), lo)
+    return counter.ranks()
 
 
 def evaluate(cfg: Config, fit: Fitted, split: str, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
@@ -118,22 +182,20 @@ def evaluate(cfg: Config, fit: Fitted, split: str, names: Sequence[str]) -> Dict
     import torch
 
     from datapipes.stream import SequenceStream
-    from missrec_torchrec.metrics import RankingMetrics, target_ranks
+    from missrec_torchrec.metrics import RankingMetrics
 
     mask = cfg.eval.mask_history
     stream = SequenceStream(cfg.data.dataset, split, batch_size=cfg.data.eval_batch_size,
-                            max_len=cfg.model.max_len, with_seen=mask)
+                            max_len=cfg.model.max_len, with_seen=mask, max_users=cfg.eval.max_users)
     prefixes = ["", "cold/"] if cfg.eval.cold_start else [""]
     metrics = {(n, p): RankingMetrics(cfg.eval.ks) for n in names for p in prefixes}
     # Cold targets as `missrec train` counts them: items in no user's training part.
     cold = torch.from_numpy(fit.popularity == 0)
     for batch in stream:
         exclude = (batch.seen_offsets, batch.seen_values) if mask else (None, None)
-        history, lengths = batch.history.numpy(), batch.lengths.numpy()
         weights = {"": batch.weight, "cold/": batch.weight * cold[batch.target].to(batch.weight)}
         for n in names:
-            s = torch.from_numpy(np.ascontiguousarray(scores(n, fit, history, lengths)))
-            ranks = target_ranks(s, batch.target, *exclude)
+            ranks = batch_ranks(n, fit, batch, exclude)
             for p in prefixes:
                 metrics[n, p].update_ranks(ranks, weights[p])
     out: Dict[str, Dict[str, float]] = {n: {} for n in names}
@@ -180,8 +242,8 @@ def check_run_protocol(run: Path, cfg: Config) -> None:
     if not path.is_file():
         raise DataError(f"{run}: no config.yaml (not a run folder)")
     theirs = yaml.safe_load(path.read_text())
-    for section, key in (("data", "dataset"), ("model", "max_len"), ("eval", "mask_history")):
-        a, b = theirs[section][key], getattr(getattr(cfg, section), key)
+    for section, key in (("data", "dataset"), ("model", "max_len"), ("eval", "mask_history"), ("eval", "max_users")):
+        a, b = theirs[section].get(key), getattr(getattr(cfg, section), key)
         same = Path(a).resolve() == Path(b).resolve() if key == "dataset" else a == b
         if not same:
             raise DataError(f"{run}: evaluated with {section}.{key}={a}, the baselines with {b}")

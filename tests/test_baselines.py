@@ -76,7 +76,9 @@ def run_cli(capsys, *argv):
     return table_rows(capsys.readouterr().out)
 
 
-def test_popularity_and_markov_match_the_hand_computed_ranks(toy, capsys):
+@pytest.mark.parametrize("chunk_cells", [baselines.CHUNK_CELLS, 2])
+def test_popularity_and_markov_match_the_hand_computed_ranks(toy, capsys, monkeypatch, chunk_cells):
+    monkeypatch.setattr(baselines, "CHUNK_CELLS", chunk_cells)  # 2 cells for 3 users: one item per chunk
     rows = run_cli(capsys, str(toy), "eval.ks=[1,3]", "eval.metric=ndcg@3", "model.max_len=2")
     for (split, name), ranks in RANKS.items():
         hr1, nd1 = by_hand(ranks, 1)
@@ -86,6 +88,12 @@ def test_popularity_and_markov_match_the_hand_computed_ranks(toy, capsys):
     # The numbers above, spelled out for two rows: Markov valid ranks 4, 3, 1 -> NDCG@3 = (1/2 + 1) / 3.
     assert rows[("valid", "markov")][3] == pytest.approx(0.5, abs=6e-5)
     assert rows[("test", "popularity")][1] == pytest.approx(1 / 3, abs=6e-5)
+
+
+def test_eval_max_users_ranks_the_first_users_only(toy, capsys):
+    rows = run_cli(capsys, str(toy), "eval.ks=[1,3]", "eval.metric=ndcg@3", "model.max_len=2", "eval.max_users=2")
+    for (split, name), ranks in RANKS.items():
+        assert rows[(split, name)][:4] == pytest.approx([*by_hand(ranks[:2], 1), *by_hand(ranks[:2], 3)], abs=6e-5)
 
 
 def test_masking_the_history_follows_eval_mask_history(toy, capsys):
@@ -112,13 +120,19 @@ def test_knn_is_the_cosine_to_the_mean_of_the_last_items(toy):
     feats = baselines.normalised_features(DatasetInfo.open(toy), "text")
     fit = baselines.Fitted(np.zeros(5), None, feats, knn_last=2)
     history = np.array([[3, 1, 2], [0, -1, -1]])  # left-aligned, -1 = padding
-    got = baselines.scores("knn", fit, history, np.array([3, 1]))
+    q = baselines.query("knn", fit, history, np.array([3, 1]))
+    got = baselines.block("knn", fit, q, 0, 5)
+    np.testing.assert_array_equal(baselines.at("knn", fit, q, np.array([2, 4])), [got[0, 2], got[1, 4]])
     # Row 0: mean of unit vectors of items 1 and 2 = ([0, 1] + [.7071, .7071]) / 2, direction [.3827, .9239].
     u = np.array([math.sin(math.pi / 8), math.cos(math.pi / 8)])
     unit = FEATURES / np.linalg.norm(FEATURES, axis=1, keepdims=True)
     assert got[0, :4] == pytest.approx(unit[:4] @ u, abs=1e-6)
     assert got[1, :4] == pytest.approx(unit[:4, 0], abs=1e-6)  # one item: its own direction [1, 0]
     assert got[:, 4] == pytest.approx([0, 0])  # no feature vector: never similar
+    # A float16 table is read as stored and normalised in float32 on each read.
+    half = baselines.UnitRows(FEATURES.astype(np.float16), PRESENT)
+    assert half.vectors.dtype == np.float16
+    np.testing.assert_allclose(half[np.array([[3, 1], [0, 4]])], [[unit[3], unit[1]], [unit[0], [0, 0]]], atol=1e-3)
 
 
 def test_run_rows_are_printed_and_a_run_of_another_protocol_is_refused(toy, tmp_path, capsys):
@@ -133,6 +147,8 @@ def test_run_rows_are_printed_and_a_run_of_another_protocol_is_refused(toy, tmp_
     assert rows[("valid", "mine (1 run)")] == [0.25, 0.125, 0.5, 0.15, 0.1]
     assert main(["baselines", "--run", str(run), str(toy), "eval.mask_history=true"]) == 2
     assert "evaluated with eval.mask_history=False" in capsys.readouterr().err
+    assert main(["baselines", "--run", str(run), str(toy), "eval.max_users=2"]) == 2
+    assert "evaluated with eval.max_users=None, the baselines with 2" in capsys.readouterr().err
 
 
 def test_a_real_dataset_gives_every_baseline_on_both_splits(synthetic_mm, capsys):
@@ -141,3 +157,7 @@ def test_a_real_dataset_gives_every_baseline_on_both_splits(synthetic_mm, capsys
     for cells in rows.values():
         assert all(0 <= c <= 1 for c in cells)
         assert cells[2] >= cells[0]  # HR@50 >= HR@10
+    # A few items at a time (30 and more chunks per batch of users): the same table.
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(baselines, "CHUNK_CELLS", 1000)
+        assert run_cli(capsys, "--knn-modality", "image", str(synthetic_mm)) == rows
