@@ -283,7 +283,10 @@ def run(args: argparse.Namespace) -> None:
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     results = {s: evaluate(cfg, fit, s, names) for s in splits}
     ks = cfg.eval.ks
-    print(f"baselines on {info.root}: {info.num_users:,} users, {info.num_items:,} items, full ranking, "
+    ranked = cfg.eval.max_users
+    users = f"{info.num_users:,} users" + (
+        f" (the first {ranked:,} ranked: eval.max_users)" if ranked and ranked < info.num_users else "")
+    print(f"baselines on {info.root}: {users}, {info.num_items:,} items, full ranking, "
           f"histories of the last {cfg.model.max_len} items, history "
           f"{'masked' if cfg.eval.mask_history else 'not masked'}; counts from the training parts; "
           + (f"knn: {modality} features, mean of the last {args.knn_last} items" if modality else "knn: no features"))

@@ -182,8 +182,15 @@ def load_core(model: MISSRecModel, path: Path, modality_dims: Dict[str, int], da
     dims = saved["modality_dims"]
     if dims != modality_dims:
         raise DataError(f"{core_file}: checkpoint modalities {dims} differ from dataset {dataset}'s {modality_dims}")
+    core = saved["core"]
+    rows, saved_rows = model.head.core.positions.num_embeddings, core["positions.weight"].shape[0]
+    if saved_rows > rows:
+        # Positions count from a window's first item, so a window of at most `rows` items reads
+        # exactly these first rows in the pre-trained model too.
+        log0(f"{core_file}: using the first {rows} of its {saved_rows} position rows (model.max_len={rows})")
+        core = {**core, "positions.weight": core["positions.weight"][:rows]}
     try:
-        missing, unexpected = model.head.core.load_state_dict(saved["core"], strict=False)
+        missing, unexpected = model.head.core.load_state_dict(core, strict=False)
     except RuntimeError as e:  # "size mismatch for ...": other model settings
         reason = next((l.strip() for l in str(e).splitlines() if "mismatch" in l), str(e).splitlines()[0])
         raise DataError(f"{core_file}: core weights do not fit this model ({reason[:300]})") from None

@@ -216,19 +216,26 @@ def test_pretrain_then_peft_finetune_on_another_catalogue(synthetic_mm, syntheti
                                                                "checkpoint.run_dir": pre_dir})])
     assert pre.returncode == 0, pre.stderr[-3000:]
     ft_dir = tmp_path / "ft"
+    # A shorter history cap than pre-training's 20: the first 12 position rows.
     ft = run_cli(["train", "--config", "finetune-ml100k",
                   *small_overrides(synthetic_other, tmp_path, **{"train.epochs": 1, "train.init_checkpoint": pre_dir,
-                                                                 "checkpoint.run_dir": ft_dir})])
+                                                                 "checkpoint.run_dir": ft_dir, "model.max_len": 12})])
     assert ft.returncode == 0, ft.stderr[-3000:]
-    assert "loaded the pre-trained core" in ft.stdout
+    assert "loaded the pre-trained core" in ft.stdout and "using the first 12 of its 20 position rows" in ft.stdout
     before = torch.load(next((pre_dir / "checkpoints").glob("step_*/core.pt")), weights_only=True)["core"]
     after = torch.load(next((ft_dir / "checkpoints").glob("step_*/core.pt")), weights_only=True)["core"]
+    before["positions.weight"] = before["positions.weight"][:12]
     frozen = [k for k in before if k.startswith(("encoder.", "decoder.", "position"))]
     trained = [k for k in before if k.startswith("adapters.")]
     assert frozen and trained
     # PEFT: encoder, decoder and positions are exactly the pre-trained ones; the adapters moved.
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
+    # A longer cap than pre-training's has untrained positions: refused in one line.
+    longer = run_cli(["train", "--config", "finetune-ml100k",
+                      *small_overrides(synthetic_other, tmp_path, **{"train.epochs": 0, "train.init_checkpoint": pre_dir,
+                                                                     "checkpoint.run_dir": tmp_path / "long", "model.max_len": 30})])
+    assert longer.returncode == 2 and "core weights do not fit this model (size mismatch for positions.weight" in longer.stderr
 
     # Zero-shot: the pre-trained inductive model applied to the new catalogue with no training.
     zs_dir = tmp_path / "zero-shot"
