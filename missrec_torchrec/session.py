@@ -183,7 +183,7 @@ def load_core(model: MISSRecModel, path: Path, modality_dims: Dict[str, int], da
     if dims != modality_dims:
         raise DataError(f"{core_file}: checkpoint modalities {dims} differ from dataset {dataset}'s {modality_dims}")
     core = saved["core"]
-    rows, saved_rows = model.head.core.positions.num_embeddings, core["positions.weight"].shape[0]
+    rows, saved_rows = model.head.core.positions.num_embeddings, len(core.get("positions.weight", ()))
     if saved_rows > rows:
         # Positions count from a window's first item, so a window of at most `rows` items reads
         # exactly these first rows in the pre-trained model too.
