@@ -280,15 +280,13 @@ class DatasetInfo:
             out[name] = ModalityInfo(name, int(m["dim"]), m["dtype"], int(m["present"]), feature_path(self.root, name))
         return out
 
-    def load_features(self, modality: str, dtype: Optional[type] = np.float32) -> tuple[np.ndarray, np.ndarray]:
-        """The whole feature table as (N x dim array, N bool present mask), refused (naming the file and
-        row) unless it has one finite row of the recorded dim per item, present or not. `dtype=None`
-        keeps the stored dtype (float16 tables stay half the size of a float32 copy)."""
+    def load_features(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """The whole feature table as (N x dim float32 array, N bool present mask), refused (naming the
+        file and row) unless it has one finite row of the recorded dim per item, present or not."""
         m = self.modalities[modality]
         table = open_features(m.path, m.name, m.dim, pq.read_table)
         vec = table.column("vector").combine_chunks()
-        values = vec.values.to_numpy(zero_copy_only=False).reshape(-1, m.dim)
-        values = values if dtype is None else values.astype(dtype, copy=False)
+        values = vec.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, m.dim)
         check_finite(values, m.path)
         self._check_rows(m, len(values))
         return values, table.column("present").to_numpy()

@@ -110,7 +110,8 @@ def normalised_features(info, modality: Optional[str]) -> Optional[UnitRows]:
     if modality not in info.modalities:
         raise DataError(f"{info.root}: no {modality!r} feature table for item-kNN (has: "
                         f"{', '.join(info.modalities) or 'none'})")
-    return UnitRows(*info.load_features(modality, dtype=None))
+    rows = info.feature_rows(modality)  # stored dtype, checked and copied one row group at a time
+    return UnitRows(rows[:], rows.present())
 
 
 def last_items(history: np.ndarray, lengths: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
