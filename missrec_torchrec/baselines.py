@@ -152,7 +152,8 @@ def block(name: str, fit: Fitted, q, lo: int, hi: int) -> np.ndarray:
 
 
 def at(name: str, fit: Fitted, q, items: np.ndarray) -> np.ndarray:
-    """[B] float64 scores of items[b] for row b, as `block` computes them."""
+    """[B] float64 scores of items[b] for row b, as `block` computes them (knn: up to float rounding,
+    a dot product against a matrix product, which `RankCounter` allows for)."""
     if name == "popularity":
         return q[:, 0] * fit.popularity[items].astype(np.float64)
     if name == "markov":

@@ -122,7 +122,7 @@ def test_knn_is_the_cosine_to_the_mean_of_the_last_items(toy):
     history = np.array([[3, 1, 2], [0, -1, -1]])  # left-aligned, -1 = padding
     q = baselines.query("knn", fit, history, np.array([3, 1]))
     got = baselines.block("knn", fit, q, 0, 5)
-    np.testing.assert_array_equal(baselines.at("knn", fit, q, np.array([2, 4])), [got[0, 2], got[1, 4]])
+    np.testing.assert_allclose(baselines.at("knn", fit, q, np.array([2, 4])), [got[0, 2], got[1, 4]], rtol=1e-6)
     # Row 0: mean of unit vectors of items 1 and 2 = ([0, 1] + [.7071, .7071]) / 2, direction [.3827, .9239].
     u = np.array([math.sin(math.pi / 8), math.cos(math.pi / 8)])
     unit = FEATURES / np.linalg.norm(FEATURES, axis=1, keepdims=True)
