@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -63,6 +64,13 @@ class Fitted:
     transitions: "object"  # scipy CSR [N, N]: counts of (item, next item) in the training parts
     features: Optional[UnitRows]  # the kNN modality (None: no kNN)
     knn_last: int
+
+    @cached_property
+    def tie_break(self) -> np.ndarray:
+        """Popularity scaled below 1: it orders equal Markov counts and never outranks one count
+        (once per run: the chunk loop reads slices of it)."""
+        pop = self.popularity.astype(np.float64)
+        return pop / (pop.max() + 1.0)
 
 
 def training_parts(root: Path, batch_size: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -136,18 +144,12 @@ def query(name: str, fit: Fitted, history: np.ndarray, lengths: np.ndarray):
     raise ValueError(f"unknown baseline {name!r} (known: {', '.join(NAMES)})")
 
 
-def tie_breaker(fit: Fitted, items) -> np.ndarray:
-    """Popularity scaled below 1: it orders equal Markov counts and never outranks one count."""
-    pop = fit.popularity.astype(np.float64)
-    return pop[items] / (pop.max() + 1.0)
-
-
 def block(name: str, fit: Fitted, q, lo: int, hi: int) -> np.ndarray:
     """[B, hi - lo] float64 scores of items lo..hi-1 (q: `query` of the batch, B rows)."""
     if name == "popularity":
         return q * fit.popularity[lo:hi].astype(np.float64)
     if name == "markov":
-        return q[:, lo:hi].toarray() + tie_breaker(fit, slice(lo, hi))
+        return q[:, lo:hi].toarray() + fit.tie_break[lo:hi]
     return (fit.features[lo:hi] @ q.T).T.astype(np.float64)
 
 
@@ -157,7 +159,7 @@ def at(name: str, fit: Fitted, q, items: np.ndarray) -> np.ndarray:
     if name == "popularity":
         return q[:, 0] * fit.popularity[items].astype(np.float64)
     if name == "markov":
-        return np.asarray(q[np.arange(len(items)), items]).ravel() + tie_breaker(fit, items)
+        return np.asarray(q[np.arange(len(items)), items]).ravel() + fit.tie_break[items]
     return (fit.features[items] * q).sum(1).astype(np.float64)
 
 
