@@ -368,10 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """argparse, except that KEY=VALUE overrides may also follow a flag (`a=1 --resume b=2`), as with
+    Hydra or torchx; plain argparse takes one run of positionals only. Their order is kept."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and (stray or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     quiet_known_warnings()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         args.run(args)
     except (DataError, ConfigError) as e:

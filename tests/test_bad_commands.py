@@ -105,6 +105,12 @@ CASES = [
     ("train: unknown preset", lambda w: ["train", "--config", "nosuch"], ["config 'nosuch' not found"]),
     ("train: unknown key", lambda w: train_argv(w, "model.nope=1"), ["unknown key 'model.nope'"]),
     ("train: --resume without run_dir", lambda w: train_argv(w, "--resume"), ["--resume needs checkpoint.run_dir"]),
+    ("train: an override after a flag is still checked", lambda w: train_argv(w, "--resume", "model.nope=1"),
+     ["unknown key 'model.nope'"]),
+    ("train: a stray word after a flag", lambda w: train_argv(w, "--resume", "oops"),
+     ["unrecognized arguments: oops"]),
+    ("inspect: an override where none is taken", lambda w: ["inspect", w.ds, "a=1"],
+     ["unrecognized arguments: a=1"]),
     ("train: missing dataset", lambda w: train_argv(w, f"data.dataset={w.root / 'nope'}"),
      ["nope: dataset not found"]),
     ("train: out_dir inside a file", lambda w: train_argv(w, f"experiment.out_dir={w.plain / 'runs'}"),
@@ -275,7 +281,8 @@ def test_resume_with_an_allowed_change(w, tmp_path, capsys):
 
     run = tmp_path / "run"
     shutil.copytree(w.run, run)
-    args = ["train", "--config", "ml100k", *w.run_args, f"checkpoint.run_dir={run}", "train.epochs=2", "--resume"]
+    # Overrides after the flag too (`a=1 --resume b=2`): the later run_dir must win, or w.run is resumed.
+    args = ["train", "--config", "ml100k", *w.run_args, "--resume", f"checkpoint.run_dir={run}", "train.epochs=2"]
     assert main(args) == 2  # train.epochs differs from the run's 1
     assert "--allow-change train.epochs" in capsys.readouterr().err
     assert main([*args, "--allow-change", "train.epochs"]) == 0
