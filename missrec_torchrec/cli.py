@@ -389,6 +389,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (DataError, ConfigError) as e:
         print(f"missrec {args.command}: error: {e}", file=sys.stderr)
         return 2
+    # gloo threads left to interpreter exit can abort a finished rank (SIGABRT, pytorch/pytorch#190489; seen
+    # once in CI after `score --ann` wrote its output). Only on success: a failed rank may sit in a collective.
+    if (dist := sys.modules.get("torch.distributed")) is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
