@@ -369,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
-    """argparse, except that KEY=VALUE overrides may also follow a flag (`a=1 --resume b=2`), as with
-    Hydra or torchx; plain argparse takes one run of positionals only. Their order is kept."""
+    """argparse, except that KEY=VALUE overrides may also follow a flag (`a=1 --resume b=2`): plain
+    argparse takes one run of positionals only. Their order is kept."""
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if extra and (stray or not hasattr(args, "overrides")):
