@@ -29,13 +29,16 @@ def _integer(minimum: int, nullable: bool = False) -> Check:
     return what + (" or null" if nullable else ""), check
 
 
-def _number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = True) -> Check:
+def _number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = True,
+            nullable: bool = False) -> Check:
     if high == math.inf:
         what = f"a number {'>' if low_open else '>='} {low:g}"
     else:
         what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def check(v):
+        if v is None:
+            return nullable, v
         if isinstance(v, str):  # YAML reads 1e-3 (no dot) as a string
             try:
                 v = float(v)
@@ -47,7 +50,7 @@ def _number(low: float, high: float = math.inf, low_open: bool = False, high_ope
         below = v < high if high_open else v <= high
         return above and below, v
 
-    return what, check
+    return what + (" or null" if nullable else ""), check
 
 
 def _choice(*names: str, nullable: bool = False) -> Check:
@@ -99,6 +102,7 @@ RULES: Dict[str, Check] = {
     "model.heads": _integer(1),
     "model.ffn": _integer(1),
     "model.dropout": _number(0, 1),
+    "model.attention_dropout": _number(0, 1, nullable=True),
     "model.layer_norm_eps": _number(0, low_open=True),
     "model.init_std": _number(0),
     "model.max_len": _integer(1),

@@ -40,6 +40,7 @@ BAD = [
     (["model.dropout=1.5"], "model.dropout", "[0, 1), got 1.5"),
     (["model.dropout=1"], "model.dropout", "[0, 1)"),
     (["model.dropout=-0.1"], "model.dropout", "[0, 1)"),
+    (["model.attention_dropout=1.5"], "model.attention_dropout", "[0, 1) or null, got 1.5"),
     (["model.hidden=30", "model.heads=4"], "model.hidden", "not divisible by model.heads 4"),
     (["model.heads=0"], "model.heads", "positive integer"),
     (["model.temperature=0"], "model.temperature", "> 0"),
@@ -80,6 +81,8 @@ def test_good_values_are_accepted_and_normalised():
     cfg = load_config("ml100k", ["eval.cold_start=true", "eval.metric=cold/ndcg@50", "eval.ks=[5, 50]",
                                  "train.sharding={text: table_wise}", "model.hidden=32", "model.heads=4"])
     assert cfg.eval.metric == "cold/ndcg@50"
+    assert load_config("ml100k", ["model.attention_dropout=0"]).model.attention_dropout == 0.0
+    assert load_config("ml100k", ["model.attention_dropout=null"]).model.attention_dropout is None
 
 
 def test_every_key_has_a_rule_or_is_a_switch():

@@ -204,6 +204,46 @@ def test_folded_single_query_attention_equals_the_projected_one_with_gradients(s
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_auto_attention_takes_the_faster_cpu_kernel_and_both_kernels_agree():
+    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+    with_dropout, without = Attention(32, 4, 0.2, kernel="auto"), Attention(32, 4, 0.0, kernel="auto")
+    # bench/attention.py: math when training with dropout or in bf16, SDPA in fp32 without dropout
+    assert with_dropout.uses_math(fp32, cpu) and without.uses_math(bf16, cpu)
+    assert not without.uses_math(fp32, cpu) and not with_dropout.eval().uses_math(bf16, cpu)
+    assert not Attention(32, 4, 0.2, kernel="auto").uses_math(bf16, torch.device("cuda"))
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, 32, requires_grad=True)
+    key_mask = torch.arange(7)[None] >= torch.tensor([0, 2, 4, 6, 7])[:, None]  # the last row has no key
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    results = []
+    for kernel in ("math", "sdpa"):
+        torch.manual_seed(1)
+        attn = Attention(32, 4, 0.0, kernel=kernel)
+        out = attn(x, x, key_mask, causal)
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, attn.in_proj_weight])))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert float(results[0][0][4].detach().abs().max()) == 0.0
+    for got, want in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_dropout_applies_to_the_attention_probabilities_alone():
+    from missrec_torchrec.model.layers import DecoderLayer
+
+    layer = DecoderLayer(ModelConfig(hidden=32, heads=4, dropout=0.5, attention_dropout=0.0))
+    assert (layer.self_attn.dropout, layer.multihead_attn.dropout, layer.drop.p) == (0.0, 0.0, 0.5)
+    default = DecoderLayer(ModelConfig(hidden=32, heads=4, dropout=0.3))
+    assert (default.self_attn.drop.p, default.multihead_attn.drop.p) == (0.3, 0.3)  # null = model.dropout
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 32)
+    key_mask = torch.ones(3, 6, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the math path (uses_math) in training
+        for attn in (default.self_attn.train(), layer.self_attn.train()):
+            draws = attn(x, x, key_mask), attn(x, x, key_mask)
+            assert torch.equal(*draws) == (attn is layer.self_attn)  # no draw at attention_dropout 0
+        torch.testing.assert_close(draws[0], layer.self_attn.eval()(x, x, key_mask), rtol=2e-2, atol=2e-2)
+
+
 def test_projected_centroids_give_the_same_user_vectors_and_gradients(session):
     batch = _padded_batch(session)
     head, core = session.head, session.head.core

@@ -30,11 +30,14 @@ class ModelConfig:
     heads: int = 4
     ffn: int = 256
     dropout: float = 0.5
+    # Dropout on the attention probabilities; None = `dropout`, as the reference (HSTU's ML-1M recipe has
+    # none there).
+    attention_dropout: Optional[float] = None
     fast_dropout: bool = True  # model/dropout.py: 8x fewer random draws, same keep probability
     # The user vector reads the last position only: the decoder's last layer computes that query
     # alone (keys and values still from every position). Same values, ~1/3 less compute.
     last_query_only: bool = True
-    attention: str = "auto"  # math | sdpa | auto (math when training with dropout on CPU, else SDPA)
+    attention: str = "auto"  # math | sdpa | auto (Attention.uses_math: math when training on CPU with dropout or bf16)
     # One query per row (the decoder's last layer under last_query_only): key and value projections
     # folded into the query side (model/attention.py), O(S D) instead of O(S D^2). Same values.
     fold_single_query: bool = True
@@ -95,6 +98,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.interest_ratio {self.interest_ratio} is not in (0, 1]")
         if self.interest_cap is not None and self.interest_cap < 1:
             raise ValueError(f"ModelConfig.interest_cap {self.interest_cap} must be >= 1 or None")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout <= 1.0:
+            raise ValueError(f"ModelConfig.attention_dropout {self.attention_dropout} is not in [0, 1] or None")
         for name in ("dropout", "item_drop_prob", "item_drop_coefficient", "feature_swap_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ModelConfig.{name} {getattr(self, name)} is not in [0, 1]")

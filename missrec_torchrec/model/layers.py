@@ -34,12 +34,17 @@ def _activation(name: str):
     return F.gelu if name == "gelu" else F.relu
 
 
+def _attention(c: ModelConfig) -> Attention:
+    p = c.dropout if c.attention_dropout is None else c.attention_dropout
+    return Attention(c.hidden, c.heads, p, c.fast_dropout, c.attention, c.fold_single_query)
+
+
 class EncoderLayer(nn.Module):
     """Post-LN layer with the parameters of `nn.TransformerEncoderLayer`."""
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.self_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention, c.fold_single_query)
+        self.self_attn = _attention(c)
         self.linear1 = nn.Linear(c.hidden, c.ffn)
         self.linear2 = nn.Linear(c.ffn, c.hidden)
         self.norm1 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
@@ -60,7 +65,7 @@ class DecoderLayer(EncoderLayer):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__(c)
-        self.multihead_attn = Attention(c.hidden, c.heads, c.dropout, c.fast_dropout, c.attention, c.fold_single_query)
+        self.multihead_attn = _attention(c)
         self.norm3 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
 
     def forward(self, x: Tensor, mask: Tensor, memory: Memory, allowed: Optional[Tensor] = None,
