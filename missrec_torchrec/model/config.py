@@ -30,7 +30,7 @@ class ModelConfig:
     heads: int = 4
     ffn: int = 256
     dropout: float = 0.5
-    # Dropout on the attention probabilities; None = `dropout`, as the reference (HSTU's ML-1M recipe has
+    # Dropout on the attention probabilities; None = `dropout`, as the reference (HSTU-Tensorflow's ML-1M script has
     # none there).
     attention_dropout: Optional[float] = None
     fast_dropout: bool = True  # model/dropout.py: 8x fewer random draws, same keep probability
