@@ -48,15 +48,15 @@ def rows_per_user(train_end: np.ndarray, max_len: int, windows: bool) -> np.ndar
 
 
 def cut_units(path: Path, row_group_sizes: Sequence[int], workers: int, prefix_sample: float, max_len: int,
-              windows: bool) -> List[Unit]:
-    """Work units for `workers` data workers (read once from the train_end column)."""
+              windows: bool, end_column: str = "train_end") -> List[Unit]:
+    """Work units for `workers` data workers (read once from the column where the training part ends)."""
     n_rg = len(row_group_sizes)
     want = UNITS_PER_WORKER * workers
     per_rg = 1 if n_rg >= want else math.ceil(want / n_rg)
     pf = pq.ParquetFile(path)
     units: List[Unit] = []
     for rg, size in enumerate(row_group_sizes):
-        train_end = pf.read_row_group(rg, columns=["train_end"]).column(0).to_numpy().astype(np.int64)
+        train_end = pf.read_row_group(rg, columns=[end_column]).column(0).to_numpy().astype(np.int64)
         cum = np.concatenate([[0], np.cumsum(rows_per_user(train_end, max_len, windows))])
         cuts = np.unique(np.linspace(0, size, min(per_rg, size) + 1).astype(np.int64))
         for lo, hi in zip(cuts[:-1], cuts[1:]):

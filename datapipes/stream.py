@@ -6,6 +6,7 @@ built on the fly from the Arrow list offsets and flat values with ragged-arange 
 With `windows` (one-pass causal training) a user gives one row per window of L targets instead: the
 row whose target is items[k] carries history items[k-L:k], and a causal model predicts each of its
 positions' next item, so the windows ending at train_end-1, train_end-1-L, ... cover every target once.
+With `through_valid` the training part runs to ``valid_end`` instead (the validation target is trained on).
 With `length_buckets` the shuffle buffer batches rows of similar history length and each batch's
 dense history is only as wide as its longest row.
 
@@ -57,7 +58,7 @@ class SequenceStream(IterableDataset):
     `num_workers` must equal the data loader's worker count (`make_loader` keeps them equal): the
     work plan and the batch count depend on it. Dummy eval rows have ``user == -1``, ``weight == 0``,
     history ``[0]`` and target 0. `steps_per_epoch` (training only) fixes the batches per rank.
-    `length_buckets`, `windows`, `candidates` and `max_users` (evaluation only): see the module docstring."""
+    `length_buckets`, `windows`, `through_valid`, `candidates`, `max_users` (evaluation only): module docstring."""
 
     def __init__(
         self,
@@ -74,8 +75,7 @@ class SequenceStream(IterableDataset):
         with_seen: bool = False,
         steps_per_epoch: Optional[int] = None,
         num_workers: int = 0,
-        length_buckets: bool = False,
-        windows: bool = False,
+        length_buckets: bool = False, windows: bool = False, through_valid: bool = False,
         candidates: Optional[Candidates] = None,
         max_users: Optional[int] = None,
     ):
@@ -99,18 +99,16 @@ class SequenceStream(IterableDataset):
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.shuffle_buffer, self.prefix_sample = int(shuffle_buffer), float(prefix_sample)
         self.with_seen, self.steps_per_epoch = with_seen, steps_per_epoch
-        self.num_workers = int(num_workers)
+        self.num_workers, self.through_valid = int(num_workers), bool(through_valid)
         self.length_buckets, self.windows = bool(length_buckets), bool(windows)
-        self.candidates = candidates
-        self.epoch = 0
+        self.candidates, self.epoch = candidates, 0
         meta = pq.ParquetFile(self.path).metadata
         self.row_group_sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], np.int64)
         self.num_users = min(int(self.row_group_sizes.sum()), int(max_users or self.row_group_sizes.sum()))
         self._units: Optional[Tuple[int, List[Unit]]] = None  # (planned worker count, units)
         self._resume: Optional[Dict[str, int]] = None
         self._progress: Optional[List[int]] = None  # [epoch, batches emitted] while iterating
-        self._file: Optional[pq.ParquetFile] = None
-        self._cached: Optional[Tuple[int, RowGroup]] = None
+        self._file, self._cached = None, None  # Optional: the open users file, (row group, RowGroup)
 
     # ------------------------------------------------------------------------------------------
     # Epochs, length and state
@@ -129,8 +127,8 @@ class SequenceStream(IterableDataset):
     def plan(self) -> Dict[str, Any]:
         """What the batch sequence depends on besides the epoch; a resume must match it."""
         names = ("split", "rank", "world_size", "num_workers", "seed", "batch_size", "max_len", "prefix_sample",
-                 "steps_per_epoch", "length_buckets", "windows")
-        return {name: getattr(self, name) for name in names}
+                 "steps_per_epoch", "length_buckets", "windows") + ("through_valid",) * self.through_valid
+        return {name: getattr(self, name) for name in names}  # (through_valid only when on: older plans match)
 
     def position(self, epoch: int, batches: int) -> Dict[str, Any]:
         """The state of this rank's stream after `batches` batches of `epoch` (a checkpoint's data position)."""
@@ -155,7 +153,7 @@ class SequenceStream(IterableDataset):
         match this stream: a ValueError names what changed.
         """
         saved, now = dict(state.get("plan", self.plan())), self.plan()
-        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        changed = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in {**saved, **now} if saved.get(k) != now.get(k)]
         if changed:
             raise ValueError(f"cannot resume: the data plan changed ({', '.join(changed)})")
         self.epoch = int(state["epoch"])
@@ -197,10 +195,11 @@ class SequenceStream(IterableDataset):
         return max(1, self.num_workers)
 
     def units(self) -> List[Unit]:
-        """Work units for the planned worker count (read once from the train_end column)."""
+        """Work units for the planned worker count (read once from the training part's end column)."""
         workers = self.world_size * self._loader_workers()
         if self._units is None or self._units[0] != workers:
-            units = cut_units(self.path, self.row_group_sizes, workers, self.prefix_sample, self.max_len, self.windows)
+            units = cut_units(self.path, self.row_group_sizes, workers, self.prefix_sample, self.max_len, self.windows,
+                              "valid_end" if self.through_valid else "train_end")
             self._units = (workers, units)
         return self._units[1]
 
@@ -228,7 +227,8 @@ class SequenceStream(IterableDataset):
 
     def _expand(self, unit_id: int, unit: Unit, epoch: int, pass_: int) -> Iterator[Rows]:
         """The unit's (sampled) training rows in a random order, EXPAND_ROWS at a time."""
-        offsets, values, train_end, _, user_index = self._row_group(unit.row_group).users(unit.lo, unit.hi)
+        offsets, values, train_end, valid_end, user_index = self._row_group(unit.row_group).users(unit.lo, unit.hi)
+        train_end = valid_end if self.through_valid else train_end
         per_user = rows_per_user(train_end, self.max_len, self.windows)
         cum = np.cumsum(per_user)
         rng = np.random.default_rng([self.seed, epoch, unit_id, pass_, TAG_SAMPLE])

@@ -47,6 +47,7 @@ class DataConfig:
     shuffle_buffer: int
     prefix_sample: float
     length_buckets: bool
+    train_through_valid: bool
 
 
 @dataclass

@@ -333,7 +333,7 @@ class Session:
             num_workers=d.num_workers if train else 0,
             # Fast modes: batches padded to their own longest history; causal = one row per window.
             length_buckets=d.length_buckets,
-            windows=train and self.model_cfg.causal,
+            windows=train and self.model_cfg.causal, through_valid=train and d.train_through_valid,
             candidates=candidates,
             max_users=None if train else self.cfg.eval.max_users,
         )

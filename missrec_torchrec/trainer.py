@@ -282,7 +282,10 @@ class Trainer:
                 ev = self.cfg.eval
                 log0(f"early stop: no {ev.metric} improvement for {ev.patience} validations")
                 break
-        if self.load("best", optimizer=False) is None:
+        refit = self.cfg.data.train_through_valid
+        if refit:
+            log0(f"data.train_through_valid: no validation; testing the weights after epoch {progress['epoch'] - 1}")
+        if progress["epoch"] == 0 or (not refit and self.load("best", optimizer=False) is None):
             # train.epochs=0: the initial (e.g. pre-trained, zero-shot) weights, with fresh interests.
             log0("no validated checkpoint: testing the initial weights")
             progress["interest"] = self.recluster(progress["epoch"])
@@ -291,6 +294,9 @@ class Trainer:
     def _validate(self, epoch: int, progress: Dict[str, Any], row: Dict[str, Any]) -> Tuple[Optional[float], bool]:
         """(validation metric or None, early stop) after `epoch`; valid/* go into `row`."""
         t, ev = self.cfg.train, self.cfg.eval
+        if self.cfg.data.train_through_valid:  # the validation targets are training targets: nothing to select
+            progress["best_epoch"] = epoch
+            return None, False
         if (epoch + 1) % ev.every != 0 and epoch + 1 != t.epochs:
             return None, False
         valid = self.evaluate("valid")

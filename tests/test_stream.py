@@ -37,12 +37,12 @@ def users(data):
     return pq.read_table(data / "users.parquet").to_pylist()
 
 
-def reference_train_rows(users, max_len=MAX_LEN):
+def reference_train_rows(users, max_len=MAX_LEN, end="train_end"):
     """Every (user, target, history) prefix row, by the definition in datapipes/schema.py."""
     return Counter(
         (u["user_index"], u["items"][k], tuple(u["items"][max(0, k - max_len) : k]))
         for u in users
-        for k in range(1, u["train_end"])
+        for k in range(1, u[end])
     )
 
 
@@ -95,6 +95,23 @@ def test_one_epoch_is_every_prefix_row(data, users):
     s.set_epoch(1)
     again = [r for b in s for r in batch_rows(b)]
     assert set(again) == set(ref) and again[:64] != rows[:64]
+
+
+def test_through_valid_adds_each_user_s_validation_target_and_nothing_else(data, users):
+    ref = reference_train_rows(users, end="valid_end")
+    added = ref - reference_train_rows(users)
+    assert sum(added.values()) == sum(u["valid_end"] > u["train_end"] for u in users) > 0
+    assert {(user, target) for user, target, _ in added} == {
+        (u["user_index"], u["items"][u["train_end"]]) for u in users if u["valid_end"] > u["train_end"]}
+    s = stream(data, through_valid=True)
+    rows = [r for b in s for r in batch_rows(b)]
+    assert len(s) == math.ceil(sum(ref.values()) / 64) and set(rows) == set(ref)
+    assert sum((Counter(rows) - ref).values()) == len(rows) - sum(ref.values()) < 64  # only the wrap
+    assert stream(data).plan() == {k: v for k, v in s.plan().items() if k != "through_valid"}
+    with pytest.raises(ValueError, match="through_valid None -> True"):  # a resume cannot switch it
+        s.load_state_dict(stream(data).position(0, 3))
+    with pytest.raises(ValueError, match="through_valid True -> None"):
+        stream(data).load_state_dict(s.position(0, 3))
 
 
 def test_two_ranks_two_workers_cover_every_row_with_equal_full_batches(data, users):

@@ -297,3 +297,21 @@ def test_auto_loss_builds_a_sampled_softmax_model_above_the_threshold(synthetic_
         cfg = load_config(None, [f"data.dataset={synthetic_mm}", "data.modalities=[text]", "data.features=null",
                                  f"train.full_softmax_max_items={threshold}"])
         assert build_model(cfg, info).head.loss == loss
+
+
+def test_training_through_the_validation_item_tests_the_last_epoch(synthetic_mm, tmp_path):
+    from missrec_torchrec.checkpoint import best_checkpoint, latest_checkpoint
+    from missrec_torchrec.config import load_config
+    from missrec_torchrec.evaluate import evaluate_checkpoint
+    from missrec_torchrec.trainer import train
+
+    normal = train(load_config("ml100k", small_overrides(synthetic_mm, tmp_path / "a", **{"train.epochs": 1})))
+    refit = train(load_config("ml100k", small_overrides(synthetic_mm, tmp_path / "b", **{
+        "data.train_through_valid": "true"})))
+    # One more training row per user (its validation target): more steps, no validation, no selection.
+    assert refit["history"][0]["train/steps"] > normal["history"][0]["train/steps"]
+    assert [sorted(k for k in row if k.startswith("valid/")) for row in refit["history"]] == [[], []]
+    assert refit["best_epoch"] == 1 and refit["test"]["count"] == 240
+    run_dir = Path(refit["run_dir"])
+    assert best_checkpoint(run_dir / "checkpoints") is None
+    assert evaluate_checkpoint(latest_checkpoint(run_dir / "checkpoints")) == refit["test"]
