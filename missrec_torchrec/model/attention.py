@@ -67,8 +67,8 @@ class Attention(nn.Module):
         if self.kernel != "auto":
             return self.kernel == "math"
         # SDPA's CPU dropout draws a Bernoulli per probability; the math path's is the fast one. Without
-        # dropout, SDPA's CPU forward and backward was 1.1-1.8x slower in bf16 (causal L 200 D 64;
-        # L 50 D 300) but 1.0-2.7x faster in fp32 (bench/attention.py).
+        # dropout, SDPA's CPU forward and backward was 1.1-2.4x slower in bf16 (causal L 200 D 64;
+        # L 50 D 300) but 1.2-1.9x faster in fp32 (bench/attention.py, its table in the README).
         return self.training and device.type == "cpu" and (self.dropout > 0 or dtype == torch.bfloat16)
 
     def _single_query(self, query: Tensor, memory: Tensor, key_mask: Tensor) -> Tensor:
