@@ -151,10 +151,20 @@ def _causal_head(config, dims=DIMS):
     return head.eval(), seed_interests(head)
 
 
-@pytest.mark.parametrize("keep_zero", [False, True])
-def test_one_pass_causal_equals_every_prefix_run_separately(keep_zero):
-    config = replace(SMALL, causal=True, use_id=True, interest_keep_zero=keep_zero)
+def randomise_position_bias(head: MISSRecHead) -> None:
+    """Non-zero relative position biases (they start at 0), different per layer and head."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in head.core.decoder.layers:
+            layer.position_bias.copy_(torch.randn(layer.position_bias.shape, generator=g))
+
+
+@pytest.mark.parametrize("keep_zero, position_bias", [(False, False), (True, False), (False, True)])
+def test_one_pass_causal_equals_every_prefix_run_separately(keep_zero, position_bias):
+    config = replace(SMALL, causal=True, use_id=True, interest_keep_zero=keep_zero, relative_position_bias=position_bias)
     head, state = _causal_head(config)
+    if position_bias:  # offsets count within the window, so a prefix run alone sees the same ones
+        randomise_position_bias(head)
     b, width = 6, config.max_len
     g = torch.Generator().manual_seed(3)
     lengths = torch.tensor([10, 7, 1, 4, 10, 2])

@@ -18,7 +18,7 @@ from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.model.attention import Attention
 from missrec_torchrec.model.dropout import fast_dropout, quantised
 from missrec_torchrec.recommender import ID_TABLE
-from test_fast_modes import SMALL, make_batch, make_model, make_rows
+from test_fast_modes import SMALL, make_batch, make_model, make_rows, randomise_position_bias
 from test_train import small_overrides
 
 # ---- fast dropout --------------------------------------------------------------------------------
@@ -227,6 +227,47 @@ def test_auto_attention_takes_the_faster_cpu_kernel_and_both_kernels_agree():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["math", "single query"])
+def test_an_attention_bias_gives_sdpa_s_outputs_and_gradients_on_every_path(path):
+    torch.manual_seed(0)
+    b, s, d, h = 5, 7, 32, 4
+    x = torch.randn(b, s, d, requires_grad=True)
+    key_mask = torch.arange(s)[None] >= torch.tensor([0, 2, 4, 6, 7])[:, None]  # the last row has no key
+    last = torch.tensor([6, 6, 5, 6, 3])
+    bias = torch.randn(b, h, 1 if path == "single query" else s, s, requires_grad=True)
+    results = []
+    for kernel in ("sdpa", "math"):
+        torch.manual_seed(1)
+        attn = Attention(d, h, 0.0, kernel=kernel, fold=path == "single query" and kernel == "math")
+        query = x[torch.arange(b), last].unsqueeze(1) if path == "single query" else x
+        out = attn(query, x, key_mask, bias=bias)
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, attn.in_proj_weight, bias])))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert float(results[1][0][4].detach().abs().max()) == 0.0
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(1)  # and the bias is not a no-op
+    assert not torch.allclose(Attention(d, h, 0.0)(query, x, key_mask)[:4], results[0][0][:4], atol=1e-3)
+
+
+def test_the_position_bias_starts_at_zero_trains_and_moves_the_user_vectors():
+    config = replace(SMALL, causal=True, use_id=True, relative_position_bias=True)
+    model = make_model(config)
+    plain = make_model(replace(config, relative_position_bias=False))
+    assert plain.load_state_dict(model.state_dict(), strict=False).unexpected_keys == [
+        "head.core.decoder.layers.0.position_bias"]
+    batch = make_batch(model, make_rows(12, config.max_len), config.max_len)
+    model.train(), plain.train()  # dropout 0
+    loss, out = model(batch)
+    # A zero bias is none (SDPA's kernel for a float mask may round differently from a boolean one's)
+    torch.testing.assert_close(out["user"], plain(batch)[1]["user"], rtol=1e-6, atol=1e-6)
+    loss.backward()
+    grad = model.head.core.decoder.layers[0].position_bias.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    randomise_position_bias(model.head)
+    assert not torch.allclose(model(batch)[1]["user"], out["user"], atol=1e-3)
+
+
 def test_attention_dropout_applies_to_the_attention_probabilities_alone():
     from missrec_torchrec.model.layers import DecoderLayer
 
@@ -332,10 +373,12 @@ def test_precision_auto_follows_the_cpu_flags(monkeypatch):
         precision.resolve("fp16", cpu)
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_last_query_only_gives_every_position_s_user_vectors_and_gradients(layers):
-    config = replace(CONFIGS[2], n_dec_layers=layers)
+@pytest.mark.parametrize("layers, position_bias", [(1, False), (2, False), (2, True)])
+def test_last_query_only_gives_every_position_s_user_vectors_and_gradients(layers, position_bias):
+    config = replace(CONFIGS[2], n_dec_layers=layers, relative_position_bias=position_bias)
     model = make_model(config)
+    if position_bias:  # the last layer's single query then reads its own column of offsets
+        randomise_position_bias(model.head)
     batch = make_batch(model, make_rows(24, config.max_len), config.max_len)
     model.train()  # dropout 0
 

@@ -30,17 +30,18 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention; the reference keeps it
 
     def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor, allowed: Optional[Tensor] = None,
-                qkv: Optional[Tensor] = None) -> Tensor:
+                qkv: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
         """query B x T x D attends to memory B x S x D where key_mask (B x S, True = real) allows.
 
         `allowed` (T x S or B x T x S, True = may attend) further restricts each query, e.g. a
         causal mask. A query with no allowed key gets 0: attending to nothing adds nothing (SDPA
         backends disagree on fully masked rows, some give NaN). `qkv` (B x T x 3D, self-attention
-        only): the input projections, already computed.
+        only): the input projections, already computed. `bias` (broadcasts to B x H x T x S): added
+        to the attention logits after scaling, e.g. a relative position bias.
         """
         d = query.shape[-1]
         if self.fold and qkv is None and query.shape[1] == 1 and allowed is None and query is not memory:
-            return self._single_query(query, memory, key_mask)
+            return self._single_query(query, memory, key_mask, bias)
         if qkv is not None:
             q, k, v = qkv.chunk(3, dim=-1)
         elif query is memory:
@@ -53,10 +54,13 @@ class Attention(nn.Module):
         mask = key_mask.view(b, 1, s) if allowed is None else key_mask.view(b, 1, s) & allowed.view(-1, t, s)
         has_key = mask.any(dim=-1, keepdim=True)  # B x (1 or T) x 1
         mask = (mask | ~has_key).unsqueeze(1)
+        bias = None if bias is None else bias.to(q.dtype)
         if self.uses_math(q.dtype, q.device):
-            logits = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).masked_fill_(~mask, float("-inf"))
+            logits = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+            logits = (logits if bias is None else logits.add_(bias)).masked_fill_(~mask, float("-inf"))
             out = self.drop(logits.softmax(-1)) @ v
         else:
+            mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))  # a float mask is added
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(b, t, d))
         # A pass over B x T x D only when some query has no key (rare: causal starts, empty memory).
@@ -71,7 +75,7 @@ class Attention(nn.Module):
         # L 50 D 300) but 1.2-1.9x faster in fp32 (bench/attention.py, its table in the README).
         return self.training and device.type == "cpu" and (self.dropout > 0 or dtype == torch.bfloat16)
 
-    def _single_query(self, query: Tensor, memory: Tensor, key_mask: Tensor) -> Tensor:
+    def _single_query(self, query: Tensor, memory: Tensor, key_mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """`forward` for one query per row (B x 1 x D), with the key and value projections folded
         into the query side, so no S x D x D projection of the memory is made.
 
@@ -87,7 +91,8 @@ class Attention(nn.Module):
         q_k = torch.matmul(q.transpose(0, 1), w_k.view(h, d, dm)).transpose(0, 1)  # B x H x D
         has_key = key_mask.any(dim=-1)  # B
         mask = (key_mask | ~has_key.unsqueeze(1)).unsqueeze(1)  # B x 1 x S
-        logits = torch.bmm(q_k, memory.transpose(1, 2)).float().mul_(d**-0.5).masked_fill_(~mask, float("-inf"))
+        logits = torch.bmm(q_k, memory.transpose(1, 2)).float().mul_(d**-0.5)
+        logits = (logits if bias is None else logits.add_(bias.float().expand(b, h, 1, s).reshape(b, h, s))).masked_fill_(~mask, float("-inf"))
         a = self.drop(logits.softmax(-1))  # B x H x S, fp32 as SDPA's internal softmax
         pooled = torch.bmm(a.to(memory.dtype), memory)  # B x H x D
         out = torch.matmul(pooled.transpose(0, 1), w_v.view(h, d, dm).transpose(1, 2)).transpose(0, 1)

@@ -54,6 +54,8 @@ class ModelConfig:
     fusion: str = "dynamic_shared"
     use_id: bool = False  # transductive: a learned item-ID embedding joins tokens and scores
     causal: bool = False  # one-pass causal model (not the paper's): every prefix's user vector at once
+    # Not the paper's: HSTU's relative position bias on the decoder's item self-attention (model/layers.py).
+    relative_position_bias: bool = False
     # Not the paper's: one learned scalar lowers the score of every item in the user's history window
     # (recommender.MISSRecHead.lower_repeats), so a domain where nothing is consumed twice can learn so.
     repeat_bias: bool = False

@@ -67,12 +67,21 @@ class DecoderLayer(EncoderLayer):
         super().__init__(c)
         self.multihead_attn = _attention(c)
         self.norm3 = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        # HSTU's relative position bias (rab_p), not the paper's: one learned logit per head and query
+        # minus key position, -(max_len - 1)..max_len - 1, on the item self-attention; 0 at init.
+        self.position_bias = nn.Parameter(torch.zeros(c.heads, 2 * c.max_len - 1)) if c.relative_position_bias else None
 
     def forward(self, x: Tensor, mask: Tensor, memory: Memory, allowed: Optional[Tensor] = None,
-                query: Optional[Tensor] = None) -> Tensor:
-        """`query` (B x Q x D, default x): the positions to compute; they attend to all of x."""
+                query: Optional[Tensor] = None, offsets: Optional[Tensor] = None) -> Tensor:
+        """`query` (B x Q x D, default x): the positions to compute; they attend to all of x.
+        `offsets` (Q x L, or B x 1 x L with `query`): query minus key position plus max_len - 1, the
+        position bias's columns (needed with `position_bias`)."""
         q = x if query is None else query
-        q = self.norm1(q + self.drop(self.self_attn(q, x, mask, allowed)))
+        bias = None
+        if self.position_bias is not None:
+            bias = self.position_bias[:, offsets]  # H x Q x L, or H x B x 1 x L
+            bias = bias if offsets.dim() == 2 else bias.movedim(0, 1)
+        q = self.norm1(q + self.drop(self.self_attn(q, x, mask, allowed, bias=bias)))
         q = self.norm2(q + self.drop(self.multihead_attn(q, memory.values, memory.mask, memory.allowed)))
         return self.norm3(q + self.feed_forward(q))
 
@@ -104,11 +113,15 @@ class InterestDecoder(nn.Module):
                 last: Optional[Tensor] = None) -> Tensor:
         """B x L x D, or with `last` (B positions, no `allowed` masks) B x 1 x D: the last layer then
         computes only those positions' queries, all that a user vector reads (same values)."""
+        positions = torch.arange(x.shape[1], device=x.device)
+        shift = self.layers[0].position_bias.shape[1] // 2 if self.layers[0].position_bias is not None else None
+        offsets = None if shift is None else positions.unsqueeze(1) - positions + shift
         for i, layer in enumerate(self.layers):
             query = None
             if last is not None and i == len(self.layers) - 1:
                 query = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
-            x = layer(x, mask, memory, allowed, query)
+                offsets = None if shift is None else (last.view(-1, 1, 1) - positions + shift)
+            x = layer(x, mask, memory, allowed, query, offsets)
         return self.norm(x)
 
 
