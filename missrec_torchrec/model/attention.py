@@ -57,8 +57,9 @@ class Attention(nn.Module):
         bias = None if bias is None else bias.to(q.dtype)
         if self.uses_math(q.dtype, q.device):
             logits = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
-            logits = (logits if bias is None else logits.add_(bias)).masked_fill_(~mask, float("-inf"))
-            out = self.drop(logits.softmax(-1)) @ v
+            if bias is not None:
+                logits.add_(bias)
+            out = self.drop(logits.masked_fill_(~mask, float("-inf")).softmax(-1)) @ v
         else:
             mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))  # a float mask is added
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
@@ -92,8 +93,9 @@ class Attention(nn.Module):
         has_key = key_mask.any(dim=-1)  # B
         mask = (key_mask | ~has_key.unsqueeze(1)).unsqueeze(1)  # B x 1 x S
         logits = torch.bmm(q_k, memory.transpose(1, 2)).float().mul_(d**-0.5)
-        logits = (logits if bias is None else logits.add_(bias.float().expand(b, h, 1, s).reshape(b, h, s))).masked_fill_(~mask, float("-inf"))
-        a = self.drop(logits.softmax(-1))  # B x H x S, fp32 as SDPA's internal softmax
+        if bias is not None:
+            logits.add_(bias.float().expand(b, h, 1, s).reshape(b, h, s))
+        a = self.drop(logits.masked_fill_(~mask, float("-inf")).softmax(-1))  # B x H x S, fp32 as SDPA's internal softmax
         pooled = torch.bmm(a.to(memory.dtype), memory)  # B x H x D
         out = torch.matmul(pooled.transpose(0, 1), w_v.view(h, d, dm).transpose(1, 2)).transpose(0, 1)
         out = out + a.sum(-1, keepdim=True).to(out.dtype) * b_v.view(h, d).to(out.dtype)
