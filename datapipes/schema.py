@@ -325,34 +325,38 @@ class DatasetInfo:
     def _check_rows(self, m: "ModalityInfo", rows: int) -> None:
         check_row_count(m.path, rows, self.num_items)
 
-    def _training_positions(self):
-        """Per row group: (values, position of each value in its list, its row's train_end)."""
+    def _training_positions(self, through_valid: bool = False):
+        """Per row group: (values, position of each value in its list, its row's train_end, or
+        valid_end when the validation target is trained on too)."""
+        end = "valid_end" if through_valid else "train_end"
         users = pq.ParquetFile(self.users_path)
         for g in range(users.num_row_groups):
-            table = users.read_row_group(g, columns=["items", "train_end"])
+            table = users.read_row_group(g, columns=["items", end])
             items = table.column("items").combine_chunks()
             offsets = items.offsets.to_numpy()
             lengths = np.diff(offsets)
             row = np.repeat(np.arange(len(lengths)), lengths)
             values = items.values.to_numpy()
-            yield values, np.arange(len(values)) - offsets[:-1][row], table.column("train_end").to_numpy()[row]
+            yield values, np.arange(len(values)) - offsets[:-1][row], table.column(end).to_numpy()[row]
 
-    def training_items(self) -> np.ndarray:
-        """N bools: whether the item occurs in any user's training part (`items[:train_end]`).
-        Read one row group at a time; items never trained on are the cold-start targets."""
+    def training_items(self, through_valid: bool = False) -> np.ndarray:
+        """N bools: whether the item occurs in any user's training part (`items[:train_end]`, or
+        `items[:valid_end]` with `through_valid`, as `data.train_through_valid` trains). Read one
+        row group at a time; items never trained on are the cold-start targets."""
         seen = np.zeros(self.num_items, dtype=bool)
-        for values, position, train_end in self._training_positions():
+        for values, position, train_end in self._training_positions(through_valid):
             seen[values[position < train_end]] = True
         return seen
 
-    def target_counts(self) -> np.ndarray:
-        """N counts: how often each item is a training target (`items[1:train_end]`, one per prefix).
+    def target_counts(self, through_valid: bool = False) -> np.ndarray:
+        """N counts: how often each item is a training target (`items[1:train_end]`, one per prefix;
+        `items[1:valid_end]` with `through_valid`).
         Targets are counted N at a time, not per row group: a bincount costs O(N) however few values
         it counts, and a 1e7-item catalogue has thousands of row groups."""
         counts = np.zeros(self.num_items, dtype=np.int64)
         pending: List[np.ndarray] = []
         held = 0
-        for values, position, train_end in self._training_positions():
+        for values, position, train_end in self._training_positions(through_valid):
             pending.append(values[(position >= 1) & (position < train_end)])
             held += len(pending[-1])
             if held >= self.num_items:

@@ -289,10 +289,10 @@ class Session:
         rows.copy_(item_state.default_rows(hi - lo, head.modalities, self.num_items))
         in_softmax = logq = None
         if t.softmax_items == "training":
-            in_softmax = torch.from_numpy(self.info.training_items()[lo:hi])
+            in_softmax = torch.from_numpy(self.info.training_items(self.cfg.data.train_through_valid)[lo:hi])
             head.restrict_softmax = True
         if head.mixed_negatives and head.loss == "sampled_softmax":
-            counts = torch.from_numpy(self.info.target_counts()).double()
+            counts = torch.from_numpy(self.info.target_counts(self.cfg.data.train_through_valid)).double()
             logq = (counts[lo:hi].clamp(min=1) / counts.sum()).log()
         item_state.write_columns(rows, head.modalities, present=presence, in_softmax=in_softmax, logq=logq)
 
@@ -339,9 +339,10 @@ class Session:
         )
 
     def training_items(self) -> torch.Tensor:
-        """Whether each item occurs in some training sequence; read once (a pass over users.parquet)."""
+        """Whether each item occurs in some training sequence (through the validation target with
+        data.train_through_valid); read once (a pass over users.parquet)."""
         if self._warm is None:
-            self._warm = torch.from_numpy(self.info.training_items())
+            self._warm = torch.from_numpy(self.info.training_items(self.cfg.data.train_through_valid))
         return self._warm
 
     # -- tables, items, users, interests -------------------------------------------------------

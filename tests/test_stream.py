@@ -15,7 +15,7 @@ import torch
 
 from datapipes.batch import candidates_key, history_key, target_key
 from datapipes.candidates import Candidates
-from datapipes.schema import DataError, UsersWriter, write_items, write_stats
+from datapipes.schema import DataError, DatasetInfo, UsersWriter, write_items, write_stats
 from datapipes.sources import prepare
 from datapipes.stream import SequenceStream, make_loader
 
@@ -112,6 +112,21 @@ def test_through_valid_adds_each_user_s_validation_target_and_nothing_else(data,
         s.load_state_dict(stream(data).position(0, 3))
     with pytest.raises(ValueError, match="through_valid True -> None"):
         stream(data).load_state_dict(s.position(0, 3))
+
+
+def test_through_valid_trains_on_the_validation_targets_items_too(data, users):
+    """The softmax's training items, mixed negatives' target counts and the cold-start split follow
+    the training part, which then ends at valid_end."""
+    info = DatasetInfo.open(data)
+    for end, through in (("train_end", False), ("valid_end", True)):
+        counts, seen = np.zeros(info.num_items, dtype=np.int64), np.zeros(info.num_items, dtype=bool)
+        for u in users:
+            np.add.at(counts, u["items"][1 : u[end]], 1)
+            seen[u["items"][: u[end]]] = True
+        assert np.array_equal(info.target_counts(through), counts)
+        assert np.array_equal(info.training_items(through), seen)
+    assert int(info.target_counts(True).sum() - info.target_counts().sum()) == sum(
+        u["valid_end"] > u["train_end"] for u in users) > 0
 
 
 def test_two_ranks_two_workers_cover_every_row_with_equal_full_batches(data, users):

@@ -254,10 +254,13 @@ def test_pretrain_then_peft_finetune_on_another_catalogue(synthetic_mm, syntheti
 
 
 def test_cold_start_metrics_count_targets_never_trained_on(tmp_path):
-    """ID-only model on a hand-built log where 5 users' test items occur in no training sequence."""
+    """ID-only model on a hand-built log where 5 users' test items occur in no training sequence,
+    and 2 more users' test item only as other users' validation targets."""
     from datapipes.schema import DatasetInfo
+    from missrec_torchrec.checkpoint import latest_checkpoint
     from missrec_torchrec.cli import main
     from missrec_torchrec.config import load_config
+    from missrec_torchrec.evaluate import evaluate_checkpoint
     from missrec_torchrec.trainer import train
 
     rows = ["user_id,item_id,timestamp"]
@@ -265,6 +268,8 @@ def test_cold_start_metrics_count_targets_never_trained_on(tmp_path):
         seq = [(u + k) % 12 for k in range(6)]  # warm items 0..11
         if u < 5:
             seq[-1] = 100 + u  # only ever a test target
+        elif u < 9:
+            seq[-1 if u < 7 else -2] = 200  # a test target of 2 users, the validation target of 2 others
         rows += [f"u{u},i{item},{t}" for t, item in enumerate(seq)]
     (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
     ds = tmp_path / "ds"
@@ -273,14 +278,19 @@ def test_cold_start_metrics_count_targets_never_trained_on(tmp_path):
     info = DatasetInfo.open(ds)
     keys = pq.read_table(ds / "items.parquet").column("item_key").to_pylist()
     cold_keys = {keys[i] for i in np.flatnonzero(~info.training_items())}
-    assert cold_keys == {f"i{100 + u}" for u in range(5)}
+    assert cold_keys == {f"i{100 + u}" for u in range(5)} | {"i200"}
+    assert {keys[i] for i in np.flatnonzero(~info.training_items(through_valid=True))} == cold_keys - {"i200"}
 
     cfg = load_config("ml100k", small_overrides(ds, tmp_path / "out", **{
         "data.modalities": "[]", "model.use_id": "true", "train.epochs": 1, "eval.cold_start": "true",
         "log.tensorboard": "false"}))
-    test = train(cfg)["test"]
-    assert test["count"] == 30 and test["cold/count"] == 5
+    result = train(cfg)
+    test = result["test"]
+    assert test["count"] == 30 and test["cold/count"] == 7
     assert 0.0 < test["cold/mrr"] <= 1.0 and set(test) == {*_plain_keys(test), *(f"cold/{k}" for k in _plain_keys(test))}
+    # Trained through the validation item, i200 is a training item: 2 cold targets fewer.
+    refit = evaluate_checkpoint(latest_checkpoint(Path(result["run_dir"]) / "checkpoints"), overrides=["data.train_through_valid=true"])
+    assert refit["count"] == 30 and refit["cold/count"] == 5
 
 
 def _plain_keys(metrics: dict) -> list:
