@@ -108,19 +108,19 @@ class InterestDecoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_dec_layers))
         self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.shift = c.max_len - 1 if c.relative_position_bias else None  # offset 0's column
 
     def forward(self, x: Tensor, mask: Tensor, memory: Memory, allowed: Optional[Tensor] = None,
                 last: Optional[Tensor] = None) -> Tensor:
         """B x L x D, or with `last` (B positions, no `allowed` masks) B x 1 x D: the last layer then
         computes only those positions' queries, all that a user vector reads (same values)."""
-        positions = torch.arange(x.shape[1], device=x.device)
-        shift = self.layers[0].position_bias.shape[1] // 2 if self.layers[0].position_bias is not None else None
+        positions, shift = torch.arange(x.shape[1], device=x.device), self.shift
         offsets = None if shift is None else positions.unsqueeze(1) - positions + shift
         for i, layer in enumerate(self.layers):
             query = None
             if last is not None and i == len(self.layers) - 1:
                 query = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
-                offsets = None if shift is None else (last.view(-1, 1, 1) - positions + shift)
+                offsets = None if shift is None else last.view(-1, 1, 1) - positions + shift
             x = layer(x, mask, memory, allowed, query, offsets)
         return self.norm(x)
 
