@@ -44,6 +44,9 @@ class SeqBatch(Pipelineable):
     seen_offsets: Optional[torch.Tensor] = None  # [B+1] offsets into seen_values (eval only)
     seen_values: Optional[torch.Tensor] = None  # the user's whole history before the target
     candidates: Optional[torch.Tensor] = None  # [C] item ids scored against every row (datapipes.candidates)
+    # [B, L + 1] int64 timestamps when the stream reads them: times[b, :lengths[b]] the history's,
+    # times[b, lengths[b]] the target's (the time the recommendation is asked for), 0 after.
+    times: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "SeqBatch":
         def move(x):
@@ -94,6 +97,8 @@ def collate(
     seen_values: Optional[np.ndarray] = None,
     candidates: Optional[torch.Tensor] = None,
     sequence_rows: bool = True,
+    times: Optional[np.ndarray] = None,
+    target_time: Optional[np.ndarray] = None,
 ) -> SeqBatch:
     """Build a SeqBatch from flat numpy arrays, without a Python loop over rows.
 
@@ -106,6 +111,8 @@ def collate(
     all-to-all as the history rows. `sequence_rows=False` empties the history and target features
     (the keys stay: a sharded collection expects all of its features) for a model that takes those
     vectors from the candidate rows, so their lookups and backward cost nothing.
+
+    `times` (flat like `history_values`) and `target_time` (per row) make `SeqBatch.times`.
     """
     lengths_t = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))
     values_t = torch.from_numpy(np.ascontiguousarray(history_values, dtype=np.int64))
@@ -118,6 +125,11 @@ def collate(
     col = torch.arange(values_t.numel()) - offsets[row]
     history = torch.full((b, max_len), PAD, dtype=torch.int64)
     history[row, col] = values_t
+    dense_times = None
+    if times is not None:
+        dense_times = torch.zeros((b, max_len + 1), dtype=torch.int64)
+        dense_times[row, col] = torch.from_numpy(np.ascontiguousarray(times, dtype=np.int64))
+        dense_times[torch.arange(b), lengths_t] = torch.from_numpy(np.ascontiguousarray(target_time, dtype=np.int64))
     return SeqBatch(
         sparse=sparse_features(kjt_groups, values_t, lengths_t, target_t, candidates, sequence_rows),
         history=history,
@@ -130,6 +142,7 @@ def collate(
         seen_offsets=None if seen_offsets is None else torch.from_numpy(np.ascontiguousarray(seen_offsets, dtype=np.int64)),
         seen_values=None if seen_values is None else torch.from_numpy(np.ascontiguousarray(seen_values, dtype=np.int64)),
         candidates=candidates,
+        times=dense_times,
     )
 
 

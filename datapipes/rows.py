@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from datapipes.schema import DataError
 
@@ -39,6 +41,8 @@ class Rows:
     weight: Optional[np.ndarray] = None  # eval only; None = all real rows
     seen_values: Optional[np.ndarray] = None  # eval only: the whole history before the target
     seen_lengths: Optional[np.ndarray] = None
+    times: Optional[np.ndarray] = None  # with timestamps: each history value's, flat like `values`
+    target_time: Optional[np.ndarray] = None  # ... and each row's target's (the request time)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -49,15 +53,21 @@ class Rows:
         return Rows(z, z, z, z)
 
     def take(self, idx: np.ndarray) -> "Rows":
+        """Training rows idx (the eval-only fields are dropped)."""
         starts = np.cumsum(self.lengths) - self.lengths
         lengths = self.lengths[idx]
-        return Rows(ragged_gather(self.values, starts[idx], lengths), lengths, self.target[idx], self.user[idx])
+        flat = lambda a: None if a is None else ragged_gather(a, starts[idx], lengths)  # noqa: E731
+        return Rows(flat(self.values), lengths, self.target[idx], self.user[idx], times=flat(self.times),
+                    target_time=None if self.target_time is None else self.target_time[idx])
 
     def slice(self, lo: int, hi: int) -> "Rows":
+        """Training rows lo..hi-1 (the eval-only fields are dropped)."""
         ends = np.cumsum(self.lengths)
         v0 = int(ends[lo - 1]) if lo > 0 else 0
         v1 = int(ends[hi - 1]) if hi > 0 else 0
-        return Rows(self.values[v0:v1], self.lengths[lo:hi], self.target[lo:hi], self.user[lo:hi])
+        return Rows(self.values[v0:v1], self.lengths[lo:hi], self.target[lo:hi], self.user[lo:hi],
+                    times=None if self.times is None else self.times[v0:v1],
+                    target_time=None if self.target_time is None else self.target_time[lo:hi])
 
     @staticmethod
     def concat(parts: Sequence["Rows"]) -> "Rows":
@@ -124,15 +134,49 @@ class ShuffleBatcher:
             yield body.slice(int(lo), int(lo) + self.batch_size)
 
 
+COLUMNS = ["user_index", "items", "train_end", "valid_end"]
+
+
 @dataclass
 class RowGroup:
-    """One row group's columns as numpy arrays; `offsets` index into the flat `values`."""
+    """One row group's columns as numpy arrays; `offsets` index into the flat `values` (and `times`)."""
 
     offsets: np.ndarray
     values: np.ndarray
     train_end: np.ndarray
     valid_end: np.ndarray
     user_index: np.ndarray
+    times: Optional[np.ndarray] = None  # each item's timestamp, when read
+
+    @staticmethod
+    def read(file: pq.ParquetFile, i: int, path: Path, num_items: int, times: bool = False) -> "RowGroup":
+        """Row group i of a users file, validated; `times` reads the timestamps too (none may be null)."""
+        table = file.read_row_group(i, columns=COLUMNS + ["timestamps"] * times)
+        items = table.column("items").combine_chunks()
+        rg = RowGroup(
+            offsets=np.asarray(items.offsets).astype(np.int64),
+            values=items.values.to_numpy(),
+            train_end=table.column("train_end").to_numpy().astype(np.int64),
+            valid_end=table.column("valid_end").to_numpy().astype(np.int64),
+            user_index=table.column("user_index").to_numpy().copy(),  # writable, for torch.from_numpy
+        )
+        rg.check(path, num_items)
+        if times:
+            rg.times = rg.read_times(table.column("timestamps").combine_chunks(), path)
+        return rg
+
+    def read_times(self, column: pa.ListArray, path: Path) -> np.ndarray:
+        """The flat timestamps, one per item: a user without them is a DataError."""
+        n = np.diff(self.offsets)
+        counts = column.value_lengths().fill_null(-1).to_numpy(zero_copy_only=False)
+        if (counts != n).any():
+            r = int(np.argmax(counts != n))
+            have = "no timestamps" if counts[r] < 0 else f"{counts[r]} timestamps"
+            raise DataError(f"{path}: user_index {self.user_index[r]} has {have} for {n[r]} items "
+                            f"(model.relative_time_bias reads one per item)")
+        flat = np.zeros(len(self.values), np.int64)  # aligned with `values`, which `offsets` index
+        flat[self.offsets[0] : self.offsets[-1]] = column.flatten().to_numpy()
+        return flat
 
     def check(self, path: Path, num_items: int) -> None:
         n = np.diff(self.offsets)
@@ -147,6 +191,12 @@ class RowGroup:
             first = int(np.argmax((self.values < 0) | (self.values >= num_items)))
             r = int(np.searchsorted(self.offsets, first, "right")) - 1
             raise DataError(f"{path}: user_index {self.user_index[r]} has an item index outside 0..{num_items - 1}")
+
+    def times_of(self, starts: np.ndarray, lengths: np.ndarray, target_pos: np.ndarray) -> Dict[str, np.ndarray]:
+        """Rows' `times` and `target_time` fields ({} when no times were read); positions index `values`."""
+        if self.times is None:
+            return {}
+        return {"times": ragged_gather(self.times, starts, lengths), "target_time": self.times[target_pos]}
 
     def users(self, lo: int, hi: int):
         """(offsets, flat values, train_end, valid_end, user_index) of row-group users [lo, hi)."""

@@ -7,6 +7,7 @@ With `windows` (one-pass causal training) a user gives one row per window of L t
 row whose target is items[k] carries history items[k-L:k], and a causal model predicts each of its
 positions' next item, so the windows ending at train_end-1, train_end-1-L, ... cover every target once.
 With `through_valid` the training part runs to ``valid_end`` instead (the validation target is trained on).
+With `times` each row also carries its items' timestamps and its target's (Rows.times).
 With `length_buckets` the shuffle buffer batches rows of similar history length and each batch's
 dense history is only as wide as its longest row.
 
@@ -49,7 +50,6 @@ from datapipes.schema import DataError, DatasetInfo
 SPLITS = ("train", "valid", "test", "all")  # "all": whole sequences, no target (batch scoring)
 DEFAULT_KJT_GROUPS: Mapping[str, Sequence[str]] = {"item": ("item",)}
 EXPAND_ROWS = 1 << 15  # training rows materialised at once, bounds memory for long sequences
-COLUMNS = ["user_index", "items", "train_end", "valid_end"]
 
 
 class SequenceStream(IterableDataset):
@@ -58,7 +58,7 @@ class SequenceStream(IterableDataset):
     `num_workers` must equal the data loader's worker count (`make_loader` keeps them equal): the
     work plan and the batch count depend on it. Dummy eval rows have ``user == -1``, ``weight == 0``,
     history ``[0]`` and target 0. `steps_per_epoch` (training only) fixes the batches per rank.
-    `length_buckets`, `windows`, `through_valid`, `candidates`, `max_users` (evaluation only): module docstring."""
+    `length_buckets`, `windows`, `through_valid`, `times`, `candidates`, `max_users` (evaluation only): module docstring."""
 
     def __init__(
         self,
@@ -75,7 +75,7 @@ class SequenceStream(IterableDataset):
         with_seen: bool = False,
         steps_per_epoch: Optional[int] = None,
         num_workers: int = 0,
-        length_buckets: bool = False, windows: bool = False, through_valid: bool = False,
+        length_buckets: bool = False, windows: bool = False, through_valid: bool = False, times: bool = False,
         candidates: Optional[Candidates] = None,
         max_users: Optional[int] = None,
     ):
@@ -101,7 +101,7 @@ class SequenceStream(IterableDataset):
         self.with_seen, self.steps_per_epoch = with_seen, steps_per_epoch
         self.num_workers, self.through_valid = int(num_workers), bool(through_valid)
         self.length_buckets, self.windows = bool(length_buckets), bool(windows)
-        self.candidates, self.epoch = candidates, 0
+        self.candidates, self.epoch, self.times = candidates, 0, bool(times)
         meta = pq.ParquetFile(self.path).metadata
         self.row_group_sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], np.int64)
         self.num_users = min(int(self.row_group_sizes.sum()), int(max_users or self.row_group_sizes.sum()))
@@ -175,16 +175,7 @@ class SequenceStream(IterableDataset):
             return self._cached[1]
         if self._file is None:
             self._file = pq.ParquetFile(self.path)
-        table = self._file.read_row_group(i, columns=COLUMNS)
-        items = table.column("items").combine_chunks()
-        rg = RowGroup(
-            offsets=np.asarray(items.offsets).astype(np.int64),
-            values=items.values.to_numpy(),
-            train_end=table.column("train_end").to_numpy().astype(np.int64),
-            valid_end=table.column("valid_end").to_numpy().astype(np.int64),
-            user_index=table.column("user_index").to_numpy().copy(),  # writable, for torch.from_numpy
-        )
-        rg.check(self.path, self.info.num_items)
+        rg = RowGroup.read(self._file, i, self.path, self.info.num_items, self.times)
         self._cached = (i, rg)
         return rg
 
@@ -227,7 +218,8 @@ class SequenceStream(IterableDataset):
 
     def _expand(self, unit_id: int, unit: Unit, epoch: int, pass_: int) -> Iterator[Rows]:
         """The unit's (sampled) training rows in a random order, EXPAND_ROWS at a time."""
-        offsets, values, train_end, valid_end, user_index = self._row_group(unit.row_group).users(unit.lo, unit.hi)
+        rg = self._row_group(unit.row_group)
+        offsets, values, train_end, valid_end, user_index = rg.users(unit.lo, unit.hi)
         train_end = valid_end if self.through_valid else train_end
         per_user = rows_per_user(train_end, self.max_len, self.windows)
         cum = np.cumsum(per_user)
@@ -244,6 +236,7 @@ class SequenceStream(IterableDataset):
                 lengths=hist_len,
                 target=values[target_pos],
                 user=user_index[u],
+                **rg.times_of(target_pos - hist_len, hist_len, target_pos),
             )
 
     def _train_rows(self, epoch: int, worker: int) -> Iterator[Rows]:
@@ -284,7 +277,8 @@ class SequenceStream(IterableDataset):
         return max(1, -(-most // self.batch_size))
 
     def _eval_rows_of(self, rg: int, lo: int, hi: int) -> Rows:
-        offsets, values, train_end, valid_end, user_index = self._row_group(rg).users(lo, hi)
+        group = self._row_group(rg)
+        offsets, values, train_end, valid_end, user_index = group.users(lo, hi)
         end = {"valid": train_end, "test": valid_end, "all": np.diff(offsets)}[self.split]
         if (end < 1).any():
             r = int(np.argmax(end < 1))
@@ -299,6 +293,8 @@ class SequenceStream(IterableDataset):
             target=values[offsets[:-1] + end] if self.split != "all" else np.zeros(len(end), np.int64),
             user=user_index,
             weight=np.ones(len(end), dtype=np.float32),
+            # "all": no target, so the request time is the last item's (as HSTU pads it).
+            **group.times_of(offsets[:-1] + end - hist_len, hist_len, offsets[:-1] + end - (self.split == "all")),
         )
         if self.with_seen:
             rows.seen_values = ragged_gather(values, offsets[:-1], end)
@@ -316,6 +312,8 @@ class SequenceStream(IterableDataset):
             weight=np.zeros(pad, np.float32),
             seen_values=np.zeros(0, np.int64) if self.with_seen else None,
             seen_lengths=np.zeros(pad, np.int64) if self.with_seen else None,
+            times=np.zeros(pad, np.int64) if self.times else None,
+            target_time=np.zeros(pad, np.int64) if self.times else None,
         )
         return Rows.concat([rows, dummy])
 
@@ -349,6 +347,7 @@ class SequenceStream(IterableDataset):
         return collate(
             rows.values, rows.lengths, rows.target, rows.user, self._pad_to(rows), self.kjt_groups,
             weight=rows.weight, seen_offsets=seen_offsets, seen_values=rows.seen_values,
+            times=rows.times, target_time=rows.target_time,
             candidates=None if policy is None else policy.draw(key),
             sequence_rows=True if policy is None else policy.sequence_rows,
         )

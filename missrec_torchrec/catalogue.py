@@ -129,8 +129,8 @@ class UserEncoder:
         self.modalities, self.use_id = list(head.modalities), head.config.use_id
 
     def __call__(self, history: torch.Tensor, local: torch.Tensor, rows: Vectors, state: ItemState,
-                 slots: int) -> torch.Tensor:
-        """Each history id's row is `rows[t][local]` and its item state `state.at(local)` (local: B x L)."""
+                 slots: int, times: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Each history id's row is `rows[t][local]`, its item state `state.at(local)` (local: B x L)."""
         lengths = (history != PAD).sum(1)
         at_history = state.at(local)
         tokens, first = self.head.interests(history, at_history)
@@ -150,9 +150,9 @@ class UserEncoder:
                 at = local[r, :width]
                 adapted = {m: F.embedding(at, table[m]) for m in self.modalities}
                 hist_id = F.embedding(at, table[ID_TABLE]) if self.use_id else None
-                out[r], _, _ = self.head.encode(history[r, :width], adapted, hist_id,
-                                                at_history.map(lambda x: x[r, :width]),
-                                                interests=(tokens[r, :interests], first[r, :interests]))
+                out[r], _, _ = self.head.encode(history[r, :width], adapted, hist_id, at_history.map(lambda x: x[r, :width]),
+                                                interests=(tokens[r, :interests], first[r, :interests]),
+                                                times=None if times is None else times[r, : width + 1])
         return out
 
 
@@ -311,20 +311,20 @@ class ChunkedBank(Catalogue):
     # -- users ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, history: torch.Tensor, slots: int = SUB_BATCH_SLOTS) -> torch.Tensor:
-        """Unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded)."""
+    def encode(self, history: torch.Tensor, times: Optional[torch.Tensor] = None, slots: int = SUB_BATCH_SLOTS):
+        """Unit user vectors (B x D, fp32) of left-aligned histories (B x L, PAD-padded) and their SeqBatch.times."""
         safe = history.clamp(min=0)
         distinct, where = torch.unique(safe, return_inverse=True)
-        return self.encoder(history, where, self.rows(distinct), self.state(distinct), slots)
+        return self.encoder(history, where, self.rows(distinct), self.state(distinct), slots, times)
 
     @torch.no_grad()
-    def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor,
+    def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor, times: Optional[torch.Tensor] = None,
                             slots: int = SUB_BATCH_SLOTS) -> Tuple[torch.Tensor, torch.Tensor]:
         """(user vectors, each user's score of its target), from one lookup of both."""
         safe = history.clamp(min=0)
         distinct, where = torch.unique(torch.cat([safe.reshape(-1), target.to(safe)]), return_inverse=True)
         rows, state = self.rows(distinct), self.state(distinct)
-        u = self.encoder(history, where[: safe.numel()].view_as(safe), rows, state, slots)
+        u = self.encoder(history, where[: safe.numel()].view_as(safe), rows, state, slots, times)
         at_target = where[safe.numel():]
         return u, self.pair_scores(u, target, {t: v[at_target] for t, v in rows.items()}, state.at(at_target))
 
@@ -374,14 +374,14 @@ class HeldCatalogue(Catalogue):
         return self.state.at(ids).present()
 
     @torch.no_grad()
-    def encode(self, history: torch.Tensor, slots: int = SUB_BATCH_SLOTS) -> torch.Tensor:
+    def encode(self, history: torch.Tensor, times: Optional[torch.Tensor] = None, slots: int = SUB_BATCH_SLOTS):
         """As `ChunkedBank.encode`, the history ids indexing the held tokens: no lookup, no gather."""
-        return self.encoder(history, history.clamp(min=0), self.tokens, self.state, slots)
+        return self.encoder(history, history.clamp(min=0), self.tokens, self.state, slots, times)
 
     @torch.no_grad()
-    def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor,
+    def encode_with_targets(self, history: torch.Tensor, target: torch.Tensor, times: Optional[torch.Tensor] = None,
                             slots: int = SUB_BATCH_SLOTS) -> Tuple[torch.Tensor, torch.Tensor]:
-        u = self.encode(history, slots)
+        u = self.encode(history, times, slots)
         target = target.to(torch.int64)
         return u, self.pair_scores(u, target, self.vectors(target), self.state.at(target))
 

@@ -46,7 +46,7 @@ def ranked(session: Session, split: str, ev: EvalConfig) -> Iterator:
 def block_of_ranks(bank: Catalogue, batches: List[SeqBatch], ev: EvalConfig) -> Iterator:
     """(batch, target ranks) of one block of this rank's batches (collective for a rank-local bank:
     every rank scans its own items for the whole block; a held one has no `pg`)."""
-    users, scores = zip(*(bank.encode_with_targets(b.history, b.target) for b in batches))
+    users, scores = zip(*(bank.encode_with_targets(b.history, b.target, times=b.times) for b in batches))
     rows = [b.batch_size for b in batches]
     seen = Seen.cat([Seen.of(b) for b in batches], rows) if ev.mask_history else None
     target = torch.cat([b.target for b in batches])

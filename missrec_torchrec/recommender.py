@@ -124,15 +124,17 @@ class MISSRecHead(nn.Module):
         state: ItemState,
         all_positions: bool = False,
         interests: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        times: Optional[torch.Tensor] = None,
     ):
         """core.encode of a batch's histories and their item-state rows (B x L); `interests`: their
-        `interests(history, state)`, if already computed (trailing pad columns allowed)."""
+        `interests(history, state)`, if already computed (trailing pad columns allowed); `times`:
+        SeqBatch.times (used with model.relative_time_bias)."""
         valid = history != PAD
         tokens, first = interests if interests is not None else self.interests(history, state)
         present = {m: p & valid for m, p in state.present().items()}
         return self.core.encode(
             adapted, valid, tokens, self.centroids, id_emb=hist_id, present=present,
-            interest_first=first, all_positions=all_positions,
+            interest_first=first, all_positions=all_positions, times=times if self.config.relative_time_bias else None,
         )
 
     def forward(
@@ -189,7 +191,7 @@ class MISSRecHead(nn.Module):
         hist_state, tgt_state, cand_state = states
         if self.training and cfg.causal:
             return self._causal_forward(batch, feats, ids, adapted, hist_id, states, cands)
-        u, memory, memory_mask = self.encode(batch.history, adapted, hist_id, hist_state)
+        u, memory, memory_mask = self.encode(batch.history, adapted, hist_id, hist_state, times=batch.times)
         reg = self.core.regulariser(memory, memory_mask)
         out: Dict[str, torch.Tensor] = {"user": u}
         if not self.training:
@@ -311,7 +313,8 @@ class MISSRecHead(nn.Module):
         """One-pass causal training: every history position predicts the next item (its last
         position the row's target), one loss term per position, as one prefix row each would."""
         hist_state, tgt_state, cand_state = states
-        y, memory, memory_mask = self.encode(batch.history, adapted, hist_id, hist_state, all_positions=True)
+        y, memory, memory_mask = self.encode(batch.history, adapted, hist_id, hist_state, all_positions=True,
+                                             times=batch.times)
         valid = batch.history != PAD
         last = valid.sum(1) - 1
         target = _next_items(batch.history, batch.target, last)[valid]
@@ -346,12 +349,13 @@ class MISSRecHead(nn.Module):
             history = comp.apply(batch.history, PAD)
             adapted2 = {m: comp.apply(v) for m, v in adapted.items()}
             id2 = comp.apply(hist_id) if hist_id is not None else None
-            return self.encode(history, adapted2, id2, hist_state.map(comp.apply))
+            times = None if batch.times is None else comp.apply_times(batch.times, valid.sum(1))
+            return self.encode(history, adapted2, id2, hist_state.map(comp.apply), times=times)
         max_len = batch.history.shape[1]
         alt = dense_history(feats[history_key(AUG_TABLE)], max_len).detach()
         raw = dict(hist_raw)
         raw["text"] = losses.feature_swap(hist_raw["text"], alt, cfg.feature_swap_prob, gen)
-        return self.encode(batch.history, self.core.adapt(raw), hist_id, hist_state)
+        return self.encode(batch.history, self.core.adapt(raw), hist_id, hist_state, times=batch.times)
 
 
 class MISSRecModel(nn.Module):

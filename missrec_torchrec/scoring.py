@@ -175,7 +175,8 @@ class BlockScorer:
         us, users, seen, windows, counts = [], [], [], [], []
         for batch in batches:
             keep = torch.nonzero(batch.user >= 0).squeeze(1)
-            us.append(self.bank.encode(batch.history.to(device))[keep.to(device)])
+            times = None if batch.times is None else batch.times.to(device)
+            us.append(self.bank.encode(batch.history.to(device), times=times)[keep.to(device)])
             users.append(batch.user[keep])
             counts.append(keep.numel())
             if mask:

@@ -334,6 +334,7 @@ class Session:
             # Fast modes: batches padded to their own longest history; causal = one row per window.
             length_buckets=d.length_buckets,
             windows=train and self.model_cfg.causal, through_valid=train and d.train_through_valid,
+            times=self.model_cfg.relative_time_bias,
             candidates=candidates,
             max_users=None if train else self.cfg.eval.max_users,
         )

@@ -58,10 +58,24 @@ def make_rows(n: int, max_len: int, seed: int = 1):
     return values, lengths, rng.integers(0, NUM_ITEMS, n), np.arange(n)
 
 
+def make_times(n: int, seed: int = 2) -> np.ndarray:
+    """n increasing timestamps whose gaps span 1 s to ~3 years, so they fall in many time buckets."""
+    gaps = np.exp(np.random.default_rng(seed).uniform(0, 18, n)).astype(np.int64)
+    return 10**9 + np.cumsum(gaps)
+
+
 def make_batch(model, rows, width, candidates=None):
+    """With model.relative_time_bias the rows get increasing timestamps, each target after its history."""
     values, lengths, target, user = rows
+    times, target_time = None, None
+    if model.head.config.relative_time_bias:
+        ends = np.cumsum(lengths) + np.arange(len(lengths))  # each row's history times, then its target's
+        flat = make_times(len(values) + len(lengths))
+        target_time = flat[ends]
+        times = np.delete(flat, ends)
     return collate(values, lengths, target, user, width, model.kjt_groups,
-                   candidates=torch.arange(NUM_ITEMS) if candidates is None else candidates)
+                   candidates=torch.arange(NUM_ITEMS) if candidates is None else candidates,
+                   times=times, target_time=target_time)
 
 
 # ---- 1. length buckets ---------------------------------------------------------------------------
@@ -151,21 +165,28 @@ def _causal_head(config, dims=DIMS):
     return head.eval(), seed_interests(head)
 
 
-def randomise_position_bias(head: MISSRecHead) -> None:
-    """Non-zero relative position biases (they start at 0), different per layer and head."""
+def randomise_biases(head: MISSRecHead) -> None:
+    """Non-zero relative position and time biases where the model has them (they start at 0),
+    different per layer, head and column."""
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for layer in head.core.decoder.layers:
-            layer.position_bias.copy_(torch.randn(layer.position_bias.shape, generator=g))
+            for bias in (layer.position_bias, layer.time_bias):
+                if bias is not None:
+                    bias.copy_(torch.randn(bias.shape, generator=g))
 
 
-@pytest.mark.parametrize("keep_zero, position_bias", [(False, False), (True, False), (False, True)])
-def test_one_pass_causal_equals_every_prefix_run_separately(keep_zero, position_bias):
-    config = replace(SMALL, causal=True, use_id=True, interest_keep_zero=keep_zero, relative_position_bias=position_bias)
+@pytest.mark.parametrize("keep_zero, position_bias, time_bias",
+                         [(False, False, False), (True, False, False), (False, True, False), (False, True, True)])
+def test_one_pass_causal_equals_every_prefix_run_separately(keep_zero, position_bias, time_bias):
+    config = replace(SMALL, causal=True, use_id=True, interest_keep_zero=keep_zero, relative_position_bias=position_bias,
+                     relative_time_bias=time_bias)
     head, state = _causal_head(config)
-    if position_bias:  # offsets count within the window, so a prefix run alone sees the same ones
-        randomise_position_bias(head)
+    # Offsets count within the window, and position p is timed by item p + 1 (the prefix's target):
+    # a prefix run alone sees the same biases.
+    randomise_biases(head)
     b, width = 6, config.max_len
+    times = torch.from_numpy(make_times(b * (width + 1))).view(b, width + 1) if time_bias else None
     g = torch.Generator().manual_seed(3)
     lengths = torch.tensor([10, 7, 1, 4, 10, 2])
     history = torch.randint(0, NUM_ITEMS, (b, width), generator=g)
@@ -174,20 +195,20 @@ def test_one_pass_causal_equals_every_prefix_run_separately(keep_zero, position_
     hist_id = torch.randn(b, width, config.hidden, generator=g)
     with torch.no_grad():
         adapted = head.core.adapt(raw)
-        y, _, _ = head.encode(history, adapted, hist_id, state.at(history), all_positions=True)
+        y, _, _ = head.encode(history, adapted, hist_id, state.at(history), all_positions=True, times=times)
         for p in range(width):
             rows = lengths > p  # rows that have a position p
             prefix = history[rows, : p + 1]
             u, _, _ = head.encode(prefix, {m: v[rows, : p + 1] for m, v in adapted.items()}, hist_id[rows, : p + 1],
-                                  state.at(prefix))
+                                  state.at(prefix), times=None if times is None else times[rows, : p + 2])
             torch.testing.assert_close(y[rows, p], u, rtol=1e-5, atol=1e-5)
     # The paper's bidirectional model does not have this property (position 0 sees the future).
     bidir, _ = _causal_head(replace(config, causal=False))
     bidir.load_state_dict(head.state_dict())
     with torch.no_grad():
-        y_bidir, _, _ = bidir.encode(history, adapted, hist_id, state.at(history), all_positions=True)
+        y_bidir, _, _ = bidir.encode(history, adapted, hist_id, state.at(history), all_positions=True, times=times)
         alone, _, _ = bidir.encode(history[:1, :1], {m: v[:1, :1] for m, v in adapted.items()}, hist_id[:1, :1],
-                                   state.at(history[:1, :1]))
+                                   state.at(history[:1, :1]), times=None if times is None else times[:1, :2])
     assert not torch.allclose(y_bidir[0, 0], alone[0], atol=1e-4)
 
 

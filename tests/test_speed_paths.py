@@ -18,7 +18,7 @@ from missrec_torchrec.model import ModelConfig
 from missrec_torchrec.model.attention import Attention
 from missrec_torchrec.model.dropout import fast_dropout, quantised
 from missrec_torchrec.recommender import ID_TABLE
-from test_fast_modes import SMALL, make_batch, make_model, make_rows, randomise_position_bias
+from test_fast_modes import SMALL, make_batch, make_model, make_rows, randomise_biases
 from test_train import small_overrides
 
 # ---- fast dropout --------------------------------------------------------------------------------
@@ -250,21 +250,22 @@ def test_an_attention_bias_gives_sdpa_s_outputs_and_gradients_on_every_path(path
     assert not torch.allclose(Attention(d, h, 0.0)(query, x, key_mask)[:4], results[0][0][:4], atol=1e-3)
 
 
-def test_the_position_bias_starts_at_zero_trains_and_moves_the_user_vectors():
-    config = replace(SMALL, causal=True, use_id=True, relative_position_bias=True)
+@pytest.mark.parametrize("key, name", [("relative_position_bias", "position_bias"), ("relative_time_bias", "time_bias")])
+def test_a_relative_bias_starts_at_zero_trains_and_moves_the_user_vectors(key, name):
+    config = replace(SMALL, causal=True, use_id=True, **{key: True})
     model = make_model(config)
-    plain = make_model(replace(config, relative_position_bias=False))
+    plain = make_model(replace(config, **{key: False}))
     assert plain.load_state_dict(model.state_dict(), strict=False).unexpected_keys == [
-        "head.core.decoder.layers.0.position_bias"]
+        f"head.core.decoder.layers.0.{name}"]
     batch = make_batch(model, make_rows(12, config.max_len), config.max_len)
     model.train(), plain.train()  # dropout 0
     loss, out = model(batch)
     # A zero bias is none (SDPA's kernel for a float mask may round differently from a boolean one's)
     torch.testing.assert_close(out["user"], plain(batch)[1]["user"], rtol=1e-6, atol=1e-6)
     loss.backward()
-    grad = model.head.core.decoder.layers[0].position_bias.grad
+    grad = getattr(model.head.core.decoder.layers[0], name).grad
     assert grad is not None and float(grad.abs().sum()) > 0
-    randomise_position_bias(model.head)
+    randomise_biases(model.head)
     assert not torch.allclose(model(batch)[1]["user"], out["user"], atol=1e-3)
 
 
@@ -373,12 +374,13 @@ def test_precision_auto_follows_the_cpu_flags(monkeypatch):
         precision.resolve("fp16", cpu)
 
 
-@pytest.mark.parametrize("layers, position_bias", [(1, False), (2, False), (2, True)])
-def test_last_query_only_gives_every_position_s_user_vectors_and_gradients(layers, position_bias):
-    config = replace(CONFIGS[2], n_dec_layers=layers, relative_position_bias=position_bias)
+@pytest.mark.parametrize("layers, position_bias, time_bias", [(1, False, False), (2, False, False), (2, True, False),
+                                                             (2, True, True)])
+def test_last_query_only_gives_every_position_s_user_vectors_and_gradients(layers, position_bias, time_bias):
+    config = replace(CONFIGS[2], n_dec_layers=layers, relative_position_bias=position_bias, relative_time_bias=time_bias)
     model = make_model(config)
-    if position_bias:  # the last layer's single query then reads its own column of offsets
-        randomise_position_bias(model.head)
+    # The last layer's single query then reads its own column of offsets and time buckets.
+    randomise_biases(model.head)
     batch = make_batch(model, make_rows(24, config.max_len), config.max_len)
     model.train()  # dropout 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -337,3 +338,70 @@ def test_bad_rows_raise_data_error_naming_file_and_user(tmp_path):
     write_users(tmp_path / "split", [[1, 2, 3, 4], [1, 2, 3]], [2, 2], [3, 3])
     with pytest.raises(DataError, match=r"users\.parquet: user_index 1 has train_end 2, valid_end 3 for 3 items"):
         list(SequenceStream(tmp_path / "split", split="test", batch_size=2))
+
+
+@pytest.fixture(scope="module")
+def timed(data, tmp_path_factory) -> Path:
+    """The module's dataset with timestamps that name their item: user u's k-th is 1000 u + k."""
+    dst = tmp_path_factory.mktemp("timed") / "syn"
+    shutil.copytree(data, dst)
+    users = pq.read_table(data / "users.parquet")
+    items = users.column("items").combine_chunks()
+    lengths = items.value_lengths().to_numpy()
+    user = np.repeat(users.column("user_index").to_numpy(), lengths)
+    times = pa.ListArray.from_arrays(items.offsets, pa.array(1000 * user + np.arange(len(user)) - np.repeat(
+        np.cumsum(lengths) - lengths, lengths)))
+    users = users.set_column(users.schema.get_field_index("timestamps"), users.schema.field("timestamps"), times)
+    pq.write_table(users, dst / "users.parquet", row_group_size=64)
+    return dst
+
+
+def check_times(batch, users, request: str = "target"):
+    """Each row's times are its history items' and then its target's (`request`="last": the last
+    history item's, for the "all" split), 0 after; a time 1000 u + k names user u's k-th item."""
+    assert batch.times.shape == (batch.batch_size, batch.history.shape[1] + 1)
+    for i in range(batch.batch_size):
+        n, u = int(batch.lengths[i]), int(batch.user[i])
+        if u < 0:  # a padded eval row
+            assert not batch.times[i].any()
+            continue
+        k = int(batch.times[i, n]) - 1000 * u + (request == "last")  # the target's position
+        seq = users[u]["items"]
+        assert int(batch.times[i, 0]) - 1000 * u == k - n  # the history is items[k - n : k] ...
+        assert batch.times[i, :n].tolist() == list(range(1000 * u + k - n, 1000 * u + k))
+        assert batch.history[i, :n].tolist() == seq[k - n : k]
+        assert request == "last" or int(batch.target[i]) == seq[k]  # ... and the target items[k]
+        assert not batch.times[i, n + 1 :].any()
+
+
+@pytest.mark.parametrize("mode", ["prefix", "windows", "buckets"])
+def test_training_rows_carry_their_items_times_and_their_target_s(timed, users, mode):
+    kw = {"windows": mode == "windows", "length_buckets": mode == "buckets"}
+    batches = list(stream(timed, times=True, **kw))
+    assert [batch_rows(b) for b in batches] == [batch_rows(b) for b in stream(timed, **kw)]  # rows unchanged
+    for b in batches:
+        check_times(b, users)
+    assert stream(timed, times=True).plan() == stream(timed).plan()  # times do not change the rows
+
+
+@pytest.mark.parametrize("split", ["valid", "test", "all"])
+def test_eval_rows_carry_times_and_the_request_time(timed, users, split):
+    for b in stream(timed, split=split, times=True, world_size=3, rank=2, batch_size=32):
+        check_times(b, users, "last" if split == "all" else "target")
+
+
+def test_a_user_without_timestamps_is_refused_naming_file_and_user(data, timed, tmp_path):
+    with pytest.raises(DataError, match=r"users\.parquet: user_index 0 has no timestamps for \d+ items "
+                                        r"\(model\.relative_time_bias reads one per item\)"):
+        list(stream(data, times=True))
+    broken = tmp_path / "broken"
+    shutil.copytree(timed, broken)
+    users = pq.read_table(timed / "users.parquet")
+    times = users.column("timestamps").to_pylist()
+    times[3] = times[3][:-1]
+    users = users.set_column(users.schema.get_field_index("timestamps"), users.schema.field("timestamps"),
+                             pa.array(times, pa.list_(pa.int64())))
+    pq.write_table(users, broken / "users.parquet", row_group_size=64)
+    n = len(times[3]) + 1
+    with pytest.raises(DataError, match=rf"user_index 3 has {n - 1} timestamps for {n} items"):
+        list(stream(broken, split="test", times=True))

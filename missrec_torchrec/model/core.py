@@ -117,6 +117,7 @@ class MISSRecCore(nn.Module):
         present: Optional[Mapping[str, Tensor]] = None,
         interest_first: Optional[Tensor] = None,
         all_positions: bool = False,
+        times: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """User vectors from left-aligned histories (docs/model.md §2, §5, §6).
 
@@ -124,7 +125,8 @@ class MISSRecCore(nn.Module):
         interest_tokens: B x M cluster ids (0 = pad); centroids: (K+1) x D with row 0 = padding;
         id_emb: B x L x D when `use_id`; present[m]: B x L bool (used when masking missing
         modalities); interest_first: B x M first positions of the tokens (needed when
-        `config.causal`). Returns (u: B x D unit vectors read at each row's last real item,
+        `config.causal`); times: B x (L + 1) timestamps, SeqBatch.times (needed with
+        `config.relative_time_bias`). Returns (u: B x D unit vectors read at each row's last real item,
         memory: B x M x D, memory_mask: B x M, True = real token).
 
         `all_positions`: u holds the unit vectors of every position instead (B x L x D; pads are not
@@ -145,9 +147,9 @@ class MISSRecCore(nn.Module):
         last = None if all_positions else hist_mask.sum(1) - 1
         if last is not None and self.config.last_query_only and not self.config.causal:
             # The decoder's last layer computes only the positions read: y is B x 1 x D.
-            y = self.decoder(h, hist_mask, context, masks[1], last)[:, 0]
+            y = self.decoder(h, hist_mask, context, masks[1], last, times)[:, 0]
         else:
-            y = self.decoder(h, hist_mask, context, masks[1])
+            y = self.decoder(h, hist_mask, context, masks[1], times=times)
             y = y if last is None else y[torch.arange(y.shape[0], device=y.device), last]
         return F.normalize(y.float(), dim=-1), memory, memory_mask
 

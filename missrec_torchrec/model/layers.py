@@ -60,6 +60,9 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.feed_forward(x))
 
 
+TIME_BUCKETS = 128  # HSTU's cap; real gaps stay far below it (bucket 128 is ~5e16 s)
+
+
 class DecoderLayer(EncoderLayer):
     """Post-LN layer with the parameters of `nn.TransformerDecoderLayer`."""
 
@@ -70,17 +73,24 @@ class DecoderLayer(EncoderLayer):
         # HSTU's relative position bias (rab_p), not the paper's: one learned logit per head and query
         # minus key position, -(max_len - 1)..max_len - 1, on the item self-attention; 0 at init.
         self.position_bias = nn.Parameter(torch.zeros(c.heads, 2 * c.max_len - 1)) if c.relative_position_bias else None
+        # HSTU's relative time bias (rab_t): one learned logit per head and bucket of time_buckets.
+        self.time_bias = nn.Parameter(torch.zeros(c.heads, TIME_BUCKETS + 1)) if c.relative_time_bias else None
 
     def forward(self, x: Tensor, mask: Tensor, memory: Memory, allowed: Optional[Tensor] = None,
-                query: Optional[Tensor] = None, offsets: Optional[Tensor] = None) -> Tensor:
+                query: Optional[Tensor] = None, offsets: Optional[Tensor] = None,
+                buckets: Optional[Tensor] = None) -> Tensor:
         """`query` (B x Q x D, default x): the positions to compute; they attend to all of x.
         `offsets` (Q x L, or B x 1 x L with `query`): query minus key position plus max_len - 1, the
-        position bias's columns (needed with `position_bias`)."""
+        position bias's columns (needed with `position_bias`); `buckets` (B x Q x L): the time
+        bias's columns (needed with `time_bias`)."""
         q = x if query is None else query
         bias = None
         if self.position_bias is not None:
             bias = self.position_bias[:, offsets]  # H x Q x L, or H x B x 1 x L
             bias = bias if offsets.dim() == 2 else bias.movedim(0, 1)
+        if self.time_bias is not None:
+            by_time = self.time_bias[:, buckets].movedim(0, 1)  # B x H x Q x L
+            bias = by_time if bias is None else bias + by_time
         q = self.norm1(q + self.drop(self.self_attn(q, x, mask, allowed, bias=bias)))
         q = self.norm2(q + self.drop(self.multihead_attn(q, memory.values, memory.mask, memory.allowed)))
         return self.norm3(q + self.feed_forward(q))
@@ -109,20 +119,36 @@ class InterestDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_dec_layers))
         self.norm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
         self.shift = c.max_len - 1 if c.relative_position_bias else None  # offset 0's column
+        self.timed = c.relative_time_bias
 
     def forward(self, x: Tensor, mask: Tensor, memory: Memory, allowed: Optional[Tensor] = None,
-                last: Optional[Tensor] = None) -> Tensor:
+                last: Optional[Tensor] = None, times: Optional[Tensor] = None) -> Tensor:
         """B x L x D, or with `last` (B positions, no `allowed` masks) B x 1 x D: the last layer then
-        computes only those positions' queries, all that a user vector reads (same values)."""
-        positions, shift = torch.arange(x.shape[1], device=x.device), self.shift
+        computes only those positions' queries, all that a user vector reads (same values).
+        `times` (B x (L + 1), SeqBatch.times; needed with relative_time_bias): position p's query is
+        timed by the item it predicts, times[:, p + 1], and each key by its own, times[:, :L]."""
+        if self.timed and times is None:
+            raise ValueError("model.relative_time_bias needs the batches' timestamps (SeqBatch.times)")
+        b, n = x.shape[0], x.shape[1]
+        positions, shift = torch.arange(n, device=x.device), self.shift
         offsets = None if shift is None else positions.unsqueeze(1) - positions + shift
+        buckets = time_buckets(times[:, 1 : n + 1], times[:, :n]) if self.timed else None
         for i, layer in enumerate(self.layers):
             query = None
             if last is not None and i == len(self.layers) - 1:
-                query = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
+                rows = torch.arange(b, device=x.device)
+                query = x[rows, last].unsqueeze(1)
                 offsets = None if shift is None else last.view(-1, 1, 1) - positions + shift
-            x = layer(x, mask, memory, allowed, query, offsets)
+                buckets = None if buckets is None else buckets[rows, last].unsqueeze(1)
+            x = layer(x, mask, memory, allowed, query, offsets, buckets)
         return self.norm(x)
+
+
+def time_buckets(query_times: Tensor, key_times: Tensor) -> Tensor:
+    """HSTU's buckets of |query time - key time| (B x Q, B x L -> B x Q x L int64): ln(seconds) /
+    0.301 truncated (gaps of 0 and 1 s in bucket 0, 2 s in 2, a day in 37, a year in 57), a bucket per factor ~1.35."""
+    gap = (query_times.unsqueeze(-1) - key_times.unsqueeze(1)).abs().clamp(min=1)
+    return (gap.double().log() / 0.301).long().clamp(max=TIME_BUCKETS)
 
 
 def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = False) -> Tensor:

@@ -166,6 +166,12 @@ class Compaction:
         valid = self.valid.view(*self.valid.shape, *([1] * (x.dim() - 2)))
         return x.gather(1, index).masked_fill(~valid, fill)
 
+    def apply_times(self, times: Tensor, lengths: Tensor) -> Tensor:
+        """SeqBatch.times (B x (L + 1)) after the drop: the kept items' times, then the target's
+        (found at each row's old history length `lengths`)."""
+        out = F.pad(self.apply(times[:, : self.index.shape[1]]), (0, 1))
+        return out.scatter_(1, self.lengths.view(-1, 1), times.gather(1, lengths.view(-1, 1)))
+
 
 def item_drop(valid: Tensor, drop_prob: float = 0.2, generator: Optional[torch.Generator] = None) -> Compaction:
     """Drop each real item with `drop_prob`, always keep position 0, compact left in order.
