@@ -208,3 +208,11 @@ class RowGroup:
             self.user_index[lo:hi],
         )
 
+
+
+def check_times(path: Path, num_items: int, rank: int = 0, world: int = 1) -> None:
+    """Refuse (DataError) a users file without one timestamp per item; this rank reads row groups
+    rank, rank + world, ... (with the items: `RowGroup.read` checks both)."""
+    file = pq.ParquetFile(path)
+    for i in range(rank, file.metadata.num_row_groups, world):
+        RowGroup.read(file, i, path, num_items, times=True)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from datapipes import features, sources
 from datapipes.candidates import Candidates
+from datapipes.rows import check_times
 from datapipes.schema import STATS_FILE, DataError, DatasetInfo
 from datapipes.stream import SequenceStream
 from missrec_torchrec import checkpoint as ckpt
@@ -94,8 +95,7 @@ def open_session(cfg: Config, step_dir: Path) -> "Session":
 
 def ensure_dataset(cfg: Config) -> DatasetInfo:
     """Prepare the dataset and its feature tables on rank 0 when missing; every rank then opens it."""
-    data = cfg.data
-    root = Path(data.dataset)
+    data, root = cfg.data, Path(cfg.data.dataset)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         if not root.exists():
@@ -118,10 +118,10 @@ def ensure_dataset(cfg: Config) -> DatasetInfo:
 
 
 def check_features(cfg: Config) -> None:
-    """Refuse a bad feature table of an existing dataset (NaN/inf, rows, dim) in one line. A dataset
-    the trainer prepares itself is checked as it loads. Each rank checks the rows of its own item
-    slice, one row group at a time (a 1e7-item table is never read whole, nor by every rank), and
-    every rank stops with the first rank's message."""
+    """Refuse a bad feature table of an existing dataset (NaN/inf, rows, dim), or missing timestamps
+    under model.relative_time_bias, in one line. A dataset the trainer prepares itself is checked as it
+    loads. Each rank checks its own item slice and share of users, one row group at a time (a 1e7-item
+    table is never read whole, nor by every rank), and every rank stops with the first rank's message."""
     root = Path(cfg.data.dataset)
     if not (root / STATS_FILE).is_file():
         return
@@ -129,16 +129,16 @@ def check_features(cfg: Config) -> None:
     rank, world, _, pg = mdist.init_distributed()  # the trainer joins the same process group
     resources.mark_runtime()  # before any table is read
     lo, hi = item_slice(rank, world, info.num_items)
-    used = [*cfg.data.modalities, *([AUG_TABLE] if cfg.train.mode == "pretrain" else [])]
+    used = [m for m in (*cfg.data.modalities, *[AUG_TABLE] * (cfg.train.mode == "pretrain")) if m in info.modalities]
     error = None
     try:
         for name in used:
-            if name in info.modalities:
-                info.check_features(name, lo, hi)
+            info.check_features(name, lo, hi)
+        if cfg.model.relative_time_bias:
+            check_times(info.users_path, info.num_items, rank, world)
     except DataError as e:
         error = str(e)
-    error = mdist.first_error(error, pg)
-    if error:
+    if error := mdist.first_error(error, pg):
         raise DataError(error)
 
 

@@ -4,6 +4,7 @@ the batches' timestamps the same way."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import replace
 
@@ -125,12 +126,15 @@ def test_both_evaluation_engines_give_the_same_metrics(timed_run):
         assert got == pytest.approx(first, abs=1e-9)
 
 
-def test_a_dataset_without_timestamps_is_refused_in_one_line(synthetic_mm, tmp_path):
-    from missrec_torchrec.config import load_config
-    from missrec_torchrec.trainer import train
-    from datapipes.schema import DataError
+def test_a_dataset_without_timestamps_is_refused_in_one_line_before_the_run_folder(synthetic_mm, tmp_path):
+    from test_train import run_cli
 
-    cfg = load_config("ml100k", small_overrides(synthetic_mm, tmp_path, **{
-        "train.epochs": 1, "model.relative_time_bias": "true", "checkpoint.run_dir": tmp_path / "run"}))
-    with pytest.raises(DataError, match=r"users\.parquet: user_index 0 has no timestamps for \d+ items"):
-        train(cfg)
+    run = tmp_path / "run"
+    done = run_cli(["train", "--config", "ml100k", *small_overrides(synthetic_mm, tmp_path, **{
+        "model.relative_time_bias": "true", "checkpoint.run_dir": run})])
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and re.fullmatch(
+        rf"missrec train: error: {re.escape(str(synthetic_mm / 'users.parquet'))}: user_index 0 has no timestamps "
+        r"for \d+ items \(model\.relative_time_bias reads one per item\)", errors[0]), done.stderr[-2000:]
+    assert not run.exists()
