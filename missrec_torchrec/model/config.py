@@ -56,7 +56,7 @@ class ModelConfig:
     causal: bool = False  # one-pass causal model (not the paper's): every prefix's user vector at once
     # Not the paper's: HSTU's relative position bias on the decoder's item self-attention (model/layers.py).
     relative_position_bias: bool = False
-    # Not the paper's: HSTU's relative time bias, a learned logit per head and log-bucket of the time
+    # Not the paper's: HSTU's relative time bias, a learned logit per log-bucket of the time
     # from each key item to the predicted item's (model/layers.py); batches must carry timestamps.
     relative_time_bias: bool = False
     # Not the paper's: one learned scalar lowers the score of every item in the user's history window

