@@ -77,7 +77,7 @@ class DecoderLayer(EncoderLayer):
         # minus key position, -(max_len - 1)..max_len - 1, on the item self-attention; 0 at init.
         self.position_bias = nn.Parameter(torch.zeros(c.heads, 2 * c.max_len - 1)) if c.relative_position_bias else None
         # HSTU's relative time bias (rab_t): one learned logit per bucket of `time_buckets`, shared by
-        # the heads as in HSTU (a per-head table would double the B x L x L gather, the bias's main cost).
+        # the heads as in HSTU (a per-head table would double the B x L x L gather and its backward).
         self.time_bias = nn.Parameter(torch.zeros(TIME_BUCKETS + 1)) if c.relative_time_bias else None
 
     def forward(self, x: Tensor, mask: Tensor, memory: Memory, allowed: Optional[Tensor] = None,
