@@ -390,10 +390,20 @@ def test_eval_rows_carry_times_and_the_request_time(timed, users, split):
         check_times(b, users, "last" if split == "all" else "target")
 
 
+def without_timestamps(src: Path, dst: Path) -> Path:
+    """A copy of a dataset whose users.parquet has no timestamps (null lists, as an atomic import's)."""
+    shutil.copytree(src, dst)
+    users = pq.read_table(src / "users.parquet")
+    column = users.schema.get_field_index("timestamps")
+    users = users.set_column(column, users.schema.field("timestamps"), pa.nulls(users.num_rows, pa.list_(pa.int64())))
+    pq.write_table(users, dst / "users.parquet", row_group_size=64)
+    return dst
+
+
 def test_a_user_without_timestamps_is_refused_naming_file_and_user(data, timed, tmp_path):
     with pytest.raises(DataError, match=r"users\.parquet: user_index 0 has no timestamps for \d+ items "
                                         r"\(model\.relative_time_bias reads one per item\)"):
-        list(stream(data, times=True))
+        list(stream(without_timestamps(data, tmp_path / "none"), times=True))
     broken = tmp_path / "broken"
     shutil.copytree(timed, broken)
     users = pq.read_table(timed / "users.parquet")

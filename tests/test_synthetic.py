@@ -69,6 +69,13 @@ def test_leave_one_out_layout_and_stats(tmp_path):
     assert stats["modalities"] == {}
     info = DatasetInfo.open(tmp_path / "d")
     assert info.num_items == 300 and info.num_users == 600
+    # One timestamp per item: each user starts at FIRST_TIME, then gaps of 1 s to MAX_GAP.
+    gaps = [np.diff(t) for t in users["timestamps"]]
+    assert [len(t) for t in users["timestamps"]] == n.tolist()
+    assert {t[0] for t in users["timestamps"]} == {synthetic.FIRST_TIME}
+    flat_gaps = np.concatenate(gaps)
+    assert flat_gaps.min() >= 1 and flat_gaps.max() <= synthetic.MAX_GAP
+    assert np.median(flat_gaps) < synthetic.MAX_GAP / 20  # log-uniform: most gaps are short
 
 
 def test_planted_structure(tmp_path):

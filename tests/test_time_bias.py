@@ -5,12 +5,8 @@ the batches' timestamps the same way."""
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import replace
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -19,6 +15,7 @@ from missrec_torchrec.model.losses import Compaction
 
 from test_fast_modes import SMALL, make_batch, make_model, make_rows, randomise_biases
 from test_score import QUIET, assert_same_topk, brute_force, rows, run_score
+from test_stream import without_timestamps
 from test_train import small_overrides
 
 DAY, YEAR = 86_400, 365 * 86_400
@@ -63,31 +60,17 @@ def test_the_last_query_is_timed_by_the_target_and_padding_times_are_never_read(
     assert torch.equal(moved, batch.lengths > 1)
 
 
-# ---- end to end: training, evaluation engines and `missrec score` on timestamped data ----------
+# ---- end to end: training, evaluation engines and `missrec score` on timestamped data -----------
 
 
 @pytest.fixture(scope="module")
-def timed_data(synthetic_mm, tmp_path_factory):
-    """The synthetic dataset with timestamps: each user's items one to ~30 days apart."""
-    dst = tmp_path_factory.mktemp("timed") / "data"
-    shutil.copytree(synthetic_mm, dst)
-    users = pq.read_table(synthetic_mm / "users.parquet")
-    lengths = users.column("items").combine_chunks().value_lengths().to_numpy()
-    gaps = np.exp(np.random.default_rng(0).uniform(0, np.log(30 * DAY), int(lengths.sum()))).astype(np.int64)
-    times = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
-                                     pa.array(10**9 + np.cumsum(gaps)))
-    users = users.set_column(users.schema.get_field_index("timestamps"), users.schema.field("timestamps"), times)
-    pq.write_table(users, dst / "users.parquet", row_group_size=64)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def timed_run(timed_data, tmp_path_factory):
+def timed_run(synthetic_mm, tmp_path_factory):
+    """One epoch on the synthetic dataset (its timestamps: log-uniform gaps of 1 s to 30 days)."""
     from missrec_torchrec.config import load_config
     from missrec_torchrec.trainer import train
 
     out = tmp_path_factory.mktemp("timed-run")
-    cfg = load_config("ml100k", small_overrides(timed_data, out, **{
+    cfg = load_config("ml100k", small_overrides(synthetic_mm, out, **{
         "train.epochs": 1, "model.use_id": "true", "model.relative_time_bias": "true",
         "checkpoint.run_dir": out / "run", "train.precision": "fp32"}))
     train(cfg)
@@ -129,12 +112,12 @@ def test_both_evaluation_engines_give_the_same_metrics(timed_run):
 def test_a_dataset_without_timestamps_is_refused_in_one_line_before_the_run_folder(synthetic_mm, tmp_path):
     from test_train import run_cli
 
-    run = tmp_path / "run"
-    done = run_cli(["train", "--config", "ml100k", *small_overrides(synthetic_mm, tmp_path, **{
+    data, run = without_timestamps(synthetic_mm, tmp_path / "data"), tmp_path / "run"
+    done = run_cli(["train", "--config", "ml100k", *small_overrides(data, tmp_path, **{
         "model.relative_time_bias": "true", "checkpoint.run_dir": run})])
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and re.fullmatch(
-        rf"missrec train: error: {re.escape(str(synthetic_mm / 'users.parquet'))}: user_index 0 has no timestamps "
+        rf"missrec train: error: {re.escape(str(data / 'users.parquet'))}: user_index 0 has no timestamps "
         r"for \d+ items \(model\.relative_time_bias reads one per item\)", errors[0]), done.stderr[-2000:]
     assert not run.exists()

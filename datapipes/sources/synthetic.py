@@ -5,7 +5,8 @@ centroid plus noise (L2-normalised), zeroed and flagged absent for a `--missing`
 Each user prefers 1-3 topics; a sequence walks over topics like a Markov chain (with probability
 `--stay` the next item keeps the previous item's topic, otherwise a preferred topic is drawn, and
 rarely any topic) and picks items within a topic by a skewed popularity. A sequence model can learn
-"next item shares the last item's topic", which item popularity alone cannot.
+"next item shares the last item's topic", which item popularity alone cannot. Timestamps are
+log-uniform gaps of 1 s to 30 days, independent of the items (nothing to learn from them).
 
 Scale: users are generated in chunks with vectorised numpy and streamed through `UsersWriter`, so
 memory stays flat up to 1e8+ interactions. Every random number comes from a counter-based
@@ -41,10 +42,11 @@ from datapipes.schema import (
 HELP = "generate a synthetic dataset with planted topic structure (for tests and scale benchmarks)"
 DOMAIN = "synthetic"
 MAX_PREFERRED = 3  # each user prefers 1..3 topics
+FIRST_TIME, MAX_GAP = 1_600_000_000, 30 * 86_400  # seconds: each user's first interaction, the longest gap
 FEATURE_CHUNK_VALUES = 1 << 22  # floats per feature chunk, so wide modalities stay flat in memory
 
 # Philox key streams: one per kind of random quantity, so each is addressable by position alone.
-S_ITEM_TOPIC, S_ITEM_POP, S_USER_LEN, S_USER_PREF, S_STEP = range(5)
+S_ITEM_TOPIC, S_ITEM_POP, S_USER_LEN, S_USER_PREF, S_STEP, S_TIME = range(6)
 S_MODALITY = 16  # modality m uses streams S_MODALITY + 3m .. + 3m + 2
 
 
@@ -219,8 +221,10 @@ def write_features(out: Path, args, cat: Catalogue, modalities: List[Tuple[str, 
 # Users
 
 
-def generate_users(args, cat: Catalogue, lo: int, hi: int, first_step: int) -> Tuple[pa.ListArray, np.ndarray]:
-    """Sequences of users lo..hi-1, whose first interaction is global interaction `first_step`."""
+def generate_users(args, cat: Catalogue, lo: int, hi: int,
+                   first_step: int) -> Tuple[pa.ListArray, np.ndarray, pa.ListArray]:
+    """(sequences, lengths, timestamps) of users lo..hi-1, whose first interaction is global
+    interaction `first_step`."""
     n_users, topics = hi - lo, len(cat.start)
     # Lengths: min_len + geometric tail with the requested mean.
     extra = args.mean_len - args.min_len
@@ -253,7 +257,14 @@ def generate_users(args, cat: Catalogue, lo: int, hi: int, first_step: int) -> T
     # Carry each drawn topic forward until the next redraw (first steps are redraws, so users never mix).
     last_draw = np.maximum.accumulate(np.where(redraw, np.arange(total), 0))
     items = cat.sample(drawn[last_draw], u[:, 2])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(items)), lengths
+    # Timestamps: each user starts at FIRST_TIME, then log-uniform gaps of 1 s to 30 days (times have
+    # no structure to learn; they let model.relative_time_bias run on synthetic data).
+    gaps = np.exp(uniforms(args.seed, S_TIME, first_step, total) * np.log(MAX_GAP)).astype(np.int64)
+    gaps[offsets[:-1]] = 0
+    times = np.cumsum(gaps)
+    times += FIRST_TIME - np.repeat(times[offsets[:-1]], lengths)
+    starts = pa.array(offsets)
+    return pa.ListArray.from_arrays(starts, pa.array(items)), lengths, pa.ListArray.from_arrays(starts, pa.array(times))
 
 
 def run(args: argparse.Namespace, out: Path) -> dict:
@@ -267,10 +278,10 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         with tqdm(total=n_users, unit="user", desc="synthetic users", disable=None) as bar:
             for lo in range(0, n_users, args.chunk):
                 hi = min(n_users, lo + args.chunk)
-                items, lengths = generate_users(args, cat, lo, hi, step)
+                items, lengths, times = generate_users(args, cat, lo, hi, step)
                 step += int(lengths.sum())
                 keys = pc.cast(pa.array(np.arange(lo, hi, dtype=np.int64)), pa.string())
-                writer.add(keys, DOMAIN, items, train_end=lengths - 2, valid_end=lengths - 1)
+                writer.add(keys, DOMAIN, items, train_end=lengths - 2, valid_end=lengths - 1, timestamps=times)
                 bar.update(hi - lo)
     finally:
         writer.close()
