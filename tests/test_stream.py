@@ -340,20 +340,27 @@ def test_bad_rows_raise_data_error_naming_file_and_user(tmp_path):
         list(SequenceStream(tmp_path / "split", split="test", batch_size=2))
 
 
+def with_timestamps(src: Path, dst: Path, times=None) -> Path:
+    """A copy of a dataset with `times` (a list per user; None: null lists, as an atomic import's)
+    as users.parquet's timestamps."""
+    shutil.copytree(src, dst)
+    users = pq.read_table(src / "users.parquet")
+    times = pa.nulls(users.num_rows, pa.list_(pa.int64())) if times is None else times
+    users = users.set_column(users.schema.get_field_index("timestamps"), users.schema.field("timestamps"), times)
+    pq.write_table(users, dst / "users.parquet", row_group_size=64)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def timed(data, tmp_path_factory) -> Path:
     """The module's dataset with timestamps that name their item: user u's k-th is 1000 u + k."""
-    dst = tmp_path_factory.mktemp("timed") / "syn"
-    shutil.copytree(data, dst)
     users = pq.read_table(data / "users.parquet")
     items = users.column("items").combine_chunks()
     lengths = items.value_lengths().to_numpy()
     user = np.repeat(users.column("user_index").to_numpy(), lengths)
-    times = pa.ListArray.from_arrays(items.offsets, pa.array(1000 * user + np.arange(len(user)) - np.repeat(
-        np.cumsum(lengths) - lengths, lengths)))
-    users = users.set_column(users.schema.get_field_index("timestamps"), users.schema.field("timestamps"), times)
-    pq.write_table(users, dst / "users.parquet", row_group_size=64)
-    return dst
+    position = np.arange(len(user)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    times = pa.ListArray.from_arrays(items.offsets, pa.array(1000 * user + position))
+    return with_timestamps(data, tmp_path_factory.mktemp("timed") / "syn", times)
 
 
 def check_times(batch, users, request: str = "target"):
@@ -390,28 +397,13 @@ def test_eval_rows_carry_times_and_the_request_time(timed, users, split):
         check_times(b, users, "last" if split == "all" else "target")
 
 
-def without_timestamps(src: Path, dst: Path) -> Path:
-    """A copy of a dataset whose users.parquet has no timestamps (null lists, as an atomic import's)."""
-    shutil.copytree(src, dst)
-    users = pq.read_table(src / "users.parquet")
-    column = users.schema.get_field_index("timestamps")
-    users = users.set_column(column, users.schema.field("timestamps"), pa.nulls(users.num_rows, pa.list_(pa.int64())))
-    pq.write_table(users, dst / "users.parquet", row_group_size=64)
-    return dst
-
-
 def test_a_user_without_timestamps_is_refused_naming_file_and_user(data, timed, tmp_path):
     with pytest.raises(DataError, match=r"users\.parquet: user_index 0 has no timestamps for \d+ items "
                                         r"\(model\.relative_time_bias reads one per item\)"):
-        list(stream(without_timestamps(data, tmp_path / "none"), times=True))
-    broken = tmp_path / "broken"
-    shutil.copytree(timed, broken)
-    users = pq.read_table(timed / "users.parquet")
-    times = users.column("timestamps").to_pylist()
+        list(stream(with_timestamps(data, tmp_path / "none"), times=True))
+    times = pq.read_table(timed / "users.parquet").column("timestamps").to_pylist()
     times[3] = times[3][:-1]
-    users = users.set_column(users.schema.get_field_index("timestamps"), users.schema.field("timestamps"),
-                             pa.array(times, pa.list_(pa.int64())))
-    pq.write_table(users, broken / "users.parquet", row_group_size=64)
+    broken = with_timestamps(timed, tmp_path / "broken", pa.array(times, pa.list_(pa.int64())))
     n = len(times[3]) + 1
     with pytest.raises(DataError, match=rf"user_index 3 has {n - 1} timestamps for {n} items"):
         list(stream(broken, split="test", times=True))

@@ -15,7 +15,7 @@ from missrec_torchrec.model.losses import Compaction
 
 from test_fast_modes import SMALL, make_batch, make_model, make_rows, randomise_biases
 from test_score import QUIET, assert_same_topk, brute_force, rows, run_score
-from test_stream import without_timestamps
+from test_stream import with_timestamps
 from test_train import small_overrides
 
 DAY, YEAR = 86_400, 365 * 86_400
@@ -112,7 +112,7 @@ def test_both_evaluation_engines_give_the_same_metrics(timed_run):
 def test_a_dataset_without_timestamps_is_refused_in_one_line_before_the_run_folder(synthetic_mm, tmp_path):
     from test_train import run_cli
 
-    data, run = without_timestamps(synthetic_mm, tmp_path / "data"), tmp_path / "run"
+    data, run = with_timestamps(synthetic_mm, tmp_path / "data"), tmp_path / "run"  # null timestamps
     done = run_cli(["train", "--config", "ml100k", *small_overrides(data, tmp_path, **{
         "model.relative_time_bias": "true", "checkpoint.run_dir": run})])
     assert done.returncode != 0
