@@ -234,14 +234,16 @@ def test_an_attention_bias_gives_sdpa_s_outputs_and_gradients_on_every_path(path
     x = torch.randn(b, s, d, requires_grad=True)
     key_mask = torch.arange(s)[None] >= torch.tensor([0, 2, 4, 6, 7])[:, None]  # the last row has no key
     last = torch.tensor([6, 6, 5, 6, 3])
-    bias = torch.randn(b, h, 1 if path == "single query" else s, s, requires_grad=True)
+    t = 1 if path == "single query" else s
+    # Two terms that broadcast differently, as the position (per head) and time (per row) biases.
+    biases = [torch.randn(h, t, s, requires_grad=True), torch.randn(b, 1, t, s, requires_grad=True)]
     results = []
     for kernel in ("sdpa", "math"):
         torch.manual_seed(1)
         attn = Attention(d, h, 0.0, kernel=kernel, fold=path == "single query" and kernel == "math")
         query = x[torch.arange(b), last].unsqueeze(1) if path == "single query" else x
-        out = attn(query, x, key_mask, bias=bias)
-        results.append((out, torch.autograd.grad(out.square().sum(), [x, attn.in_proj_weight, bias])))
+        out = attn(query, x, key_mask, biases=biases)
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, attn.in_proj_weight, *biases])))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     assert float(results[1][0][4].detach().abs().max()) == 0.0
     for got, want in zip(results[1][1], results[0][1]):

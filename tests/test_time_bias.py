@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from missrec_torchrec.model.layers import time_buckets
+from missrec_torchrec.model.layers import time_bias_logits, time_buckets
 from missrec_torchrec.model.losses import Compaction
 
 from test_fast_modes import SMALL, make_batch, make_model, make_rows, randomise_biases
@@ -27,6 +27,29 @@ def test_buckets_are_hstu_s_log_buckets_of_the_absolute_gap():
     # trunc(ln(gap) / 0.301), gaps under 1 s counted as 1 s: by hand, ln 2 / 0.301 = 2.3, ln 3 / 0.301
     # = 3.65, ln 60 / 0.301 = 13.6, ln 3600 / 0.301 = 27.2, ln 86400 / 0.301 = 37.8, ln 31536000 / 0.301 = 57.4
     assert time_buckets(query, keys).tolist() == [[[0, 0, 2, 3, 13, 27, 37, 57, 37]]]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_time_bias_lookup_and_its_gradient_equal_plain_indexing(autocast):
+    torch.manual_seed(0)
+    table = torch.randn(129, requires_grad=True)
+    buckets = torch.randint(0, 60, (3, 5, 7), dtype=torch.int32)
+    upstream = torch.randn(3, 2, 5, 7)  # a gradient that differs per head
+    # A term added beside the lookup shares its gradient, which the lookup's backward must not change;
+    # made first, its backward runs after the lookup's.
+    beside = torch.zeros(3, 2, 5, 7, requires_grad=True)
+    other = beside * 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fast = time_bias_logits(table, buckets, heads=2)
+    assert fast.shape == (3, 2, 5, 7) and fast.dtype == (torch.bfloat16 if autocast else torch.float32)
+    ((fast.float() + other) * upstream).sum().backward()
+    assert torch.equal(beside.grad, upstream)
+    reference = table.detach().clone().requires_grad_()
+    plain = reference[buckets.long()].unsqueeze(1).expand(-1, 2, -1, -1)
+    (plain * upstream.to(fast.dtype).float()).sum().backward()
+    tolerance = {"rtol": 0, "atol": 0} if not autocast else {"rtol": 2**-8, "atol": 0}
+    torch.testing.assert_close(fast.float(), plain.detach(), **tolerance)
+    torch.testing.assert_close(table.grad, reference.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_dropping_items_keeps_each_kept_item_s_time_and_moves_the_target_s():

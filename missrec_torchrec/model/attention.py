@@ -3,7 +3,7 @@ out (so its dropout can be the fast one), and a folded path for one query per ro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +30,19 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention; the reference keeps it
 
     def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor, allowed: Optional[Tensor] = None,
-                qkv: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+                qkv: Optional[Tensor] = None, biases: Sequence[Tensor] = ()) -> Tensor:
         """query B x T x D attends to memory B x S x D where key_mask (B x S, True = real) allows.
 
         `allowed` (T x S or B x T x S, True = may attend) further restricts each query, e.g. a
         causal mask. A query with no allowed key gets 0: attending to nothing adds nothing (SDPA
         backends disagree on fully masked rows, some give NaN). `qkv` (B x T x 3D, self-attention
-        only): the input projections, already computed. `bias` (broadcasts to B x H x T x S): added
-        to the attention logits after scaling, e.g. a relative position bias.
+        only): the input projections, already computed. `biases`: terms that each broadcast to B x H x T
+        x S, added to the attention logits after scaling, e.g. relative position and time biases.
+        The math path adds them one by one, in place: their B x H x T x S sum is never made.
         """
         d = query.shape[-1]
         if self.fold and qkv is None and query.shape[1] == 1 and allowed is None and query is not memory:
-            return self._single_query(query, memory, key_mask, bias)
+            return self._single_query(query, memory, key_mask, biases)
         if qkv is not None:
             q, k, v = qkv.chunk(3, dim=-1)
         elif query is memory:
@@ -54,14 +55,14 @@ class Attention(nn.Module):
         mask = key_mask.view(b, 1, s) if allowed is None else key_mask.view(b, 1, s) & allowed.view(-1, t, s)
         has_key = mask.any(dim=-1, keepdim=True)  # B x (1 or T) x 1
         mask = (mask | ~has_key).unsqueeze(1)
-        bias = None if bias is None else bias.to(q.dtype)
         if self.uses_math(q.dtype, q.device):
             logits = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
-            if bias is not None:
-                logits.add_(bias)
+            for term in biases:
+                logits.add_(term.to(q.dtype))
             out = self.drop(logits.masked_fill_(~mask, float("-inf")).softmax(-1)) @ v
         else:
-            mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))  # a float mask is added
+            if biases:  # a float mask is added
+                mask = _sum(biases, q.dtype).masked_fill(~mask, float("-inf"))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(out.transpose(1, 2).reshape(b, t, d))
         # A pass over B x T x D only when some query has no key (rare: causal starts, empty memory).
@@ -76,7 +77,7 @@ class Attention(nn.Module):
         # L 50 D 300) but 1.2-1.9x faster in fp32 (bench/attention.py, its table in the README).
         return self.training and device.type == "cpu" and (self.dropout > 0 or dtype == torch.bfloat16)
 
-    def _single_query(self, query: Tensor, memory: Tensor, key_mask: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    def _single_query(self, query: Tensor, memory: Tensor, key_mask: Tensor, biases: Sequence[Tensor] = ()) -> Tensor:
         """`forward` for one query per row (B x 1 x D), with the key and value projections folded
         into the query side, so no S x D x D projection of the memory is made.
 
@@ -93,11 +94,19 @@ class Attention(nn.Module):
         has_key = key_mask.any(dim=-1)  # B
         mask = (key_mask | ~has_key.unsqueeze(1)).unsqueeze(1)  # B x 1 x S
         logits = torch.bmm(q_k, memory.transpose(1, 2)).float().mul_(d**-0.5)
-        if bias is not None:
-            logits.add_(bias.float().expand(b, h, 1, s).reshape(b, h, s))
+        if biases:
+            logits.add_(_sum(biases, torch.float32).expand(b, h, 1, s).reshape(b, h, s))
         a = self.drop(logits.masked_fill_(~mask, float("-inf")).softmax(-1))  # B x H x S, fp32 as SDPA's internal softmax
         pooled = torch.bmm(a.to(memory.dtype), memory)  # B x H x D
         out = torch.matmul(pooled.transpose(0, 1), w_v.view(h, d, dm).transpose(1, 2)).transpose(0, 1)
         out = out + a.sum(-1, keepdim=True).to(out.dtype) * b_v.view(h, d).to(out.dtype)
         out = self.out_proj(out.reshape(b, 1, dm))
         return out if bool(has_key.all()) else out * has_key.view(b, 1, 1).to(out.dtype)
+
+
+def _sum(terms: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """The bias terms' broadcast sum, in `dtype` (added in their own, fp32 for the parameters)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total.to(dtype)

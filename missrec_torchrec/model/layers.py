@@ -88,14 +88,13 @@ class DecoderLayer(EncoderLayer):
         position bias's columns (needed with `position_bias`); `buckets` (B x Q x L): the time
         bias's columns (needed with `time_bias`)."""
         q = x if query is None else query
-        bias = None
+        biases = []
         if self.position_bias is not None:
-            bias = self.position_bias[:, offsets]  # H x Q x L, or H x B x 1 x L
-            bias = bias if offsets.dim() == 2 else bias.movedim(0, 1)
+            by_position = self.position_bias[:, offsets]  # H x Q x L, or H x B x 1 x L
+            biases.append(by_position if offsets.dim() == 2 else by_position.movedim(0, 1))
         if self.time_bias is not None:
-            by_time = self.time_bias[buckets].unsqueeze(1)  # B x 1 x Q x L
-            bias = by_time if bias is None else bias + by_time
-        q = self.norm1(q + self.drop(self.self_attn(q, x, mask, allowed, bias=bias)))
+            biases.append(time_bias_logits(self.time_bias, buckets, self.self_attn.heads))
+        q = self.norm1(q + self.drop(self.self_attn(q, x, mask, allowed, biases=biases)))
         q = self.norm2(q + self.drop(self.multihead_attn(q, memory.values, memory.mask, memory.allowed)))
         return self.norm3(q + self.feed_forward(q))
 
@@ -155,6 +154,35 @@ def time_buckets(query_times: Tensor, key_times: Tensor) -> Tensor:
     float64 (which float32 does not give exactly), and int32 indices halve the gathers' time."""
     gap = (query_times.unsqueeze(-1) - key_times.unsqueeze(1)).abs_()
     return torch.bucketize(gap, _TIME_EDGES.to(gap.device), right=True, out_int32=True)
+
+
+def time_bias_logits(table: Tensor, buckets: Tensor, heads: int) -> Tensor:
+    """table[buckets] (B x Q x L) broadcast over the heads: B x H x Q x L, a view."""
+    return _TimeBias.apply(table, buckets, heads)
+
+
+class _TimeBias(torch.autograd.Function):
+    """`time_bias_logits` in the autocast dtype. The backward sums the heads' gradients in fp32, one
+    head at a time, then per table entry with one `bincount`. With its add to the logits, forward and
+    backward took half the time of indexing's (an fp32 lookup and copy, a reduction over the heads,
+    an accumulating index_put) on CPU at B 128, L 200, 2 heads, bf16."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, buckets: Tensor, heads: int) -> Tensor:
+        ctx.save_for_backward(buckets)
+        ctx.entries = table.numel()
+        device = buckets.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
+        out = F.embedding(buckets, table.to(dtype).view(-1, 1)).view(buckets.shape).unsqueeze(1)
+        return out.expand(-1, heads, -1, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (buckets,) = ctx.saved_tensors
+        per_key = grad[:, 0].to(torch.float32, copy=True)  # summed into: never a view of grad
+        for head in range(1, grad.shape[1]):
+            per_key += grad[:, head]
+        return torch.bincount(buckets.reshape(-1), per_key.reshape(-1), ctx.entries), None, None
 
 
 def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = False) -> Tensor:
