@@ -134,7 +134,7 @@ class MISSRecHead(nn.Module):
         present = {m: p & valid for m, p in state.present().items()}
         return self.core.encode(
             adapted, valid, tokens, self.centroids, id_emb=hist_id, present=present,
-            interest_first=first, all_positions=all_positions, times=times if self.config.relative_time_bias else None,
+            interest_first=first, all_positions=all_positions, times=times,
         )
 
     def forward(
