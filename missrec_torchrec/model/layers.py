@@ -157,7 +157,7 @@ def time_buckets(query_times: Tensor, key_times: Tensor) -> Tensor:
 
 
 def time_bias_logits(table: Tensor, buckets: Tensor, heads: int) -> Tensor:
-    """table[buckets] (B x Q x L) broadcast over the heads: B x H x Q x L, a view."""
+    """table[buckets] (buckets: B x Q x L integers) broadcast over the heads: B x H x Q x L, a view."""
     return _TimeBias.apply(table, buckets, heads)
 
 
@@ -170,7 +170,7 @@ class _TimeBias(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: Tensor, buckets: Tensor, heads: int) -> Tensor:
         ctx.save_for_backward(buckets)
-        ctx.entries = table.numel()
+        ctx.entries, ctx.dtype = table.numel(), table.dtype
         device = buckets.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
         out = F.embedding(buckets, table.to(dtype).view(-1, 1)).view(buckets.shape).unsqueeze(1)
@@ -182,7 +182,7 @@ class _TimeBias(torch.autograd.Function):
         per_key = grad[:, 0].to(torch.float32, copy=True)  # summed into: never a view of grad
         for head in range(1, grad.shape[1]):
             per_key += grad[:, head]
-        return torch.bincount(buckets.reshape(-1), per_key.reshape(-1), ctx.entries), None, None
+        return torch.bincount(buckets.reshape(-1), per_key.reshape(-1), ctx.entries).to(ctx.dtype), None, None
 
 
 def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = False) -> Tensor:
