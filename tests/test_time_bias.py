@@ -42,6 +42,9 @@ def test_the_time_bias_lookup_and_its_gradient_equal_plain_indexing(autocast):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         fast = time_bias_logits(table, buckets, heads=2)
     assert fast.shape == (3, 2, 5, 7) and fast.dtype == (torch.bfloat16 if autocast else torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        # evaluation reads fp32, so its metrics are those of the plain lookup (the terms sum before one rounding)
+        assert torch.equal(time_bias_logits(table, buckets, heads=2), table[buckets.long()].unsqueeze(1).expand(-1, 2, -1, -1))
     ((fast.float() + other) * upstream).sum().backward()
     assert torch.equal(beside.grad, upstream)
     reference = table.detach().clone().requires_grad_()

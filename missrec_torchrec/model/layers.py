@@ -157,32 +157,35 @@ def time_buckets(query_times: Tensor, key_times: Tensor) -> Tensor:
 
 
 def time_bias_logits(table: Tensor, buckets: Tensor, heads: int) -> Tensor:
-    """table[buckets] (buckets: B x Q x L integers) broadcast over the heads: B x H x Q x L, a view."""
-    return _TimeBias.apply(table, buckets, heads)
+    """table[buckets] (buckets: B x Q x L integers) broadcast over the heads: B x H x Q x L, a view.
+    In training under autocast it is read in the autocast dtype (see `_TimeBias`). Evaluation (no
+    grad) reads the table's dtype: the SDPA path then sums the bias terms before their one rounding,
+    so metrics do not move with this training-speed choice."""
+    device = buckets.device.type
+    low = torch.is_grad_enabled() and torch.is_autocast_enabled(device)
+    return _TimeBias.apply(table, buckets, heads, torch.get_autocast_dtype(device) if low else table.dtype)
 
 
 class _TimeBias(torch.autograd.Function):
-    """`time_bias_logits` in the autocast dtype. The backward sums the heads' gradients in fp32, one
-    head at a time, then per table entry with one `bincount`. With its add to the logits, forward and
-    backward took half the time of indexing's (an fp32 lookup and copy, a reduction over the heads,
-    an accumulating index_put) on CPU at B 128, L 200, 2 heads, bf16."""
+    """`time_bias_logits` in `dtype`. The backward sums the heads' gradients in fp32, one head at a
+    time, then per table entry with one `bincount`. With its add to the logits, forward and backward
+    in bf16 took half the time of indexing's (an fp32 lookup and copy, a reduction over the heads, an
+    accumulating index_put) on CPU at B 128, L 200, 2 heads."""
 
     @staticmethod
-    def forward(ctx, table: Tensor, buckets: Tensor, heads: int) -> Tensor:
+    def forward(ctx, table: Tensor, buckets: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
         ctx.save_for_backward(buckets)
         ctx.entries, ctx.dtype = table.numel(), table.dtype
-        device = buckets.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else table.dtype
         out = F.embedding(buckets, table.to(dtype).view(-1, 1)).view(buckets.shape).unsqueeze(1)
         return out.expand(-1, heads, -1, -1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (buckets,) = ctx.saved_tensors
         per_key = grad[:, 0].to(torch.float32, copy=True)  # summed into: never a view of grad
         for head in range(1, grad.shape[1]):
             per_key += grad[:, head]
-        return torch.bincount(buckets.reshape(-1), per_key.reshape(-1), ctx.entries).to(ctx.dtype), None, None
+        return torch.bincount(buckets.reshape(-1), per_key.reshape(-1), ctx.entries).to(ctx.dtype), None, None, None
 
 
 def interest_regulariser(memory: Tensor, memory_mask: Tensor, reference: bool = False) -> Tensor:
